@@ -1,0 +1,101 @@
+"""Frozen configuration, one dataclass per component. Built once at the edge (CLI, `LLM(...)`) and passed
+down; nothing writes back into a config. Environment variables are read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the field."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TOKENMILL_DATA_DIR", Path.home() / ".tokenmill"))
+
+
+def default_database_url() -> str | None:
+    return os.environ.get("TOKENMILL_DATABASE_URL")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str = "smollm2"
+    """A Hugging Face model directory, a `.gguf` file, or a built-in name ("smollm2")."""
+    dtype: str = "auto"
+    """"auto" keeps float32 on CPU for exactness unless the checkpoint asks otherwise; or a torch dtype name."""
+    max_model_len: int | None = None
+    """Context window; defaults to the model's own."""
+    device: str = "auto"
+    seed: int = 0
+    """Seed for requests that bring none of their own."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
+        _require(self.dtype == "auto" or self.dtype in _DTYPES, "dtype", f"must be auto or one of {_DTYPES}")
+        _require(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+                 "must be auto, cpu or cuda[:N]")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block: the unit of allocation and of prefix sharing."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV pool; when None, `kv_cache_fraction` of the memory that is free at start."""
+    kv_cache_fraction: float = 0.3
+    num_blocks: int | None = None
+    """Exact pool size in blocks (tests use it to force preemption); overrides the memory budget."""
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of 2 <= 128")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
+        _require(0.0 < self.kv_cache_fraction <= 0.95, "kv_cache_fraction", "must be in (0, 0.95]")
+        _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    """Token budget of one forward pass (decodes plus prefill chunks)."""
+    max_num_seqs: int = 64
+    """Sequences running at once."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: object) -> EngineConfig:
+        """`LLM(model, dtype=..., block_size=...)`: route each keyword to the component that owns it."""
+        parts: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        if model is not None:
+            parts[ModelConfig]["model"] = model
+        for key, value in kwargs.items():
+            owner = next((c for c in parts if key in {f.name for f in fields(c)}), None)
+            if owner is None:
+                raise ConfigError(f"{key}: unknown engine setting")
+            parts[owner][key] = value
+        return cls(
+            model=ModelConfig(**parts[ModelConfig]),  # type: ignore[arg-type]
+            cache=CacheConfig(**parts[CacheConfig]),  # type: ignore[arg-type]
+            scheduler=SchedulerConfig(**parts[SchedulerConfig]),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,57 @@
+"""The interface the server talks to: the in-process `AsyncLLM` today, remote replicas (cluster/) later."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from tokenmill.engine.request import RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for /metrics and the router: what is running and how full the KV pool is."""
+
+    num_running_seqs: int
+    num_waiting_seqs: int
+    num_total_blocks: int
+    num_free_blocks: int
+    """Blocks no running sequence holds (cached-but-unreferenced blocks count as free)."""
+    num_prompt_tokens: int
+    """Totals since start: prompt tokens admitted, of which served from the prefix cache, generated."""
+    num_cached_prompt_tokens: int
+    num_generated_tokens: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks if self.num_total_blocks else 0.0
+
+
+class EngineClient(Protocol):
+    """Contract:
+    - `generate` validates before any work (raises `InvalidRequestError` naming the field) and then yields
+      cumulative `RequestOutput` snapshots; the last one has `finished=True`.
+    - Leaving the iterator early (break, cancellation, client disconnect) aborts the request and frees its
+      KV blocks at once; `abort` does the same from outside.
+    """
+
+    model_id: str
+    max_model_len: int
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Accounts, keys, pricing, ledger, reservations, usage and rate limits over SQLAlchemy."""

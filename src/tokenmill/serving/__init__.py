@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: thin routes over the engine client and the platform services."""
