@@ -53,7 +53,7 @@ class CacheConfig:
     """Tokens per KV block: the unit of allocation and of prefix sharing."""
     kv_cache_memory: int | None = None
     """Bytes for the KV pool; when None, `kv_cache_fraction` of the memory that is free at start."""
-    kv_cache_fraction: float = 0.3
+    kv_cache_fraction: float = 0.2
     num_blocks: int | None = None
     """Exact pool size in blocks (tests use it to force preemption); overrides the memory budget."""
     enable_prefix_caching: bool = True

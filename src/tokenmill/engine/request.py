@@ -58,6 +58,10 @@ class Sequence:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Hashes of the full blocks of `token_ids` computed so far (the prefix-cache keys)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at admission."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_reason: str | int | None = None
     num_preemptions: int = 0

@@ -1,0 +1,162 @@
+"""Offline throughput: the same requests through tokenmill and through `transformers` `generate`, in one run.
+
+The baseline is `generate` used the way a Python user would: static batches (default 32) left-padded to
+the longest prompt, each batch run to its longest requested output; only requested tokens count as useful.
+tokenmill gets the same requests, each with its own SamplingParams, and batches them continuously.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.engine.llm_engine import LLM
+from tokenmill.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lengths: list[int]
+    params: list[SamplingParams]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lengths)
+
+
+def make_workload(
+    num_requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab_size: int,
+    distribution: str, seed: int,
+) -> Workload:
+    """Random-token prompts; lengths drawn log-uniformly (many short requests, a few long ones, as in chat
+    traffic) or uniformly. Every request gets its own sampling settings, as users send them."""
+    rng = random.Random(seed)
+
+    def draw(low: int, high: int) -> int:
+        if distribution == "uniform":
+            return rng.randint(low, high)
+        return round(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+    prompts, lengths, params = [], [], []
+    for i in range(num_requests):
+        prompts.append([rng.randrange(100, vocab_size) for _ in range(draw(*prompt_range))])
+        lengths.append(draw(*output_range))
+        style = i % 4
+        params.append(
+            SamplingParams(
+                max_tokens=lengths[-1],
+                ignore_eos=True,  # outputs run to the requested length on both sides
+                temperature=(0.0, 0.7, 1.0, 0.9)[style],
+                top_p=(1.0, 0.9, 1.0, 0.95)[style],
+                top_k=(0, 0, 50, 0)[style],
+                seed=i if style == 2 else None,
+                frequency_penalty=0.2 if style == 3 else 0.0,
+            )
+        )
+    return Workload(prompts, lengths, params)
+
+
+def run_tokenmill(llm: LLM, workload: Workload) -> tuple[float, int]:
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, workload.params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return elapsed, produced
+
+
+def run_transformers(model: torch.nn.Module, workload: Workload, batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Greedy `generate` over static left-padded batches; useful tokens = min(generated, requested)."""
+    start = time.perf_counter()
+    useful = 0
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first : first + batch_size]
+        wanted = workload.output_lengths[first : first + batch_size]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max(wanted), min_new_tokens=max(wanted),
+                do_sample=False, pad_token_id=pad_id,
+            )
+        useful += sum(min(out.shape[1] - width, n) for n in wanted)
+    return time.perf_counter() - start, useful
+
+
+def load_reference(model: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The same checkpoint as a transformers model (GGUF sources go through our reader: exact same weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.models.loader import iter_weights, load_hf_config, resolve_model
+
+    source = resolve_model(model)
+    config = load_hf_config(source)
+    reference = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = dict(iter_weights(source, dtype))
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    reference.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        reference.tie_weights()
+    return reference.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="tokenmill bench offline", description=__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    parser.add_argument("--distribution", choices=("loguniform", "uniform"), default="loguniform")
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/offline.json"))
+    args = parser.parse_args(argv)
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=2 << 30)
+    workload = make_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
+                             llm.engine.vocab_size, args.distribution, args.seed)
+    warmup = make_workload(4, (16, 32), (4, 8), llm.engine.vocab_size, "uniform", args.seed + 1)
+    run_tokenmill(llm, warmup)
+    seconds, produced = run_tokenmill(llm, workload)
+    result: dict = {
+        "model": args.model, "dtype": args.dtype, "num_requests": args.num_requests,
+        "distribution": args.distribution, "prompt_len": args.prompt_len, "output_len": args.output_len,
+        "requested_output_tokens": workload.num_output_tokens,
+        "prompt_tokens": sum(len(p) for p in workload.prompts),
+        "tokenmill": {"seconds": seconds, "output_tokens": produced, "tokens_per_s": produced / seconds},
+        "threads": torch.get_num_threads(),
+    }
+    print(f"tokenmill    {produced:6d} tokens in {seconds:7.2f} s = {produced / seconds:8.1f} tokens/s")
+    if not args.skip_transformers:
+        del llm
+        gc.collect()
+        reference = load_reference(args.model, getattr(torch, args.dtype))
+        run_transformers(reference, warmup, args.hf_batch_size, pad_id=0)
+        hf_seconds, useful = run_transformers(reference, workload, args.hf_batch_size, pad_id=0)
+        result["transformers"] = {"seconds": hf_seconds, "output_tokens": useful,
+                                  "tokens_per_s": useful / hf_seconds, "batch_size": args.hf_batch_size}
+        result["speedup"] = (produced / seconds) / (useful / hf_seconds)
+        print(f"transformers {useful:6d} tokens in {hf_seconds:7.2f} s = {useful / hf_seconds:8.1f} tokens/s")
+        print(f"speedup      {result['speedup']:.2f}x")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=lambda o: asdict(o)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

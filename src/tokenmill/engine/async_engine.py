@@ -1,0 +1,136 @@
+"""AsyncLLM: the engine for the server. The step loop runs on its own thread (forward passes release the
+GIL, so the event loop keeps serving HTTP); each request gets a stream of cumulative snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.client import EngineStats
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.request import RequestOutput
+from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request; the request produced no further output."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, **engine_kwargs: object) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
+        self.model_id = self.engine.model_id
+        self.max_model_len = self.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_id}", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self._stopping.set()
+            self._commands.put(("wake",))
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._thread is None:
+            raise EngineError("the engine is not running; call start() first")
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
+        prompt_ids = self.engine.encode(prompt)
+        self.engine.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                # Snapshots are cumulative: a slow reader skips straight to the newest one.
+                while not isinstance(item, BaseException) and not item.finished and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            block = not self.engine.has_unfinished
+            try:
+                self._apply(self._commands.get(block=block))
+                while True:
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished:
+                self._step()
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt_ids, params, prompt = command
+            if request_id not in self._streams:
+                return  # the caller went away before the engine saw the request
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, prompt, stream=True)
+            except InvalidRequestError as error:
+                self._streams[request_id].push(error)
+        elif kind == "abort":
+            self.engine.abort(command[1])
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - reported to every waiting request, then logged
+            logger.exception("engine step failed; failing %d running requests", len(self._streams))
+            for request_id, stream in list(self._streams.items()):
+                self.engine.abort(request_id)
+                stream.push(EngineError(f"engine failure: {type(error).__name__}"))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.push(output)

@@ -1,0 +1,189 @@
+"""The synchronous engine: step() = schedule -> execute -> sample -> update; and `LLM`, its batch front end."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_pool import BlockPool
+from tokenmill.engine.client import EngineStats
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.request import RequestOutput, RequestStatus, Sequence
+from tokenmill.engine.sampler import Sampler, SamplingRow
+from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.setup import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        loaded: LoadedModel = load_model(config)
+        self.config = config
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        self.pool = BlockPool(loaded.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner = ModelRunner(loaded.model, loaded.num_blocks, config.cache.block_size, loaded.dtype,
+                                  loaded.device)
+        self.scheduler = Scheduler(
+            self.pool,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
+            eos_token_ids=loaded.eos_token_ids,
+        )
+        self.sampler = Sampler(self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=loaded.device)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        logger.info("engine ready: %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+                    self.model_id, loaded.num_blocks, config.cache.block_size,
+                    loaded.num_blocks * config.cache.block_size, self.max_model_len)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Prompt text or token ids -> validated token ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(f"prompt: token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        return list(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        """Validate and queue; raises InvalidRequestError (naming the field) before anything is queued."""
+        if request_id in self.outputs.groups:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
+        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        seqs = [
+            Sequence(
+                seq_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                group_id=request_id,
+                index=i,
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=len(prompt_token_ids),
+                params=params,
+            )
+            for i in range(params.n)
+        ]
+        self.outputs.add(request_id, prompt, seqs, stream)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        group = self.outputs.groups.get(request_id)
+        if group is None:
+            return None
+        for seq in self.scheduler.abort(seq.seq_id for seq in group.seqs):
+            self.sampler.free(seq.seq_id)
+        return self.outputs.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        samples = self.sampler(logits, [_row(item.seq) for item in batch.sampling_items])
+        for item, (_, logprob) in zip(batch.sampling_items, samples, strict=True):
+            if logprob is not None:
+                item.seq.logprobs.append(logprob)
+        appended = self.scheduler.update(batch, [token_id for token_id, _ in samples])
+        self.num_generated_tokens += len(appended)
+        outputs = self.outputs.process(appended, self._stop)
+        for seq in appended:
+            if seq.finished:
+                self.sampler.free(seq.seq_id)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running_seqs=len(self.scheduler.running),
+            num_waiting_seqs=len(self.scheduler.waiting),
+            num_total_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free_blocks,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_prompt_tokens=self.scheduler.num_cached_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _stop(self, seq: Sequence, stop_string: str) -> None:
+        self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED, stop_string)
+
+
+def _row(seq: Sequence) -> SamplingRow:
+    return SamplingRow(seq.seq_id, seq.params, seq.token_ids, seq.num_prompt_tokens, seq.index)
+
+
+class LLM:
+    """Offline batch generation:
+
+        llm = LLM(model="path/to/hf_dir", dtype="float32")
+        outs = llm.generate(["Hello", "你好"], SamplingParams(temperature=0.0, max_tokens=32))
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs: object) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order. All prompts are validated
+        before any is queued, so one bad prompt leaves nothing half-submitted."""
+        prompt_list = _as_prompt_list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = [params] * len(prompt_list) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompt_list):
+            raise InvalidRequestError("sampling_params: need one per prompt", param="sampling_params")
+        encoded = [self.engine.encode(prompt) for prompt in prompt_list]
+        for prompt_ids, p in zip(encoded, params_list, strict=True):
+            self.engine.scheduler.check_fits(len(prompt_ids), p.max_tokens)
+        request_ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
+        for request_id, prompt, prompt_ids, p in zip(request_ids, prompt_list, encoded, params_list, strict=True):
+            self.engine.add_request(request_id, prompt_ids, p, prompt if isinstance(prompt, str) else None)
+        finished: dict[str, RequestOutput] = {}
+        with torch.inference_mode():
+            while self.engine.has_unfinished:
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: object) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)  # type: ignore[call-overload]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single token-id prompt
+    return [p if isinstance(p, str) else list(p) for p in prompts]

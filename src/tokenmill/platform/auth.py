@@ -1,0 +1,115 @@
+"""Authentication: a raw bearer key -> `KeyPrincipal` (user keys) or `AdminPrincipal` (operator keys).
+Every failure is a typed `AuthenticationError`; the HTTP layer maps them all to one identical 401."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from tokenmill.platform.db import Database
+from tokenmill.platform.errors import (
+    ExpiredKey,
+    MalformedKey,
+    MissingKey,
+    ModelNotAllowed,
+    RevokedKey,
+    UnknownKey,
+)
+from tokenmill.platform.keys import hash_key
+from tokenmill.platform.tables import AdminKey, ApiKey, Organization
+
+ADMIN_KEY_PREFIX = "sk-admin-"
+_KEY_RE = re.compile(r"^sk-[A-Za-z0-9_-]{20,200}$")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPrincipal:
+    """Who is calling, as of this request: the key, its user and organization, and its grants."""
+
+    key_id: str
+    key_prefix: str
+    org_id: str
+    user_id: str
+    tier: str
+    allowed_models: frozenset[str] | None
+    """None: any model."""
+    spend_limit_micros: int | None
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent_requests: int | None
+    expires_at: datetime | None
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPrincipal:
+    key_id: str
+    key_prefix: str
+    name: str
+
+
+def parse_key(raw_key: str | None) -> str:
+    """Shape check before any database work: `sk-` plus a URL-safe secret."""
+    if raw_key is None or not raw_key.strip():
+        raise MissingKey("no API key provided")
+    raw_key = raw_key.strip()
+    if not _KEY_RE.match(raw_key):
+        raise MalformedKey("the API key is not of the form sk-...")
+    return raw_key
+
+
+def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
+    """Resolve a user key. Revocation and expiry are read from the database on every call, so they take
+    effect on the next request. Admin keys are not user keys and fail here as unknown."""
+    raw_key = parse_key(raw_key)
+    digest = hash_key(raw_key)
+    with db.read() as session:
+        found = session.execute(
+            select(ApiKey, Organization.tier)
+            .join(Organization, Organization.id == ApiKey.org_id)
+            .where(ApiKey.key_hash == digest)
+        ).first()
+    # The lookup is by hash, so its timing says nothing useful about the secret; compare_digest keeps the
+    # final check constant-time anyway.
+    if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+        raise UnknownKey("no such API key")
+    row, tier = found[0], found[1]
+    if row.revoked_at is not None:
+        raise RevokedKey(f"API key {row.prefix}... was revoked")
+    if row.expires_at is not None and db.now() >= row.expires_at:
+        raise ExpiredKey(f"API key {row.prefix}... expired")
+    return KeyPrincipal(
+        key_id=row.id, key_prefix=row.prefix, org_id=row.org_id, user_id=row.user_id, tier=tier,
+        allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
+        spend_limit_micros=row.spend_limit_micros, requests_per_minute=row.requests_per_minute,
+        tokens_per_minute=row.tokens_per_minute, max_concurrent_requests=row.max_concurrent_requests,
+        expires_at=row.expires_at,
+    )
+
+
+def authenticate_admin(db: Database, raw_key: str | None) -> AdminPrincipal:
+    """Resolve an operator key (`sk-admin-...`, table `admin_keys`); user keys fail here as unknown."""
+    raw_key = parse_key(raw_key)
+    if not raw_key.startswith(ADMIN_KEY_PREFIX):
+        raise UnknownKey("not an admin key")
+    digest = hash_key(raw_key)
+    with db.read() as session:
+        row = session.scalar(select(AdminKey).where(AdminKey.key_hash == digest))
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise UnknownKey("no such admin key")
+    if row.revoked_at is not None:
+        raise RevokedKey(f"admin key {row.prefix}... was revoked")
+    return AdminPrincipal(key_id=row.id, key_prefix=row.prefix, name=row.name)
+
+
+def authorize_model(principal: KeyPrincipal, model: str) -> None:
+    """403 material: the key is valid but its allow-list does not include `model`."""
+    if not principal.may_use(model):
+        raise ModelNotAllowed(model)
+

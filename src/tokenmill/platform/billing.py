@@ -1,0 +1,206 @@
+"""Per-request billing as a state machine on a reservation row: `reserve` (open) -> `settle` (charge the
+actual usage, write one usage record) | `release` (charge nothing). Every transition locks the
+organization first, so concurrent requests can never spend the same micro twice."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from tokenmill.platform.auth import KeyPrincipal, authorize_model
+from tokenmill.platform.db import Database
+from tokenmill.platform.errors import InsufficientQuota, InvalidArgument, NotFound, ReservationClosed
+from tokenmill.platform.ledger import append_charge, lock_organization, sum_balance
+from tokenmill.platform.pricing import Price, cost_micros, get_model_price
+from tokenmill.platform.tables import ApiKey, UsageRecord, new_id
+from tokenmill.platform.tables import Reservation as ReservationRow
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OWNER = "local"
+
+
+class UsageStatus(StrEnum):
+    OK = "ok"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    """The client went away mid-stream: charge what was generated."""
+    ERROR = "error"
+    """The engine failed: charge nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Handle of an open reservation, returned by `reserve` and passed back to `settle`/`release`.
+    The database row is the truth; this carries what the caller may want to log or show."""
+
+    id: str
+    org_id: str
+    key_id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    price: Price
+    reserved_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    reservation_id: str
+    org_id: str
+    key_id: str
+    user_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    latency_ms: int
+    status: str
+    created_at: datetime
+
+
+def held_micros(session: Session, org_id: str) -> int:
+    """Money held by open reservations: not spent yet, but not available either."""
+    total = session.scalar(select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0))
+                           .where(ReservationRow.org_id == org_id, ReservationRow.state == "open"))
+    return int(total or 0)
+
+
+def key_committed_micros(session: Session, key_id: str) -> int:
+    """What a key has spent plus what it holds open: the figure its spend limit caps."""
+    spent = session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_micros), 0))
+                           .where(UsageRecord.key_id == key_id))
+    held = session.scalar(select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0))
+                          .where(ReservationRow.key_id == key_id, ReservationRow.state == "open"))
+    return int(spent or 0) + int(held or 0)
+
+
+def reserve(
+    db: Database,
+    principal: KeyPrincipal,
+    model: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    *,
+    owner: str = DEFAULT_OWNER,
+) -> Reservation:
+    """Admission: hold the worst-case cost (prompt_tokens + max_tokens at today's price) or raise
+    `InsufficientQuota` having written nothing. Also raises `ModelNotAllowed` and `ModelNotPriced`."""
+    _check_tokens(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    authorize_model(principal, model)
+    price = get_model_price(db, model)
+    cost = cost_micros(prompt_tokens, max_tokens, price)
+    with db.write() as session:
+        lock_organization(session, principal.org_id)
+        if cost > 0:
+            available = sum_balance(session, principal.org_id) - held_micros(session, principal.org_id)
+            if available < cost:
+                raise InsufficientQuota("balance", cost, max(available, 0))
+            if principal.spend_limit_micros is not None:
+                left = principal.spend_limit_micros - key_committed_micros(session, principal.key_id)
+                if left < cost:
+                    raise InsufficientQuota("key_spend_limit", cost, max(left, 0))
+        row = ReservationRow(
+            id=new_id("res"), org_id=principal.org_id, key_id=principal.key_id, model=model,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+            input_micros_per_mtok=price.input_micros_per_mtok, output_micros_per_mtok=price.output_micros_per_mtok,
+            reserved_micros=cost, state="open", owner=owner, created_at=db.now(), closed_at=None,
+        )
+        session.add(row)
+    return Reservation(id=row.id, org_id=row.org_id, key_id=row.key_id, model=model, prompt_tokens=prompt_tokens,
+                       max_tokens=max_tokens, price=price, reserved_micros=cost)
+
+
+def settle(
+    db: Database,
+    reservation: Reservation,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: UsageStatus | str,
+    latency_s: float,
+) -> UsageInfo:
+    """Close the reservation, charge the actual usage at the quoted price (nothing for `error`) and write
+    its one usage record, all in one transaction. Token counts are the engine's, never estimates."""
+    try:
+        status = UsageStatus(status)
+    except ValueError:
+        raise InvalidArgument(f"status: must be one of {[s.value for s in UsageStatus]}") from None
+    _check_tokens(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    if not latency_s >= 0:
+        raise InvalidArgument("latency_s: must be >= 0")
+    now = db.now()
+    with db.write() as session:
+        row = _open_row(session, reservation)
+        price = Price(row.input_micros_per_mtok, row.output_micros_per_mtok)
+        cost = 0 if status is UsageStatus.ERROR else cost_micros(prompt_tokens, completion_tokens, price)
+        if cost > row.reserved_micros:
+            # The caller passed more tokens than it reserved for; bill the truth, but say so loudly.
+            logger.warning("reservation %s: actual cost %d exceeds the %d micros reserved", row.id, cost,
+                           row.reserved_micros)
+        if cost > 0:
+            append_charge(session, row.org_id, cost, row.id, now)
+        user_id = session.scalar(select(ApiKey.user_id).where(ApiKey.id == row.key_id))
+        assert user_id is not None  # the foreign key guarantees it
+        record = UsageRecord(
+            reservation_id=row.id, org_id=row.org_id, key_id=row.key_id, user_id=user_id, model=row.model,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_micros=cost,
+            latency_ms=round(latency_s * 1000), status=status.value, day=now.date(), created_at=now,
+        )
+        session.add(record)
+        row.state, row.closed_at = "settled", now
+    return UsageInfo(reservation_id=row.id, org_id=row.org_id, key_id=row.key_id, user_id=user_id,
+                     model=row.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     cost_micros=cost, latency_ms=record.latency_ms, status=status.value, created_at=now)
+
+
+def release(db: Database, reservation: Reservation) -> None:
+    """Close the reservation without a charge or usage record: the request never reached the engine."""
+    with db.write() as session:
+        row = _open_row(session, reservation)
+        row.state, row.closed_at = "released", db.now()
+
+
+def recover_open_reservations(
+    db: Database, *, owner: str | None = None, opened_before: datetime | None = None
+) -> list[str]:
+    """Startup recovery: release reservations a crash left open, and return their ids.
+
+    Choice: release (no charge, no usage record), because no tokens can be proven delivered after a crash;
+    the interrupted request is the platform's loss, never the customer's, and nothing is charged twice.
+    With several gateways sharing one database, pass `owner` (this gateway's stable instance name) or
+    `opened_before` (older than any live request) so a restarting gateway does not release the open
+    reservations of its live peers. Safe to run while other requests settle: each row closes once."""
+    conditions = [ReservationRow.state == "open"]
+    if owner is not None:
+        conditions.append(ReservationRow.owner == owner)
+    if opened_before is not None:
+        conditions.append(ReservationRow.created_at < opened_before)
+    with db.write() as session:
+        # One UPDATE: a row a concurrent settle closes first no longer matches state = 'open'.
+        ids = list(session.scalars(update(ReservationRow).where(*conditions)
+                                   .values(state="released", closed_at=db.now())
+                                   .returning(ReservationRow.id)
+                                   .execution_options(synchronize_session=False)))
+    if ids:
+        logger.warning("released %d reservation(s) left open by an earlier crash", len(ids))
+    return ids
+
+
+def _open_row(session: Session, reservation: Reservation) -> ReservationRow:
+    lock_organization(session, reservation.org_id)
+    row = session.get(ReservationRow, reservation.id, with_for_update=True)
+    if row is None or row.org_id != reservation.org_id:
+        raise NotFound(f"reservation: no reservation {reservation.id!r}")
+    if row.state != "open":
+        raise ReservationClosed(f"reservation {row.id} is already {row.state}")
+    return row
+
+
+def _check_tokens(**counts: int) -> None:
+    for field, value in counts.items():
+        if type(value) is not int or value < 0:
+            raise InvalidArgument(f"{field}: must be a non-negative integer")

@@ -1,0 +1,138 @@
+"""Typed errors of the platform layer. `serving/` maps each family to one HTTP status and OpenAI error body;
+the classes carry what that mapping needs and nothing that would leak whether a key exists."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.platform.ratelimit import RateLimitDecision
+
+
+class PlatformError(ValueError):
+    """Base of every error the platform raises on purpose."""
+
+
+# --- authentication: all map to one 401 with the same message ------------------------------------
+
+
+class AuthenticationError(PlatformError):
+    """The request carries no usable key. Subclasses exist for logs and tests; clients see one 401."""
+
+    public_message = "Incorrect API key provided."
+
+
+class MissingKey(AuthenticationError):
+    pass
+
+
+class MalformedKey(AuthenticationError):
+    pass
+
+
+class UnknownKey(AuthenticationError):
+    pass
+
+
+class RevokedKey(AuthenticationError):
+    pass
+
+
+class ExpiredKey(AuthenticationError):
+    pass
+
+
+# --- authorization: 403 ---------------------------------------------------------------------------
+
+
+class PermissionDenied(PlatformError):
+    """An authenticated key asks for something outside its grant."""
+
+
+class ModelNotAllowed(PermissionDenied):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model: this API key may not use {model!r}")
+        self.model = model
+
+
+# --- quota: 429 insufficient_quota ----------------------------------------------------------------
+
+
+class InsufficientQuota(PlatformError):
+    """The worst-case cost of a request does not fit the account balance or the key's spend limit."""
+
+    def __init__(self, reason: str, needed_micros: int, available_micros: int) -> None:
+        what = "account balance" if reason == "balance" else "API key spend limit"
+        super().__init__(
+            f"You exceeded your current quota: the request may cost up to {needed_micros} micros and the "
+            f"{what} has {available_micros} micros available."
+        )
+        self.reason = reason
+        """"balance" or "key_spend_limit"."""
+        self.needed_micros = needed_micros
+        self.available_micros = available_micros
+
+
+class RateLimited(PlatformError):
+    """429 rate_limit_exceeded; `decision.headers()` carries Retry-After and the x-ratelimit-* values."""
+
+    def __init__(self, decision: RateLimitDecision) -> None:
+        messages = {
+            "requests": "Rate limit reached for requests per minute.",
+            "tokens": "Rate limit reached for tokens per minute.",
+            "concurrency": "Too many concurrent requests for this API key.",
+            "request_too_large": "Request too large: it needs more tokens than the per-minute limit allows.",
+        }
+        super().__init__(messages.get(decision.reason or "", "Rate limit reached."))
+        self.decision = decision
+
+
+# --- bad input and missing things: 400 / 404 / 409 ------------------------------------------------
+
+
+class InvalidAmount(PlatformError):
+    """A money amount that is not a positive integer of micros (or out of range)."""
+
+
+class InvalidArgument(PlatformError):
+    """Any other malformed argument; the message names the field."""
+
+
+class NotFound(PlatformError):
+    """A referenced row does not exist (or, for keys, is not visible to the caller's organization)."""
+
+
+class UnknownOrganization(NotFound):
+    pass
+
+
+class UnknownUser(NotFound):
+    pass
+
+
+class KeyNotFound(NotFound):
+    pass
+
+
+class ModelNotPriced(NotFound):
+    """Requests for a model without a price are refused rather than served for free by accident."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model: {model!r} has no price; set one with `tokenmill admin set-price`")
+        self.model = model
+
+
+class Conflict(PlatformError):
+    """The write contradicts an existing row (duplicate name, reused idempotency key, closed reservation)."""
+
+
+class DuplicateName(Conflict):
+    pass
+
+
+class IdempotencyConflict(Conflict):
+    """An idempotency key was reused for a different top-up."""
+
+
+class ReservationClosed(Conflict):
+    """settle/release on a reservation that is no longer open: nothing is charged twice."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the platform schema; applied with `tokenmill.platform.migrate.upgrade`."""

@@ -1,0 +1,82 @@
+"""Model prices (integer micro-units per 1M tokens) and the one cost formula, `cost_micros`.
+
+Rounding rule: the exact cost is the rational (prompt x input + completion x output) / 1,000,000 micros;
+a request is charged its ceiling, once, on the total. The platform never undercharges, and never by more
+than one micro per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from tokenmill.platform.db import Database
+from tokenmill.platform.errors import InvalidAmount, InvalidArgument, ModelNotPriced
+from tokenmill.platform.tables import ModelPrice
+
+MICROS_PER_UNIT = 1_000_000
+"""1 currency unit (e.g. 1 USD) = 1,000,000 micros."""
+TOKENS_PER_PRICE = 1_000_000
+"""Prices are quoted per 1M tokens."""
+MAX_PRICE_MICROS_PER_MTOK = 10**12
+"""A million currency units per 1M tokens: far above any real price, far below int64 overflow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_micros_per_mtok: int
+    output_micros_per_mtok: int
+
+    def __post_init__(self) -> None:
+        for field in ("input_micros_per_mtok", "output_micros_per_mtok"):
+            value = getattr(self, field)
+            if type(value) is not int or not 0 <= value <= MAX_PRICE_MICROS_PER_MTOK:
+                raise InvalidAmount(f"{field}: must be an integer in [0, {MAX_PRICE_MICROS_PER_MTOK}]")
+
+    @property
+    def is_free(self) -> bool:
+        return self.input_micros_per_mtok == 0 and self.output_micros_per_mtok == 0
+
+
+FREE = Price(0, 0)
+
+
+def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
+    """ceil((prompt_tokens * input + completion_tokens * output) / 1e6), in integer arithmetic only."""
+    for field, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+        if type(value) is not int or value < 0:
+            raise InvalidArgument(f"{field}: must be a non-negative integer")
+    exact_numerator = prompt_tokens * price.input_micros_per_mtok + completion_tokens * price.output_micros_per_mtok
+    return -(-exact_numerator // TOKENS_PER_PRICE)
+
+
+def set_model_price(db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int) -> Price:
+    """Create or replace a model's price. Requests already admitted keep the price they were quoted."""
+    if not isinstance(model, str) or not model.strip() or len(model) > 200:
+        raise InvalidArgument("model: must be a non-empty model id of at most 200 characters")
+    price = Price(input_micros_per_mtok, output_micros_per_mtok)
+    with db.write() as session:
+        row = session.get(ModelPrice, model)
+        if row is None:
+            session.add(ModelPrice(model=model, input_micros_per_mtok=price.input_micros_per_mtok,
+                                   output_micros_per_mtok=price.output_micros_per_mtok, updated_at=db.now()))
+        else:
+            row.input_micros_per_mtok = price.input_micros_per_mtok
+            row.output_micros_per_mtok = price.output_micros_per_mtok
+            row.updated_at = db.now()
+    return price
+
+
+def get_model_price(db: Database, model: str) -> Price:
+    """Raises `ModelNotPriced`: an unpriced model is refused, never served for free by accident."""
+    with db.read() as session:
+        row = session.get(ModelPrice, model)
+    if row is None:
+        raise ModelNotPriced(model)
+    return Price(row.input_micros_per_mtok, row.output_micros_per_mtok)
+
+
+def list_model_prices(db: Database) -> dict[str, Price]:
+    with db.read() as session:
+        rows = session.scalars(select(ModelPrice).order_by(ModelPrice.model)).all()
+    return {r.model: Price(r.input_micros_per_mtok, r.output_micros_per_mtok) for r in rows}

@@ -1,0 +1,194 @@
+"""Rate limits per key: requests and tokens per fixed one-minute window plus concurrent requests.
+Holds the limits, the tier policy, the decision (with OpenAI's x-ratelimit-* values) and the
+`RateLimiter` contract; backends live in `ratelimit_memory.py` and `ratelimit_redis.py`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+"""Fixed windows aligned to the epoch (floor(now / 60 s)); a burst can reach 2x the limit across a
+window boundary, the usual price of O(1) state per key."""
+CONCURRENCY_RETRY_S = 1.0
+"""Retry-After hint when only the concurrency limit refuses: slots free when requests finish."""
+LEASE_TTL_S = 600.0
+"""A concurrency slot whose holder died (crashed gateway) frees itself after this long."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """None means unlimited in that dimension."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise InvalidArgument(f"{name}: must be a positive integer or None")
+
+    def capped_by(self, cap: RateLimits) -> RateLimits:
+        """The stricter of the two in every dimension."""
+        def low(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else min(a, b)
+        return RateLimits(low(self.requests_per_minute, cap.requests_per_minute),
+                          low(self.tokens_per_minute, cap.tokens_per_minute),
+                          low(self.max_concurrent_requests, cap.max_concurrent_requests))
+
+
+DEFAULT_TIERS: Mapping[str, RateLimits] = {
+    "default": RateLimits(requests_per_minute=60, tokens_per_minute=200_000, max_concurrent_requests=8),
+    "pro": RateLimits(requests_per_minute=600, tokens_per_minute=2_000_000, max_concurrent_requests=64),
+    "unlimited": RateLimits(),
+}
+DEFAULT_FREE_MODEL_LIMITS = RateLimits(requests_per_minute=20, tokens_per_minute=40_000, max_concurrent_requests=2)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitScope:
+    bucket: str
+    """The counter key: one per API key, and a separate one for its use of free models."""
+    limits: RateLimits
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """Tier defaults, overridden per key, then capped by the stricter free-model limits on free models."""
+
+    tiers: Mapping[str, RateLimits] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    free_models: RateLimits = DEFAULT_FREE_MODEL_LIMITS
+
+    def __post_init__(self) -> None:
+        if "default" not in self.tiers:
+            raise InvalidArgument("tiers: must define a 'default' tier")
+
+    def scope(self, principal: KeyPrincipal, *, free_model: bool) -> RateLimitScope:
+        tier = self.tiers.get(principal.tier)
+        if tier is None:
+            logger.warning("organization tier %r has no rate limits configured; using 'default'", principal.tier)
+            tier = self.tiers["default"]
+
+        def pick(override: int | None, default: int | None) -> int | None:
+            return default if override is None else override
+
+        limits = RateLimits(pick(principal.requests_per_minute, tier.requests_per_minute),
+                            pick(principal.tokens_per_minute, tier.tokens_per_minute),
+                            pick(principal.max_concurrent_requests, tier.max_concurrent_requests))
+        if free_model:
+            return RateLimitScope(f"{principal.key_id}:free", limits.capped_by(self.free_models))
+        return RateLimitScope(principal.key_id, limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Proof of an admitted request; give it back to `release` when the request ends."""
+
+    bucket: str
+    lease_id: str
+    window_index: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    allowed: bool
+    reason: str | None
+    """None when allowed; else "requests", "tokens", "concurrency" or "request_too_large" (can never fit)."""
+    limit_requests: int | None
+    remaining_requests: int | None
+    reset_requests_s: float | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_tokens_s: float | None
+    retry_after_s: float | None
+    """When to try again (denials only); None for allowed and for requests that can never fit."""
+    lease: Lease | None
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's response headers; only the limited dimensions appear."""
+        out: dict[str, str] = {}
+        for kind, limit, remaining, reset in (
+            ("requests", self.limit_requests, self.remaining_requests, self.reset_requests_s),
+            ("tokens", self.limit_tokens, self.remaining_tokens, self.reset_tokens_s),
+        ):
+            if limit is not None:
+                out[f"x-ratelimit-limit-{kind}"] = str(limit)
+                out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+                out[f"x-ratelimit-reset-{kind}"] = format_duration(reset or 0.0)
+        if self.retry_after_s is not None:
+            out["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+            out["retry-after-ms"] = str(math.ceil(self.retry_after_s * 1000))
+        return out
+
+
+class RateLimiter(Protocol):
+    """Contract of every backend.
+
+    - `acquire` is atomic: either it counts one request, `num_tokens` tokens and one concurrency slot in
+      `bucket`, or (denied) it counts nothing.
+    - Tokens are counted at admission (prompt + max_tokens, like OpenAI); `release(lease, unused_tokens)`
+      gives back what was not generated, if the window is still current.
+    - `release` is idempotent per lease, and a lease never released expires after `LEASE_TTL_S`.
+    - Time comes from the backend's injected clock, never from sleeping."""
+
+    def acquire(self, bucket: str, limits: RateLimits, num_tokens: int) -> RateLimitDecision: ...
+
+    def release(self, lease: Lease, unused_tokens: int = 0) -> None: ...
+
+
+def window_index(now_ms: int, window_ms: int) -> int:
+    return now_ms // window_ms
+
+
+def decide(
+    verdict: str,
+    limits: RateLimits,
+    *,
+    num_requests: int,
+    num_tokens: int,
+    now_ms: int,
+    window_ms: int,
+    lease: Lease | None,
+) -> RateLimitDecision:
+    """Shared by the backends: the counts (after the request if allowed) -> the decision and headers."""
+    until_window_end_s = ((window_index(now_ms, window_ms) + 1) * window_ms - now_ms) / 1000
+    retry = {"requests": until_window_end_s, "tokens": until_window_end_s, "concurrency": CONCURRENCY_RETRY_S}
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    return RateLimitDecision(
+        allowed=verdict == "ok",
+        reason=None if verdict == "ok" else verdict,
+        limit_requests=rpm,
+        remaining_requests=None if rpm is None else max(rpm - num_requests, 0),
+        reset_requests_s=None if rpm is None else (until_window_end_s if num_requests else 0.0),
+        limit_tokens=tpm,
+        remaining_tokens=None if tpm is None else max(tpm - num_tokens, 0),
+        reset_tokens_s=None if tpm is None else (until_window_end_s if num_tokens else 0.0),
+        retry_after_s=retry.get(verdict),
+        lease=lease if verdict == "ok" else None,
+    )
+
+
+def check_num_tokens(num_tokens: int) -> None:
+    if type(num_tokens) is not int or num_tokens < 0:
+        raise InvalidArgument("num_tokens: must be a non-negative integer")
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1.5s"."""
+    ms = math.ceil(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest_ms = divmod(ms, 60_000)
+    secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"

@@ -1,0 +1,211 @@
+"""The platform's tables as typed SQLAlchemy models. The schema itself is created only by the Alembic
+migrations in `migrations/versions/`; a change here needs a new migration."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+LEDGER_KINDS = ("topup", "charge", "refund", "adjustment")
+RESERVATION_STATES = ("open", "settled", "released")
+USAGE_STATUSES = ("ok", "client_disconnected", "error")
+
+
+def new_id(prefix: str) -> str:
+    """Opaque public ids (`org_…`, `key_…`): they reveal neither counts nor order."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (SQLite stores them naive; we re-attach UTC on the way out)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the platform stores aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime(), int: BigInteger()}
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    tier: Mapped[str] = mapped_column(String(32))
+    """Selects the rate-limit defaults (see `ratelimit.RateLimitPolicy`)."""
+    created_at: Mapped[datetime]
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    """A user's key. Only the sha256 of the secret is stored; `prefix` is what lists show."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
+    """None: every model the caller can see; a list: only these."""
+    spend_limit_micros: Mapped[int | None]
+    requests_per_minute: Mapped[int | None]
+    """Per-key rate-limit overrides; None keeps the tier default."""
+    tokens_per_minute: Mapped[int | None]
+    max_concurrent_requests: Mapped[int | None]
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AdminKey(Base):
+    """Operator keys, kept apart from user keys so no user key can ever be promoted to admin."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class ModelPrice(Base):
+    __tablename__ = "model_prices"
+    __table_args__ = (
+        CheckConstraint("input_micros_per_mtok >= 0", name="ck_model_prices_input_nonneg"),
+        CheckConstraint("output_micros_per_mtok >= 0", name="ck_model_prices_output_nonneg"),
+    )
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    input_micros_per_mtok: Mapped[int]
+    output_micros_per_mtok: Mapped[int]
+    updated_at: Mapped[datetime]
+
+
+class LedgerEntry(Base):
+    """Append-only: rows are inserted, never updated or deleted. Balance = SUM(amount_micros)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(_in("kind", LEDGER_KINDS), name="ck_ledger_kind"),
+        CheckConstraint(
+            "(kind = 'topup' AND amount_micros > 0) OR (kind = 'refund' AND amount_micros > 0)"
+            " OR (kind = 'charge' AND amount_micros < 0) OR (kind = 'adjustment' AND amount_micros <> 0)",
+            name="ck_ledger_sign",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    amount_micros: Mapped[int]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    reservation_id: Mapped[str | None] = mapped_column(ForeignKey("reservations.id"), unique=True)
+    """Set on charges only; unique, so one reservation can never be charged twice."""
+    note: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime]
+
+
+class Reservation(Base):
+    """The worst-case cost held at admission. State machine: open -> settled | released."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (
+        CheckConstraint(_in("state", RESERVATION_STATES), name="ck_reservation_state"),
+        CheckConstraint("reserved_micros >= 0", name="ck_reservation_nonneg"),
+        Index("ix_reservations_org_state", "org_id", "state"),
+        Index("ix_reservations_key_state", "key_id", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    prompt_tokens: Mapped[int]
+    max_tokens: Mapped[int]
+    input_micros_per_mtok: Mapped[int]
+    """Prices quoted at admission: settle charges these even if the admin changes the price meanwhile."""
+    output_micros_per_mtok: Mapped[int]
+    reserved_micros: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(200))
+    """The gateway instance that opened it; crash recovery can be limited to one instance's rows."""
+    created_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+
+
+class UsageRecord(Base):
+    """Exactly one per settled reservation (unique reservation_id)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        CheckConstraint(_in("status", USAGE_STATUSES), name="ck_usage_status"),
+        CheckConstraint("cost_micros >= 0", name="ck_usage_cost_nonneg"),
+        Index("ix_usage_org_day", "org_id", "day"),
+        Index("ix_usage_key", "key_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    reservation_id: Mapped[str] = mapped_column(ForeignKey("reservations.id"), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    cost_micros: Mapped[int]
+    latency_ms: Mapped[int]
+    status: Mapped[str] = mapped_column(String(24))
+    day: Mapped[date] = mapped_column(Date)
+    """UTC day of `created_at`, stored so per-day reports group identically on both backends."""
+    created_at: Mapped[datetime]

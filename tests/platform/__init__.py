@@ -1,0 +1,1 @@
+"""Platform tests: accounts, keys, billing and rate limits against real SQLite, PostgreSQL and Redis."""

@@ -1,0 +1,124 @@
+"""Rate limits on both backends with an injected clock: requests and tokens per window, concurrency, the
+values behind OpenAI's headers; the Redis backend shared by two limiter instances (two gateways)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.platform.helpers import FakeClock
+from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.ratelimit import (
+    DEFAULT_FREE_MODEL_LIMITS,
+    RateLimiter,
+    RateLimitPolicy,
+    RateLimits,
+    format_duration,
+)
+
+MakeLimiter = Callable[..., RateLimiter]
+WINDOW_START = 1_700_000_040.0  # a multiple of 60: the start of a window
+
+
+def test_the_n_plus_first_request_in_a_window_is_denied_with_retry_after(limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START + 0.25)
+    limiter = limiter_factory(clock=clock)
+    limits = RateLimits(requests_per_minute=5)
+    remaining = [limiter.acquire("key_a", limits, 10).remaining_requests for _ in range(5)]
+    assert remaining == [4, 3, 2, 1, 0]
+
+    denied = limiter.acquire("key_a", limits, 10)
+    assert (denied.allowed, denied.reason, denied.lease) == (False, "requests", None)
+    assert denied.retry_after_s == pytest.approx(59.75)
+    headers = denied.headers()
+    assert headers["retry-after"] == "60" and headers["retry-after-ms"] == "59750"
+    assert headers["x-ratelimit-limit-requests"] == "5" and headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"] == "59.75s"
+
+    assert limiter.acquire("key_b", limits, 10).allowed  # other keys have their own counters
+    clock.advance(59.75)  # the next window
+    again = limiter.acquire("key_a", limits, 10)
+    assert again.allowed and again.remaining_requests == 4
+
+
+def test_tokens_per_minute_with_unused_tokens_given_back(limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = limiter_factory(clock=clock)
+    limits = RateLimits(tokens_per_minute=1_000)
+    first = limiter.acquire("key", limits, 600)
+    assert first.allowed and first.remaining_tokens == 400 and first.headers()["x-ratelimit-reset-tokens"] == "1m0s"
+    assert limiter.acquire("key", limits, 300).remaining_tokens == 100
+    denied = limiter.acquire("key", limits, 200)
+    assert (denied.reason, denied.remaining_tokens, denied.retry_after_s) == ("tokens", 100, 60.0)
+
+    assert first.lease is not None
+    limiter.release(first.lease, unused_tokens=500)  # the request generated less than max_tokens
+    limiter.release(first.lease, unused_tokens=500)  # a second release gives nothing back twice
+    assert limiter.acquire("key", limits, 200).remaining_tokens == 400
+
+    too_large = limiter.acquire("key", limits, 1_001)
+    assert (too_large.reason, too_large.retry_after_s) == ("request_too_large", None)
+    assert "retry-after" not in too_large.headers()
+
+
+def test_concurrency_limit_frees_slots_on_release_and_after_a_crash(limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = limiter_factory(clock=clock, lease_ttl_s=300.0)
+    limits = RateLimits(requests_per_minute=100, max_concurrent_requests=2)
+    a, b = limiter.acquire("key", limits, 1), limiter.acquire("key", limits, 1)
+    denied = limiter.acquire("key", limits, 1)
+    assert (a.allowed, b.allowed, denied.allowed, denied.reason) == (True, True, False, "concurrency")
+    assert denied.retry_after_s is not None and denied.retry_after_s > 0
+    assert denied.remaining_requests == 98  # a denied request consumes nothing
+
+    assert a.lease is not None
+    limiter.release(a.lease)
+    limiter.release(a.lease)  # idempotent: does not free a second slot
+    c = limiter.acquire("key", limits, 1)
+    assert c.allowed and not limiter.acquire("key", limits, 1).allowed
+
+    clock.advance(301)  # holders that never released (a crashed gateway) lose their slots
+    assert limiter.acquire("key", limits, 1).allowed
+
+
+@pytest.mark.redis
+def test_two_redis_limiters_share_one_limit(redis_limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START + 10)
+    gateway_a, gateway_b = redis_limiter_factory(clock=clock), redis_limiter_factory(clock=clock)
+    limits = RateLimits(requests_per_minute=4, max_concurrent_requests=3)
+    decisions = [gateway.acquire("key", limits, 1) for gateway in (gateway_a, gateway_b, gateway_a)]
+    assert [d.remaining_requests for d in decisions] == [3, 2, 1]
+    assert gateway_b.acquire("key", limits, 1).reason == "concurrency"
+    assert decisions[0].lease is not None
+    gateway_b.release(decisions[0].lease)  # released by another process than the one that acquired
+    assert gateway_b.acquire("key", limits, 1).allowed
+    assert gateway_a.acquire("key", limits, 1).reason == "requests"
+
+
+def _principal(tier: str = "default", **overrides: int | None) -> KeyPrincipal:
+    fields: dict[str, int | None] = {"requests_per_minute": None, "tokens_per_minute": None,
+                                     "max_concurrent_requests": None, **overrides}
+    return KeyPrincipal(key_id="key_x", key_prefix="sk-abcdef", org_id="org_x", user_id="user_x", tier=tier,
+                        allowed_models=None, spend_limit_micros=None,
+                        expires_at=datetime(2030, 1, 1, tzinfo=UTC), **fields)
+
+
+def test_policy_tier_defaults_key_overrides_and_stricter_free_models() -> None:
+    policy = RateLimitPolicy(tiers={"default": RateLimits(60, 100_000, 8), "pro": RateLimits(600, 10**6, 64)})
+    assert policy.scope(_principal(), free_model=False).limits == RateLimits(60, 100_000, 8)
+    assert policy.scope(_principal("pro"), free_model=False).limits == RateLimits(600, 10**6, 64)
+    assert policy.scope(_principal("gold"), free_model=False).limits == RateLimits(60, 100_000, 8)
+    assert policy.scope(_principal(requests_per_minute=5), free_model=False).limits.requests_per_minute == 5
+
+    paid, free = policy.scope(_principal("pro"), free_model=False), policy.scope(_principal("pro"), free_model=True)
+    assert free.bucket != paid.bucket  # free traffic does not eat the paid allowance, nor the reverse
+    assert free.limits == DEFAULT_FREE_MODEL_LIMITS  # every dimension capped by the stricter defaults
+    assert policy.scope(_principal(max_concurrent_requests=1), free_model=True).limits.max_concurrent_requests == 1
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (0.0, "0ms"), (1.0, "1s"), (1.5, "1.5s"),
+                                               (59.75, "59.75s"), (60.0, "1m0s"), (361.0, "6m1s")])
+def test_reset_durations_use_openais_format(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text

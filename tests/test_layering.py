@@ -1,0 +1,33 @@
+"""DESIGN.md's import rule: the engine knows nothing of HTTP, money or databases; the platform nothing of HTTP."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "src" / "tokenmill"
+FORBIDDEN = {
+    "engine": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog"),
+    "models": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog", "tokenmill.engine"),
+    "platform": ("tokenmill.serving",),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_respect_the_layering(package):
+    offenders = []
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for name in imported_modules(path):
+            if name.startswith(FORBIDDEN[package]):
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not offenders, "\n".join(offenders)
