@@ -145,6 +145,19 @@ def test_multibyte_text_streams_without_broken_characters(
     assert final.strip() == text.strip()
 
 
+def test_sequence_cut_mid_character_shows_it_only_at_finish(tokenizer: PreTrainedTokenizerBase) -> None:
+    # max_tokens can end a sequence inside a character: the final text is what a full decode shows.
+    prompt_ids = chat_prompt(tokenizer)
+    output_ids = encode(tokenizer, " ok 🎉")[:-1]
+    reference = continuation(tokenizer, prompt_ids, output_ids)
+    assert reference.endswith("\ufffd")
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams())
+    for token_id in output_ids:
+        detokenizer.append(token_id)
+    assert "\ufffd" not in detokenizer.text
+    assert detokenizer.finish() == reference
+
+
 def test_byte_level_text_equals_decode_of_the_output(smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     prompt_ids = chat_prompt(smollm2_tokenizer)
     text = f"{CHINESE} {EMOJI} {ZWJ} {MIXED}\n  indented and\ttabbed"
@@ -267,7 +280,7 @@ def test_near_miss_is_held_back_then_released(tokenizer: PreTrainedTokenizerBase
     assert stream.detokenizer.text == " Hello world"
     # Released mid-stream: the next token shows it was not the stop string.
     prompt_ids = encode(tokenizer, "Once upon a time")
-    output_ids = encode(tokenizer, " Hello world, the weather")
+    output_ids = encode(tokenizer, " Hello world peas and more")
     detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams(stop=stop))
     held = []
     for i, token_id in enumerate(output_ids):
@@ -275,7 +288,7 @@ def test_near_miss_is_held_back_then_released(tokenizer: PreTrainedTokenizerBase
         held.append(continuation(tokenizer, prompt_ids, output_ids[: i + 1])[len(detokenizer.text) :])
     assert "world" in held
     assert held[-1] == ""
-    assert detokenizer.text == " Hello world, the weather"
+    assert detokenizer.text == " Hello world peas and more"
 
 
 def test_stop_string_made_of_multibyte_characters(tokenizer: PreTrainedTokenizerBase) -> None:

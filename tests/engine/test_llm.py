@@ -109,7 +109,7 @@ async def test_async_stream_deltas_reassemble_and_abort_frees_blocks(tiny_llama_
         snapshots = [out async for out in engine.generate(PROMPTS[1], params, "r1")]
         assert snapshots[-1].finished and not any(s.finished for s in snapshots[:-1])
         texts = [s.outputs[0].text for s in snapshots]
-        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
         final = snapshots[-1].outputs[0]
         assert final.text == engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
         long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)

@@ -199,10 +199,8 @@ def _run_seeded(
     out = []
     for logits in steps:
         batch_rows = companions[:position] + [target] + companions[position:]
-        others = [r for r in range(len(batch_rows)) if r != position]
-        batch = torch.randn(len(batch_rows), logits.shape[-1]) * 3
+        batch = torch.randn(len(batch_rows), logits.shape[-1]) * 3  # companions see other logits
         batch[position] = logits
-        batch[others] = torch.randn(len(others), logits.shape[-1]) * 3
         out.append(sampler(batch, batch_rows)[position][0])
     return out
 
@@ -352,19 +350,25 @@ def test_padded_vocab_columns_are_never_sampled(params: SamplingParams) -> None:
         assert logprob is None or all(t < vocab_size for t, _ in logprob.top)
 
 
-def test_sampler_does_not_modify_the_callers_logits() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_k=5, top_p=0.8, min_p=0.1),  # temperature 1, no penalties: nothing copies first
+        SamplingParams(
+            temperature=0.9,
+            top_k=5,
+            repetition_penalty=1.3,
+            frequency_penalty=0.5,
+            logit_bias={3: 5.0},
+            min_tokens=2,
+            logprobs=2,
+        ),
+    ],
+    ids=["plain", "processed"],
+)
+def test_sampler_does_not_modify_the_callers_logits(params: SamplingParams) -> None:
     torch.manual_seed(12)
     logits = torch.randn(4, 50)
     before = logits.clone()
-    params = SamplingParams(
-        temperature=0.9,
-        top_k=5,
-        top_p=0.8,
-        min_p=0.1,
-        repetition_penalty=1.3,
-        frequency_penalty=0.5,
-        logit_bias={3: 5.0},
-        min_tokens=2,
-    )
     Sampler(50, [EOS])(logits, rows_of(params, 4))
     assert torch.equal(logits, before)

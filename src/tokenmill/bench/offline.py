@@ -16,10 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from tokenmill.engine.llm_engine import LLM
 from tokenmill.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch and the engine load in `run`, so `tokenmill --help` stays fast
+    import torch
+
+    from tokenmill.engine.llm_engine import LLM
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +114,7 @@ def load_reference(model: str, dtype: torch.dtype) -> torch.nn.Module:
     return reference.eval()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="tokenmill bench offline", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--num-requests", type=int, default=64)
@@ -124,7 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("bench-results/offline.json"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from tokenmill.engine.llm_engine import LLM
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=2 << 30)
@@ -156,6 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=lambda o: asdict(o)))
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="tokenmill bench offline", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ class IncrementalDetokenizer:
     Each step decodes ids[prefix_offset:read_offset] and ids[prefix_offset:]; what the second adds to the
     first is new text, unless it ends in U+FFFD (a character whose remaining bytes are still to come).
     Then both offsets move forward, so the window stays a few tokens long whatever the output length.
+
+    The final text equals decoding prompt + output and dropping the prompt's text. One known exception:
+    a byte-fallback (SentencePiece) decoder judges a whole run of <0xNN> tokens at once, so when such a
+    run ends in invalid UTF-8 a full decode turns all of it into U+FFFD, while the stream has already
+    shown the valid characters at its start.
     """
 
     def __init__(
@@ -48,11 +53,6 @@ class IncrementalDetokenizer:
         self._stop_string: str | None = None
         self._finished = False
 
-    @property
-    def stop_string(self) -> str | None:
-        """The stop string that ended the text, if any."""
-        return self._stop_string
-
     def append(self, token_id: int) -> str | None:
         """Add one generated token; returns the stop string if the output now contains one (the text is
         then cut before it and further tokens are ignored)."""
@@ -69,7 +69,7 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         """Text safe to show so far: no trailing partial character and, while running, no suffix that
         could still be the start of a stop string. After `finish()` (or a stop string) it is final."""
-        if self._num_held and not self._finished and self._stop_string is None:
+        if self._num_held:  # zero once finished or stopped
             return self._output[: -self._num_held]
         return self._output
 

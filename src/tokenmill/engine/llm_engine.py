@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence as Seq
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_pool import BlockPool
@@ -150,7 +151,7 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
     def generate(

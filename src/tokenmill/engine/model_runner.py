@@ -5,12 +5,35 @@ The runner owns the model and the KV cache tensors; which blocks a sequence owns
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 import torch
 from torch import nn
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
-from tokenmill.models.attention import AttentionMetadata, PrefillChunk
+from tokenmill.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+
+# Decode grouping: a sequence joins the current group while its context is at least this share of the
+# group's longest; a few groups at most, since each costs a handful of extra kernel launches per layer.
+_MIN_FILL = 0.6
+_MAX_DECODE_GROUPS = 4
+
+
+def keep_freed_memory_mapped() -> None:
+    """Every layer allocates and frees multi-megabyte tensors (gathered contexts, activations). glibc returns
+    blocks above its mmap threshold to the kernel at once, so each allocation page-faults its memory in again;
+    on CPU that tripled the time of a decode step. Raising the thresholds keeps freed memory for reuse."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (e.g. musl): nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -25,8 +48,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        if device.type == "cpu":
+            keep_freed_memory_mapped()
         num_slots = num_blocks * block_size
-        shape = (num_slots, model.num_kv_heads, model.head_dim)
+        shape = (model.num_kv_heads, num_slots, model.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in model.layers
@@ -35,14 +60,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits (float32) for the sequences that sample this step, in `batch.sampling_items` order."""
-        decodes = [item for item in batch.items if item.num_new_tokens == 1]
+        # Decodes first, longest context first, so that similar lengths can share one padded gather.
+        decodes = sorted((item for item in batch.items if item.num_new_tokens == 1), key=lambda i: -i.end)
         prefills = [item for item in batch.items if item.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids, positions, slots = self._flatten(ordered)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            num_decode_tokens=len(decodes),
-            **self._decode_tables(decodes),
+            decodes=self._decode_groups(decodes),
             prefills=self._prefill_chunks(prefills, len(decodes)),
         )
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
@@ -75,27 +100,46 @@ class ModelRunner:
         block_ids = np.asarray(item.seq.block_ids, dtype=np.int64)
         return (block_ids[:, None] * self.block_size + np.arange(self.block_size)).reshape(-1)[: item.end]
 
-    def _decode_tables(self, decodes: list[ScheduledSeq]) -> dict[str, torch.Tensor | None]:
-        if not decodes:
-            return {"decode_slots": None, "decode_mask": None}
+    def _decode_groups(self, decodes: list[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
+        """Split decodes (sorted longest first) where padding to the group's longest context would waste
+        more than a quarter of the gathered memory: decode attention is bound by memory traffic."""
+        groups = []
+        first = 0
+        for i in range(1, len(decodes) + 1):
+            if i == len(decodes) or (
+                decodes[i].end < _MIN_FILL * decodes[first].end and len(groups) < _MAX_DECODE_GROUPS - 1
+            ):
+                groups.append(self._decode_group(decodes[first:i], first))
+                first = i
+        return tuple(groups)
+
+    def _decode_group(self, items: list[ScheduledSeq], offset: int) -> DecodeGroup:
         bs = self.block_size
-        num_blocks = max(len(item.seq.block_ids) for item in decodes)
-        table = np.zeros((len(decodes), num_blocks), dtype=np.int64)
-        for row, item in enumerate(decodes):
+        num_blocks = max(len(item.seq.block_ids) for item in items)
+        table = np.zeros((len(items), num_blocks), dtype=np.int64)
+        for row, item in enumerate(items):
             table[row, : len(item.seq.block_ids)] = item.seq.block_ids
-        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(len(decodes), -1)
-        context_lens = np.asarray([item.end for item in decodes])
+        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(len(items), -1)
+        context_lens = np.asarray([item.end for item in items])
         max_len = int(context_lens.max())
-        mask = np.arange(max_len)[None, :] < context_lens[:, None]
-        return {
-            "decode_slots": self._tensor(slots[:, :max_len]),
-            "decode_mask": torch.as_tensor(mask, device=self.device)[:, None, None, :],
-        }
+        bias = np.where(np.arange(max_len)[None, :] < context_lens[:, None], 0.0, -np.inf).astype(np.float32)
+        return DecodeGroup(
+            token_offset=offset,
+            num_seqs=len(items),
+            slots=self._tensor(slots[:, :max_len].reshape(-1)),
+            bias=torch.as_tensor(bias, device=self.device)[None, :, None, :],
+        )
 
     def _prefill_chunks(self, prefills: list[ScheduledSeq], offset: int) -> tuple[PrefillChunk, ...]:
         chunks = []
         for item in prefills:
-            slots = self._tensor(self._context_slots(item)) if item.start else None
-            chunks.append(PrefillChunk(offset, item.num_new_tokens, item.start, slots))
+            if item.start == 0:
+                chunks.append(PrefillChunk(offset, item.num_new_tokens, 0))
+            else:
+                # Query i (at position start + i) sees keys 0 .. start + i.
+                causal = np.arange(item.end)[None, :] <= np.arange(item.start, item.end)[:, None]
+                mask = torch.as_tensor(causal, device=self.device)
+                slots = self._tensor(self._context_slots(item))
+                chunks.append(PrefillChunk(offset, item.num_new_tokens, item.start, slots, mask))
             offset += item.num_new_tokens
         return tuple(chunks)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.request import CompletionOutput, RequestOutput, Sequence
 
@@ -21,7 +23,7 @@ class _Group:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.groups: dict[str, _Group] = {}
 

@@ -38,7 +38,7 @@ class SamplingRow:
         return self.params.temperature < _MIN_TEMPERATURE
 
     @property
-    def blocks_stop(self) -> bool:
+    def masks_stop_tokens(self) -> bool:
         """min_tokens not reached yet: eos and stop tokens are masked."""
         return len(self.token_ids) - self.num_prompt_tokens < self.params.min_tokens
 
@@ -50,7 +50,7 @@ class SamplingRow:
             and not p.logit_bias
             and not p.has_penalties
             and p.logprobs is None
-            and not self.blocks_stop
+            and not self.masks_stop_tokens
         )
 
 
@@ -97,8 +97,8 @@ class Sampler:
             sampled_idx = self._index(sampled)
             probs = self._probs(_take_rows(processed, sampled_idx, len(rows)), [rows[i] for i in sampled])
             token_ids[sampled_idx] = self._draw(probs, [rows[i] for i in sampled])
-        logprobs = self._logprobs(raw, token_ids, rows)
-        return list(zip(token_ids.tolist(), logprobs, strict=True))
+        token_list = token_ids.tolist()
+        return list(zip(token_list, self._logprobs(raw, token_ids, token_list, rows), strict=True))
 
     def free(self, seq_id: str) -> None:
         """Forget a finished sequence's generator."""
@@ -108,7 +108,7 @@ class Sampler:
 
     def _process(self, raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
-        blocked = [i for i, row in enumerate(rows) if row.blocks_stop]
+        blocked = [i for i, row in enumerate(rows) if row.masks_stop_tokens]
         repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
         counted = [
             i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty
@@ -231,9 +231,10 @@ class Sampler:
         cdf = probs.cumsum(dim=-1)
         total = cdf[:, -1:].contiguous()
         token_ids = torch.searchsorted(cdf, uniforms[:, None] * total, right=True)
-        # u * total can round up to total; the last token with mass is then the right answer.
+        # u * total can round up to total; the last token with mass is then the right answer. (The clamp
+        # only matters for NaN logits: a broken row must still yield an id the model can embed.)
         last = torch.searchsorted(cdf, total, right=False)
-        return torch.minimum(token_ids, last)[:, 0]
+        return torch.minimum(token_ids, last)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
     def _seq_generator(self, row: SamplingRow) -> torch.Generator:
         generator = self._seq_generators.get(row.seq_id)
@@ -246,7 +247,7 @@ class Sampler:
     # -- logprobs ------------------------------------------------------------------------------------
 
     def _logprobs(
-        self, raw: torch.Tensor, token_ids: torch.Tensor, rows: list[SamplingRow]
+        self, raw: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], rows: list[SamplingRow]
     ) -> list[TokenLogprob | None]:
         """Logprobs of the model's raw distribution (before penalties, bias and temperature), as OpenAI
         and vLLM report them."""
@@ -263,7 +264,7 @@ class Sampler:
         for j, i in enumerate(wanted):
             k = rows[i].params.logprobs or 0
             top = tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if k else ()
-            result[i] = TokenLogprob(token_id=int(token_ids[i]), logprob=chosen[j], top=top)
+            result[i] = TokenLogprob(token_id=token_list[i], logprob=chosen[j], top=top)
         return result
 
     def _index(self, values: Iterable[int]) -> torch.Tensor:

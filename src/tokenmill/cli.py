@@ -1,0 +1,153 @@
+"""`tokenmill <command>`: argv -> configs -> one call. No logic lives here; a command is a row in `COMMANDS`
+(its flags and the function it calls), so `admin` and `bench` plug in beside `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tokenmill.config import ConfigError
+from tokenmill.serving.settings import ModelSpec, ServerSettings
+
+DEFAULT_CHAT_MODEL = "smollm2"
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# Flags passed through to AsyncLLM as keyword arguments (config.EngineConfig.from_kwargs owns them).
+ENGINE_FLAGS = (
+    "dtype",
+    "max_model_len",
+    "block_size",
+    "kv_cache_memory",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "device",
+    "seed",
+)
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def byte_size(text: str) -> int:
+    """ "1048576", "512M", "2GiB" -> bytes (powers of 1024)."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 2G")
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " ")
+
+
+def model_spec(text: str) -> ModelSpec:
+    try:
+        return ModelSpec.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _specs(values: list[ModelSpec] | None, default: str) -> list[ModelSpec]:
+    """Absent flag: the built-in default; `none`: no model of that kind."""
+    return [s for s in (values or [ModelSpec(default)]) if s.source != "none"]
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerSettings()
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=model_spec,
+        metavar="[ID=]PATH",
+        help=f"chat/completion model: HF directory, .gguf file or built-in name; repeatable "
+        f"(default: {DEFAULT_CHAT_MODEL}; 'none' for no chat model)",
+    )
+    parser.add_argument(
+        "--embedding-model",
+        action="append",
+        type=model_spec,
+        metavar="[ID=]PATH",
+        help=f"embedding model: sentence-transformers directory or built-in name; repeatable "
+        f"(default: {DEFAULT_EMBEDDING_MODEL}; 'none' for no embedding model)",
+    )
+    parser.add_argument("--host", default=defaults.host, help=f"default: {defaults.host}")
+    parser.add_argument("--port", type=int, default=defaults.port, help=f"default: {defaults.port}")
+    parser.add_argument(
+        "--max-body-bytes",
+        type=byte_size,
+        default=defaults.max_body_bytes,
+        help="larger request bodies get 413 (default: 8M)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    engine = parser.add_argument_group("engine (each chat model)")
+    engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    engine.add_argument("--block-size", type=int, help="tokens per KV block")
+    engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache, e.g. 2G")
+    engine.add_argument("--max-num-seqs", type=int, help="sequences running at once")
+    engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one forward pass")
+    engine.add_argument("--device", help="auto, cpu or cuda[:N]")
+    engine.add_argument("--seed", type=int, help="seed for requests that bring none")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tokenmill.serving.server import serve  # fastapi/uvicorn/torch: not needed for --help
+
+    settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes)
+    engine_kwargs = {flag: getattr(args, flag) for flag in ENGINE_FLAGS if getattr(args, flag) is not None}
+    serve(
+        settings,
+        _specs(args.model, DEFAULT_CHAT_MODEL),
+        _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
+        engine_kwargs,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from tokenmill.bench import offline
+
+    modes = parser.add_subparsers(dest="bench_mode", required=True, metavar="mode")
+    offline_parser = modes.add_parser("offline", help="tokenmill vs transformers generate, same requests")
+    offline.add_arguments(offline_parser)
+    offline_parser.set_defaults(run=offline.run)
+
+
+COMMANDS: list[Command] = [
+    Command("serve", "run the OpenAI-compatible API server", _serve_arguments, _serve),
+    Command("bench", "measure throughput and latency", _bench_arguments, lambda args: 2),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill", description="A self-hostable Model-as-a-Service platform."
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for command in COMMANDS:
+        sub = subcommands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status = args.run(args)
+        return status if isinstance(status, int) else 0
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, ModelLoadError: messages name the fix
+        print(f"tokenmill {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from tokenmill.engine.request import TokenLogprob
+from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.serving.deltas import ChoiceDelta, DeltaTracker
+from tokenmill.serving.deps import RequestIdDep, StateDep
+from tokenmill.serving.errors import APIError
+from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, merged, start_requests
+from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
+from tokenmill.serving.metrics import RequestTimer
+from tokenmill.serving.prompts import render_chat
+from tokenmill.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    Delta,
+    Usage,
+)
+from tokenmill.serving.routes.common import include_usage, json_response, response_id
+from tokenmill.serving.sampling import sampling_params
+from tokenmill.serving.streaming import SSEResponse, sse_stream
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _check_supported(body: ChatCompletionRequest) -> None:
+    """Silently ignoring these would return an answer to a question the caller did not ask."""
+    if body.tools or body.functions:
+        raise APIError(
+            400, "Tool and function calling are not supported.", param="tools" if body.tools else "functions"
+        )
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "Only response_format {'type': 'text'} is supported.", param="response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+
+
+class _Response:
+    """What every chunk of one response shares."""
+
+    def __init__(self, body: ChatCompletionRequest, texts: TokenTexts, params: SamplingParams) -> None:
+        self.id = response_id("chatcmpl")
+        self.created = int(time.time())
+        self.model = body.model
+        self.texts = texts
+        self.num_top_logprobs = params.logprobs
+        self.include_usage = include_usage(body)
+
+    def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        if self.num_top_logprobs is None:
+            return None
+        return ChatLogprobs(content=chat_logprobs(entries, self.num_top_logprobs, self.texts))
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
+
+    def delta_chunks(self, delta: ChoiceDelta) -> list[str]:
+        chunks = []
+        if delta.text or delta.logprobs:
+            chunks.append(
+                self.chunk(
+                    [
+                        ChatChunkChoice(
+                            index=delta.index,
+                            delta=Delta(content=delta.text),
+                            logprobs=self.logprobs(delta.logprobs),
+                        )
+                    ]
+                )
+            )
+        if delta.finish_reason is not None:
+            chunks.append(
+                self.chunk(
+                    [ChatChunkChoice(index=delta.index, delta=Delta(), finish_reason=delta.finish_reason)]
+                )
+            )
+        return chunks
+
+
+async def _events(
+    response: _Response, requests: list[EngineRequest], n: int, tracker: DeltaTracker, timer: RequestTimer
+) -> AsyncGenerator[str, None]:
+    try:
+        for index in range(n):
+            yield response.chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+        async with aclosing(merged(requests)) as outputs:
+            async for prompt_index, output in outputs:
+                deltas = tracker.update(prompt_index, output)
+                timer.on_tokens(max((d.num_new_tokens for d in deltas), default=0))
+                for delta in deltas:
+                    for chunk in response.delta_chunks(delta):
+                        yield chunk
+        if response.include_usage:
+            yield response.chunk([], usage=tracker.usage())
+    finally:
+        timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
+) -> Response:
+    engine = state.engine(body.model)
+    _check_supported(body)
+    prompt_ids = render_chat(engine.tokenizer, body.messages, body.model)
+    params = sampling_params(
+        body,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        num_prompt_tokens=len(prompt_ids),
+        max_model_len=engine.max_model_len,
+        vocab_size=len(engine.tokenizer),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    response = _Response(body, state.token_texts(body.model), params)
+    requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
+    tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
+    logger.debug(
+        "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
+    )
+    await start_requests(request.receive, requests)
+    if body.stream:
+        return SSEResponse(
+            sse_stream(_events(response, requests, body.n, tracker, timer), request_id),
+            on_close=lambda: close_all(requests),
+        )
+    (final,) = await collect_outputs(request.receive, requests, tracker, timer)
+    choices = [
+        ChatChoice(
+            index=sample.index,
+            message=AssistantMessage(content=sample.text),
+            logprobs=response.logprobs(sample.logprobs or []),
+            finish_reason=sample.finish_reason,
+        )
+        for sample in sorted(final.outputs, key=lambda s: s.index)
+    ]
+    return json_response(
+        ChatCompletion(
+            id=response.id, created=response.created, model=body.model, choices=choices, usage=tracker.usage()
+        )
+    )

@@ -1,0 +1,147 @@
+"""`tokenmill serve`: flags become configs and one call; bad input fails with a message, not a trace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tokenmill import cli
+from tokenmill.serving.settings import ModelSpec, ServerSettings
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    recorded: list[dict[str, Any]] = []
+
+    def fake_serve(
+        settings: ServerSettings, models: list, embedding_models: list, engine_kwargs: dict, log_level: str
+    ) -> None:
+        recorded.append(
+            dict(
+                settings=settings,
+                models=models,
+                embedding_models=embedding_models,
+                engine_kwargs=engine_kwargs,
+                log_level=log_level,
+            )
+        )
+
+    import tokenmill.serving.server
+
+    monkeypatch.setattr(tokenmill.serving.server, "serve", fake_serve)
+    return recorded
+
+
+def test_defaults_serve_the_builtin_models(calls: list[dict[str, Any]]) -> None:
+    assert cli.main(["serve"]) == 0
+    (call,) = calls
+    assert call["models"] == [ModelSpec("smollm2")]
+    assert call["embedding_models"] == [ModelSpec("all-MiniLM-L6-v2")]
+    assert call["settings"] == ServerSettings(host="127.0.0.1", port=8000)
+    assert call["engine_kwargs"] == {}
+
+
+def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
+    argv = [
+        "serve",
+        "--model",
+        "chat=/models/qwen",
+        "--model",
+        "/models/llama-3",
+        "--embedding-model",
+        "none",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--max-body-bytes",
+        "1M",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "4096",
+        "--block-size",
+        "32",
+        "--kv-cache-memory",
+        "2G",
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        "1024",
+        "--log-level",
+        "debug",
+    ]
+    assert cli.main(argv) == 0
+    (call,) = calls
+    assert call["models"] == [ModelSpec("/models/qwen", "chat"), ModelSpec("/models/llama-3")]
+    assert call["embedding_models"] == []
+    assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2)
+    assert call["engine_kwargs"] == {
+        "dtype": "bfloat16",
+        "max_model_len": 4096,
+        "block_size": 32,
+        "kv_cache_memory": 2 * 1024**3,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 1024,
+    }
+    assert call["log_level"] == "debug"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("512k", 512 * 1024), ("64M", 64 * 1024**2), ("2GiB", 2 * 1024**3), ("1gb", 1024**3)],
+)
+def test_byte_sizes(text: str, size: int) -> None:
+    assert cli.byte_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--kv-cache-memory", "lots"],
+        ["serve", "--model", "=x"],
+        ["serve", "--port", "http"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_flags_exit_with_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_message_not_a_trace(tmp_path: Any) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill.cli",
+            "serve",
+            "--model",
+            str(tmp_path / "nope"),
+            "--embedding-model",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_subcommand_table_is_extensible() -> None:
+    """`admin` and `bench` are added as rows of COMMANDS; the parser picks them up."""
+    seen: list[str] = []
+    extra = cli.Command(
+        "hello", "say hello", lambda p: p.add_argument("--name"), lambda a: seen.append(a.name)
+    )
+    cli.COMMANDS.append(extra)
+    try:
+        assert cli.main(["hello", "--name", "mill"]) == 0
+    finally:
+        cli.COMMANDS.remove(extra)
+    assert seen == ["mill"]

