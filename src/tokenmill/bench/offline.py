@@ -15,7 +15,6 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from tokenmill.engine.sampling_params import SamplingParams
