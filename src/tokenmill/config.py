@@ -27,6 +27,10 @@ def default_database_url() -> str | None:
     return os.environ.get("TOKENMILL_DATABASE_URL")
 
 
+def default_redis_url() -> str | None:
+    return os.environ.get("TOKENMILL_REDIS_URL")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str = "smollm2"
@@ -38,11 +42,16 @@ class ModelConfig:
     device: str = "auto"
     seed: int = 0
     """Seed for requests that bring none of their own."""
+    attention_backend: str = "auto"
+    """"kernel": the C decode kernel (CPU only); "torch": torch ops only; "auto": the kernel where it
+    applies and compiles, else torch."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
         _require(self.dtype == "auto" or self.dtype in _DTYPES, "dtype", f"must be auto or one of {_DTYPES}")
         _require(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
+        _require(self.attention_backend in ("auto", "kernel", "torch"), "attention_backend",
+                 "must be auto, kernel or torch")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                  "must be auto, cpu or cuda[:N]")
 

@@ -73,9 +73,10 @@ def assert_matches_reference(hf_model, prompt: list[int], ours, max_tokens: int 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
 
 
-def test_greedy_batch_equals_transformers(checkpoint, prompts):
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_greedy_batch_equals_transformers(checkpoint, prompts, backend):
     directory, hf_model = checkpoint
-    llm = LLM(str(directory), dtype="float32", block_size=8, num_blocks=256)
+    llm = LLM(str(directory), dtype="float32", block_size=8, num_blocks=256, attention_backend=backend)
     outputs = llm.generate(prompts, GREEDY)
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output.prompt_token_ids == prompt

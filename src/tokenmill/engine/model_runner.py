@@ -13,12 +13,7 @@ import torch
 from torch import nn
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
-from tokenmill.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk
-
-# Decode grouping: a sequence joins the current group while its context is at least this share of the
-# group's longest; a few groups at most, since each costs a handful of extra kernel launches per layer.
-_MIN_FILL = 0.6
-_MAX_DECODE_GROUPS = 4
+from tokenmill.models.attention import AttentionMetadata, PrefillChunk
 
 
 def keep_freed_memory_mapped() -> None:
@@ -60,14 +55,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits (float32) for the sequences that sample this step, in `batch.sampling_items` order."""
-        # Decodes first, longest context first, so that similar lengths can share one padded gather.
+        # Decodes first, longest context first (backends that pad group similar lengths together).
         decodes = sorted((item for item in batch.items if item.num_new_tokens == 1), key=lambda i: -i.end)
         prefills = [item for item in batch.items if item.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids, positions, slots = self._flatten(ordered)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            decodes=self._decode_groups(decodes),
+            num_decodes=len(decodes),
+            decodes=self._prepare_decodes(decodes) if decodes else None,
             prefills=self._prefill_chunks(prefills, len(decodes)),
         )
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
@@ -100,34 +96,14 @@ class ModelRunner:
         block_ids = np.asarray(item.seq.block_ids, dtype=np.int64)
         return (block_ids[:, None] * self.block_size + np.arange(self.block_size)).reshape(-1)[: item.end]
 
-    def _decode_groups(self, decodes: list[ScheduledSeq]) -> tuple[DecodeGroup, ...]:
-        """Split decodes (sorted longest first) where padding to the group's longest context would waste
-        more than a quarter of the gathered memory: decode attention is bound by memory traffic."""
-        groups = []
-        first = 0
-        for i in range(1, len(decodes) + 1):
-            if i == len(decodes) or (
-                decodes[i].end < _MIN_FILL * decodes[first].end and len(groups) < _MAX_DECODE_GROUPS - 1
-            ):
-                groups.append(self._decode_group(decodes[first:i], first))
-                first = i
-        return tuple(groups)
-
-    def _decode_group(self, items: list[ScheduledSeq], offset: int) -> DecodeGroup:
-        bs = self.block_size
-        num_blocks = max(len(item.seq.block_ids) for item in items)
-        table = np.zeros((len(items), num_blocks), dtype=np.int64)
-        for row, item in enumerate(items):
-            table[row, : len(item.seq.block_ids)] = item.seq.block_ids
-        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(len(items), -1)
-        context_lens = np.asarray([item.end for item in items])
-        max_len = int(context_lens.max())
-        bias = np.where(np.arange(max_len)[None, :] < context_lens[:, None], 0.0, -np.inf).astype(np.float32)
-        return DecodeGroup(
-            token_offset=offset,
-            num_seqs=len(items),
-            slots=self._tensor(slots[:, :max_len].reshape(-1)),
-            bias=torch.as_tensor(bias, device=self.device)[None, :, None, :],
+    def _prepare_decodes(self, decodes: list[ScheduledSeq]) -> object:
+        num_blocks = max(len(item.seq.block_ids) for item in decodes)
+        block_tables = np.zeros((len(decodes), num_blocks), dtype=np.int64)
+        for row, item in enumerate(decodes):
+            block_tables[row, : len(item.seq.block_ids)] = item.seq.block_ids
+        context_lens = np.asarray([item.end for item in decodes], dtype=np.int64)
+        return self.model.attention_backend.prepare_decodes(
+            block_tables, context_lens, self.block_size, self.device
         )
 
     def _prefill_chunks(self, prefills: list[ScheduledSeq], offset: int) -> tuple[PrefillChunk, ...]:

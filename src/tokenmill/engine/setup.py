@@ -11,6 +11,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.model_runner import kv_bytes_per_block
+from tokenmill.models.attention import TorchPagedAttention
+from tokenmill.models.cpu_attention import KernelPagedAttention, kernel_supports, load_kernel
 from tokenmill.models.loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
 from tokenmill.models.registry import create_model
 
@@ -39,6 +41,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     max_model_len = _max_model_len(config.model.max_model_len, hf_config)
     model = create_model(hf_config, dtype, device, max_model_len)
     model.load_weights(iter_weights(source, dtype))
+    model.attention_backend = _attention_backend(config.model.attention_backend, model, dtype, device)
     block_bytes = kv_bytes_per_block(model, config.cache.block_size, dtype)
     num_blocks = _num_blocks(config, block_bytes, device)
     pool_tokens = num_blocks * config.cache.block_size
@@ -60,6 +63,22 @@ def load_model(config: EngineConfig) -> LoadedModel:
         eos_token_ids=_eos_token_ids(hf_config, tokenizer),
         num_blocks=num_blocks,
     )
+
+
+def _attention_backend(
+    choice: str, model: nn.Module, dtype: torch.dtype, device: torch.device
+) -> TorchPagedAttention:
+    if choice == "torch":
+        return TorchPagedAttention()
+    group_size = model.layers[0].self_attn.num_heads // model.num_kv_heads
+    applies = device.type == "cpu" and kernel_supports(dtype, model.head_dim, group_size)
+    kernel = load_kernel() if applies else None
+    if kernel is None and choice == "kernel":
+        raise ConfigError(
+            "attention_backend: the C decode kernel needs a CPU device, float32 or bfloat16, head_dim <= 256 "
+            "and a working C compiler (cc or gcc)"
+        )
+    return KernelPagedAttention(kernel) if kernel is not None else TorchPagedAttention()
 
 
 def _device(name: str) -> torch.device:

@@ -11,8 +11,9 @@ consume without another copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -31,30 +32,26 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeGroup:
-    """Decoding sequences of similar context length, padded to the longest of them."""
-
-    token_offset: int
-    num_seqs: int
-    slots: torch.Tensor
-    """[num_seqs * max_context] cache slots of each sequence's context, padded, flattened."""
-    bias: torch.Tensor
-    """[1, num_seqs, 1, max_context] float32: 0 where the slot belongs to the context, -inf for padding."""
-
-
-@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """Everything attention needs about a step, built once and shared by all layers."""
 
     slot_mapping: torch.Tensor
     """[num_tokens] where each new token's K/V is written."""
-    decodes: tuple[DecodeGroup, ...]
+    num_decodes: int
+    decodes: Any
+    """Whatever the backend's `prepare_decodes` built for the step's decoding sequences."""
     prefills: tuple[PrefillChunk, ...]
 
 
 class AttentionBackend(Protocol):
     """Writes the step's new K/V into the layer's cache, then attends each query to its sequence's context.
     q: [T, H, D]; k, v: [T, KV, D]; caches: [KV, slots, D]. Returns [T, H, D]."""
+
+    def prepare_decodes(
+        self, block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, device: torch.device
+    ) -> Any:
+        """Once per step: per-backend tables for the decoding sequences (rows sorted longest first)."""
+        ...
 
     def __call__(
         self,
@@ -68,38 +65,120 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def torch_paged_attention(
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decoding sequences of similar context length, padded to the longest of them."""
+
+    token_offset: int
+    num_seqs: int
+    slots: torch.Tensor
+    """[num_seqs * max_context] cache slots of each sequence's context, padded, flattened."""
+    bias: torch.Tensor
+    """[1, num_seqs, 1, max_context] float32: 0 where the slot belongs to the context, -inf for padding."""
+
+
+# A decode joins the current group while its context is at least this share of the group's longest: the
+# torch backend's decode attention is bound by the memory it gathers, padding included. A few groups at
+# most, since each costs a handful of extra kernel launches per layer.
+_MIN_FILL = 0.6
+_MAX_DECODE_GROUPS = 4
+
+
+class TorchPagedAttention:
+    """Reference backend built from torch ops; runs on CPU and CUDA."""
+
+    def prepare_decodes(
+        self, block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, device: torch.device
+    ) -> tuple[DecodeGroup, ...]:
+        groups = []
+        first = 0
+        for i in range(1, len(context_lens) + 1):
+            if i == len(context_lens) or (
+                context_lens[i] < _MIN_FILL * context_lens[first] and len(groups) < _MAX_DECODE_GROUPS - 1
+            ):
+                groups.append(
+                    _decode_group(block_tables[first:i], context_lens[first:i], first, block_size, device)
+                )
+                first = i
+        return tuple(groups)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self.decode(
+                q[: meta.num_decodes], k_cache, v_cache, meta.decodes, scale
+            )
+        for chunk in meta.prefills:
+            rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
+            out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale)
+        return out
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        groups: tuple[DecodeGroup, ...],
+        scale: float,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for group in groups:
+            rows = slice(group.token_offset, group.token_offset + group.num_seqs)
+            out[rows] = _decode_attention(q[rows], k_cache, v_cache, group, scale)
+        return out
+
+
+def _decode_group(
+    block_tables: np.ndarray, context_lens: np.ndarray, offset: int, block_size: int, device: torch.device
+) -> DecodeGroup:
+    max_len = int(context_lens.max())
+    num_blocks = -(-max_len // block_size)
+    slots = (block_tables[:, :num_blocks, None] * block_size + np.arange(block_size)).reshape(
+        len(context_lens), -1
+    )
+    bias = np.where(np.arange(max_len)[None, :] < context_lens[:, None], 0.0, -np.inf).astype(np.float32)
+    return DecodeGroup(
+        token_offset=offset,
+        num_seqs=len(context_lens),
+        slots=torch.as_tensor(np.ascontiguousarray(slots[:, :max_len]).reshape(-1), device=device),
+        bias=torch.as_tensor(bias, device=device)[None, :, None, :],
+    )
+
+
+def _prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    chunk: PrefillChunk,
     scale: float,
 ) -> torch.Tensor:
-    """Reference backend built from torch ops; runs on CPU and CUDA."""
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    out = torch.empty_like(q)
-    for group in meta.decodes:
-        rows = slice(group.token_offset, group.token_offset + group.num_seqs)
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, group, scale)
-    for chunk in meta.prefills:
-        rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
-        if chunk.start == 0:
-            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-        else:
-            keys, values = k_cache.index_select(1, chunk.slots), v_cache.index_select(1, chunk.slots)
-        out[rows] = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=chunk.mask,
-            is_causal=chunk.start == 0,
-            scale=scale,
-            enable_gqa=True,
-        )[0].transpose(0, 1)
-    return out
+    """A chunk of consecutive queries of one sequence, causal over everything before them."""
+    if chunk.start == 0:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)
+    else:
+        keys, values = k_cache.index_select(1, chunk.slots), v_cache.index_select(1, chunk.slots)
+    return F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.unsqueeze(0),
+        values.unsqueeze(0),
+        attn_mask=chunk.mask,
+        is_causal=chunk.start == 0,
+        scale=scale,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
 
 
 def _decode_attention(

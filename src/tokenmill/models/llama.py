@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tokenmill.models.attention import AttentionBackend, AttentionMetadata, torch_paged_attention
+from tokenmill.models.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from tokenmill.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, rope_parameters
 
 # HF name fragment -> (our fused parameter, shard index)
@@ -90,7 +90,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.attention_backend: AttentionBackend = torch_paged_attention
+        self.attention_backend: AttentionBackend = TorchPagedAttention()
 
     @property
     def num_kv_heads(self) -> int:

@@ -1,0 +1,65 @@
+"""The C decode kernel against the torch backend on the same paged cache: same outputs for every layout the
+engine produces (GQA group sizes, block sizes, ragged contexts, one or several threads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmill.models.attention import TorchPagedAttention
+from tokenmill.models.cpu_attention import KernelPagedAttention, load_kernel
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    compiled = load_kernel()
+    if compiled is None:
+        pytest.skip("no C compiler: the engine falls back to the torch backend")
+    return compiled
+
+
+def paged_case(context_lens, num_kv_heads, group, head_dim, block_size, dtype, seed=0):
+    """A cache whose blocks are handed out in shuffled order, as after many allocations and frees."""
+    rng = np.random.default_rng(seed)
+    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
+    order = rng.permutation(num_blocks)
+    max_blocks = max(-(-n // block_size) for n in context_lens)
+    tables = np.zeros((len(context_lens), max_blocks), dtype=np.int64)
+    used = 0
+    for row, n in enumerate(context_lens):
+        count = -(-n // block_size)
+        tables[row, :count] = order[used : used + count]
+        used += count
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_kv_heads, num_blocks * block_size, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    lens = np.asarray(sorted(context_lens, reverse=True), dtype=np.int64)
+    return q, k_cache, v_cache, tables, lens
+
+
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 1, 32), (1, 8, 128), (4, 4, 16)])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_kernel_equals_torch_backend_float32(kernel, num_kv_heads, group, head_dim, block_size, num_threads):
+    contexts = [1, 2, 17, 300, 64, 5, 129, 33]
+    q, k_cache, v_cache, tables, lens = paged_case(contexts, num_kv_heads, group, head_dim, block_size, torch.float32)
+    reference, fast = TorchPagedAttention(), KernelPagedAttention(kernel, num_threads)
+    scale = head_dim**-0.5
+    expected = reference.decode(q, k_cache, v_cache, reference.prepare_decodes(tables, lens, block_size, CPU), scale)
+    got = fast.decode(q, k_cache, v_cache, fast.prepare_decodes(tables, lens, block_size, CPU), scale)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_bfloat16_is_within_rounding_of_float32(kernel):
+    q, k_cache, v_cache, tables, lens = paged_case([700, 450, 3, 90], 3, 3, 64, 16, torch.bfloat16)
+    fast = KernelPagedAttention(kernel, 2)
+    tables_bf16 = fast.prepare_decodes(tables, lens, 16, CPU)
+    got = fast.decode(q, k_cache, v_cache, tables_bf16, 0.125)
+    exact = fast.decode(q.float(), k_cache.float(), v_cache.float(), tables_bf16, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, atol=1e-2, rtol=1e-2)
