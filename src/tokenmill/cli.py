@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from tokenmill.config import ConfigError
+from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
 from tokenmill.serving.settings import ModelSpec, ServerSettings
 
 DEFAULT_CHAT_MODEL = "smollm2"
@@ -86,6 +88,32 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="larger request bodies get 413 (default: 8M)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    platform = parser.add_argument_group("accounts, billing and rate limits")
+    platform.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="the SQLite database and the admin key file (default: $TOKENMILL_DATA_DIR or ~/.tokenmill)",
+    )
+    platform.add_argument(
+        "--database-url",
+        default=default_database_url(),
+        help="e.g. postgresql://user@host/db (default: $TOKENMILL_DATABASE_URL or SQLite in --data-dir)",
+    )
+    platform.add_argument(
+        "--redis-url",
+        default=default_redis_url(),
+        help="share rate limits between gateways through Redis (default: $TOKENMILL_REDIS_URL or in-process)",
+    )
+    platform.add_argument(
+        "--gateway-id",
+        help="this gateway's name on its reservations; keep it stable across restarts (default: HOST:PORT)",
+    )
+    platform.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="private single-user deployment: no API keys, no billing, no rate limits",
+    )
     engine = parser.add_argument_group("engine (each chat model)")
     engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     engine.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
@@ -98,12 +126,22 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tokenmill.platform.gateway import PlatformSettings
     from tokenmill.serving.server import serve  # fastapi/uvicorn/torch: not needed for --help
 
-    settings = ServerSettings(host=args.host, port=args.port, max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(
+        host=args.host, port=args.port, max_body_bytes=args.max_body_bytes, no_auth=args.no_auth
+    )
+    platform = PlatformSettings(
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        gateway_id=args.gateway_id or f"{socket.gethostname()}:{args.port}",
+    )
     engine_kwargs = {flag: getattr(args, flag) for flag in ENGINE_FLAGS if getattr(args, flag) is not None}
     serve(
         settings,
+        platform,
         _specs(args.model, DEFAULT_CHAT_MODEL),
         _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
         engine_kwargs,
@@ -121,8 +159,17 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     offline_parser.set_defaults(run=offline.run)
 
 
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    from tokenmill.platform import admin_cli
+
+    admin_cli.add_arguments(parser)
+
+
 COMMANDS: list[Command] = [
     Command("serve", "run the OpenAI-compatible API server", _serve_arguments, _serve),
+    Command(
+        "admin", "manage organizations, users, keys, prices and balances", _admin_arguments, lambda args: 2
+    ),
     Command("bench", "measure throughput and latency", _bench_arguments, lambda args: 2),
 ]
 

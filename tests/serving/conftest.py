@@ -1,5 +1,7 @@
 """Serving fixtures: a FakeEngine (over the real SmolLM2 tokenizer, `smollm2_tokenizer` in tests/conftest.py)
-behind TestClient, the real MiniLM embedder, and a live uvicorn server in a thread (real disconnects)."""
+behind TestClient, the real MiniLM embedder, and a live uvicorn server in a thread (real disconnects). The
+plain `app`/`client` run with --no-auth (the OpenAI surface); `gateway`/`billed_client` put a real platform
+(SQLite file) in front of the same FakeEngine."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import importlib.util
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from tests.serving.fake_engine import FakeEngine
 from tokenmill.engine.embedder import Embedder
+from tokenmill.platform.gateway import Gateway, PlatformSettings
 from tokenmill.serving.app import create_app
 from tokenmill.serving.settings import ServerSettings
 
@@ -27,7 +32,7 @@ def fake_engine(smollm2_tokenizer: Any) -> FakeEngine:
 
 @pytest.fixture
 def settings() -> ServerSettings:
-    return ServerSettings(max_body_bytes=64 * 1024)
+    return ServerSettings(max_body_bytes=64 * 1024, no_auth=True)
 
 
 @pytest.fixture
@@ -81,7 +86,7 @@ class LiveServer:
 
 @pytest.fixture
 def live_fake(fake_engine: FakeEngine, minilm: Embedder) -> Iterator[tuple[str, FakeEngine]]:
-    app = create_app({"fake-chat": fake_engine}, {"all-MiniLM-L6-v2": minilm}, ServerSettings())
+    app = create_app({"fake-chat": fake_engine}, {"all-MiniLM-L6-v2": minilm}, ServerSettings(no_auth=True))
     with LiveServer(app) as live:
         import httpx
 
@@ -90,3 +95,22 @@ def live_fake(fake_engine: FakeEngine, minilm: Embedder) -> Iterator[tuple[str, 
             assert time.monotonic() < deadline
             time.sleep(0.05)
         yield live.url, fake_engine
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A migrated SQLite platform in a temporary data dir, started as `tokenmill serve` starts it."""
+    opened = Gateway.open(PlatformSettings(data_dir=tmp_path / "data", gateway_id="test-gateway"))
+    opened.start()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def billed_client(fake_engine: FakeEngine, settings: ServerSettings, gateway: Gateway) -> Iterator[TestClient]:
+    """The FakeEngine as model "fake-chat", registered free at startup like any served model."""
+    gateway.register_models(["fake-chat"])
+    app = create_app({"fake-chat": fake_engine}, {}, replace(settings, no_auth=False), gateway)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        wait_ready(test_client)
+        yield test_client

@@ -1,5 +1,6 @@
-"""A real `tokenmill serve` in a subprocess on a free port: started, waited for (/ready), stopped. Its log goes
-to a file whose tail is shown when it fails to come up."""
+"""A real `tokenmill serve` in a subprocess on a free port: started, waited for (/ready), stopped or killed,
+and restartable on the same port and data directory. Its log goes to a file whose tail is shown when it
+fails to come up."""
 
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, data_dir: Path | None = None) -> None:
+        """`data_dir` (default: next to the log) keeps the server's database and admin key out of the
+        user's ~/.tokenmill."""
         self.args = args
         self.log_path = log_path
+        self.data_dir = data_dir or log_path.parent / "data"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        command = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port), *self.args]
-        with self.log_path.open("wb") as log:
+        command = [
+            sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), *self.args,
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:  # appended: a restarted server keeps the earlier log
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -61,6 +68,12 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a machine loses power."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
 
     def log_tail(self, num_lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tokenmill import cli
+from tokenmill.platform.gateway import PlatformSettings
 from tokenmill.serving.settings import ModelSpec, ServerSettings
 
 
@@ -17,11 +19,17 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     recorded: list[dict[str, Any]] = []
 
     def fake_serve(
-        settings: ServerSettings, models: list, embedding_models: list, engine_kwargs: dict, log_level: str
+        settings: ServerSettings,
+        platform: PlatformSettings,
+        models: list,
+        embedding_models: list,
+        engine_kwargs: dict,
+        log_level: str,
     ) -> None:
         recorded.append(
             dict(
                 settings=settings,
+                platform=platform,
                 models=models,
                 embedding_models=embedding_models,
                 engine_kwargs=engine_kwargs,
@@ -35,13 +43,22 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return recorded
 
 
-def test_defaults_serve_the_builtin_models(calls: list[dict[str, Any]]) -> None:
+def test_defaults_serve_the_builtin_models(
+    calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("TOKENMILL_DATABASE_URL", raising=False)
+    monkeypatch.delenv("TOKENMILL_REDIS_URL", raising=False)
+    monkeypatch.setenv("TOKENMILL_DATA_DIR", str(tmp_path))
     assert cli.main(["serve"]) == 0
     (call,) = calls
     assert call["models"] == [ModelSpec("smollm2")]
     assert call["embedding_models"] == [ModelSpec("all-MiniLM-L6-v2")]
     assert call["settings"] == ServerSettings(host="127.0.0.1", port=8000)
+    assert not call["settings"].no_auth  # keys are required unless the operator says otherwise
     assert call["engine_kwargs"] == {}
+    platform = call["platform"]
+    assert platform.data_dir == tmp_path and platform.resolved_database_url.endswith("/tokenmill.db")
+    assert platform.redis_url is None and platform.gateway_id.endswith(":8000")
 
 
 def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
@@ -73,12 +90,27 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "1024",
         "--log-level",
         "debug",
+        "--data-dir",
+        "/srv/tm",
+        "--database-url",
+        "postgresql://tm@db/tm",
+        "--redis-url",
+        "redis://cache:6379/0",
+        "--gateway-id",
+        "gw-1",
+        "--no-auth",
     ]
     assert cli.main(argv) == 0
     (call,) = calls
+    assert call["platform"] == PlatformSettings(
+        data_dir=Path("/srv/tm"),
+        database_url="postgresql://tm@db/tm",
+        redis_url="redis://cache:6379/0",
+        gateway_id="gw-1",
+    )
     assert call["models"] == [ModelSpec("/models/qwen", "chat"), ModelSpec("/models/llama-3")]
     assert call["embedding_models"] == []
-    assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2)
+    assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2, no_auth=True)
     assert call["engine_kwargs"] == {
         "dtype": "bfloat16",
         "max_model_len": 4096,
@@ -124,6 +156,8 @@ def test_missing_model_is_a_message_not_a_trace(tmp_path: Any) -> None:
             str(tmp_path / "nope"),
             "--embedding-model",
             "none",
+            "--data-dir",
+            str(tmp_path / "data"),
         ],
         capture_output=True,
         text=True,
@@ -145,3 +179,20 @@ def test_subcommand_table_is_extensible() -> None:
     finally:
         cli.COMMANDS.remove(extra)
     assert seen == ["mill"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--database-url", "postgresql://nobody@127.0.0.1:1/db", "database_url: cannot open"),
+        ("--database-url", "mysql://db/x", "database_url: unsupported backend"),
+        ("--redis-url", "redis://127.0.0.1:1/0", "redis_url: cannot reach"),
+    ],
+)
+def test_unreachable_stores_stop_serve_with_a_message(
+    flag: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before any model loads: a wrong URL is found at startup, not at the first request."""
+    argv = ["serve", "--model", "none", "--embedding-model", "none", "--data-dir", str(tmp_path), flag, value]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -39,6 +39,7 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "64M",
         "--max-num-seqs",
         "64",
+        "--no-auth",  # the OpenAI surface; keys and billing over a real server are in tests/e2e
     ]
     process = ServerProcess(args, tmp_path_factory.mktemp("serve") / "serve.log").start(timeout_s=180)
     yield process

@@ -24,7 +24,7 @@ MODEL = "all-MiniLM-L6-v2"
 
 @pytest.fixture
 def embed_client(fake_engine: FakeEngine, minilm: Embedder) -> Iterator[TestClient]:
-    app = create_app({"fake-chat": fake_engine}, {MODEL: minilm}, ServerSettings())
+    app = create_app({"fake-chat": fake_engine}, {MODEL: minilm}, ServerSettings(no_auth=True))
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client, timeout_s=60)
         yield client

@@ -179,7 +179,7 @@ def test_model_without_chat_template(fake_engine: FakeEngine) -> None:
     tokenizer = copy.deepcopy(fake_engine.tokenizer)
     tokenizer.chat_template = None
     engine = FakeEngine(tokenizer, model_id="base")
-    with TestClient(create_app({"base": engine}, {}, ServerSettings())) as client:
+    with TestClient(create_app({"base": engine}, {}, ServerSettings(no_auth=True))) as client:
         from tests.serving.conftest import wait_ready
 
         wait_ready(client)

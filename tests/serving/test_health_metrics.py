@@ -17,7 +17,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 def test_ready_is_503_until_the_engines_have_started(fake_engine: FakeEngine) -> None:
     fake_engine.start_gate = threading.Event()
-    with TestClient(create_app({"fake-chat": fake_engine}, {}, ServerSettings())) as client:
+    with TestClient(create_app({"fake-chat": fake_engine}, {}, ServerSettings(no_auth=True))) as client:
         assert client.get("/health").json() == {"status": "ok"}
         loading = client.get("/ready")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
@@ -34,7 +34,7 @@ def test_failed_start_is_reported_by_ready(fake_engine: FakeEngine) -> None:
         raise OSError("weights missing")
 
     fake_engine.start = broken_start  # type: ignore[method-assign]
-    with TestClient(create_app({"fake-chat": fake_engine}, {}, ServerSettings())) as client:
+    with TestClient(create_app({"fake-chat": fake_engine}, {}, ServerSettings(no_auth=True))) as client:
         deadline = time.monotonic() + 5
         while client.get("/ready").json()["status"] == "loading":
             assert time.monotonic() < deadline
@@ -81,8 +81,8 @@ def test_metrics(client: TestClient, fake_engine: FakeEngine) -> None:
 
 
 def test_two_apps_do_not_share_metrics(fake_engine: FakeEngine) -> None:
-    other = create_app({"fake-chat": fake_engine}, {}, ServerSettings())
-    first = create_app({"fake-chat": fake_engine}, {}, ServerSettings())
+    other = create_app({"fake-chat": fake_engine}, {}, ServerSettings(no_auth=True))
+    first = create_app({"fake-chat": fake_engine}, {}, ServerSettings(no_auth=True))
     with TestClient(first) as client:
         wait_ready(client)
         client.get("/health")

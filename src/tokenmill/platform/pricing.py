@@ -6,9 +6,11 @@ than one micro per request."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidAmount, InvalidArgument, ModelNotPriced
@@ -50,10 +52,14 @@ def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int
     return -(-exact_numerator // TOKENS_PER_PRICE)
 
 
-def set_model_price(db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int) -> Price:
-    """Create or replace a model's price. Requests already admitted keep the price they were quoted."""
+def _check_model(model: object) -> None:
     if not isinstance(model, str) or not model.strip() or len(model) > 200:
         raise InvalidArgument("model: must be a non-empty model id of at most 200 characters")
+
+
+def set_model_price(db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int) -> Price:
+    """Create or replace a model's price. Requests already admitted keep the price they were quoted."""
+    _check_model(model)
     price = Price(input_micros_per_mtok, output_micros_per_mtok)
     with db.write() as session:
         row = session.get(ModelPrice, model)
@@ -80,3 +86,23 @@ def list_model_prices(db: Database) -> dict[str, Price]:
     with db.read() as session:
         rows = session.scalars(select(ModelPrice).order_by(ModelPrice.model)).all()
     return {r.model: Price(r.input_micros_per_mtok, r.output_micros_per_mtok) for r in rows}
+
+
+def register_free_models(db: Database, models: Iterable[str]) -> list[str]:
+    """Gateway startup: each served model that has no price yet becomes free (0/0), so a fresh `tokenmill
+    serve` answers at once and those models fall under the stricter free-model rate limits. A price the
+    admin set is never touched. Returns the models registered by this call."""
+    wanted = sorted(set(models))
+    for model in wanted:
+        _check_model(model)
+    for _ in range(3):
+        try:
+            with db.write() as session:
+                priced = set(session.scalars(select(ModelPrice.model).where(ModelPrice.model.in_(wanted))))
+                missing = [m for m in wanted if m not in priced]
+                session.add_all(ModelPrice(model=m, input_micros_per_mtok=0, output_micros_per_mtok=0,
+                                           updated_at=db.now()) for m in missing)
+            return missing
+        except IntegrityError:
+            continue  # another gateway registered one of them between our read and our insert: read again
+    raise RuntimeError("register_free_models: kept losing insert races on model_prices")

@@ -1,5 +1,5 @@
-"""`create_app`: wires engines, embedders and settings into one FastAPI app. No globals: two apps in one
-process (as in tests) share nothing."""
+"""`create_app`: wires engines, embedders, settings and the platform gateway into one FastAPI app. No globals:
+two apps in one process (as in tests) share nothing."""
 
 from __future__ import annotations
 
@@ -7,24 +7,41 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.embedder import Embedder
+from tokenmill.platform.gateway import Gateway
+from tokenmill.serving.deps import get_principal
 from tokenmill.serving.errors import install_error_handlers
 from tokenmill.serving.middleware import RequestContext
-from tokenmill.serving.routes import chat, completions, embeddings, health, models
+from tokenmill.serving.routes import account, chat, completions, embeddings, health, keys, models
 from tokenmill.serving.settings import ServerSettings
 from tokenmill.serving.state import ServingState
 
+V1_ROUTES = (chat, completions, embeddings, models, account, keys)
+"""Every /v1 route authenticates (router-level dependency), so a new route cannot forget to."""
+
 
 def create_app(
-    engines: dict[str, EngineClient], embedders: dict[str, Embedder], settings: ServerSettings
+    engines: dict[str, EngineClient],
+    embedders: dict[str, Embedder],
+    settings: ServerSettings,
+    gateway: Gateway | None = None,
 ) -> FastAPI:
     """`engines` and `embedders` are keyed by the model id clients send; the app starts them in the
     background when it starts (so /health answers at once and /ready says 503 until they are loaded) and
-    shuts them down when it stops."""
-    state = ServingState(dict(engines), dict(embedders), settings)
+    shuts them down when it stops. `gateway` (accounts, billing, rate limits) is required unless
+    `settings.no_auth`; its owner opens and closes it, the app only uses it."""
+    if gateway is None and not settings.no_auth:
+        raise ConfigError(
+            "gateway: authentication is on, so the app needs a platform Gateway "
+            "(or ServerSettings(no_auth=True) for a private single-user deployment)"
+        )
+    if gateway is not None and settings.no_auth:
+        raise ConfigError("gateway: no_auth serves without a platform; pass no gateway")
+    state = ServingState(dict(engines), dict(embedders), settings, gateway)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +56,8 @@ def create_app(
     app = FastAPI(title="tokenmill", summary="OpenAI-compatible API", lifespan=lifespan)
     app.state.tokenmill = state
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, models, health):
-        app.include_router(module.router)
+    for module in V1_ROUTES:
+        app.include_router(module.router, dependencies=[Depends(get_principal)])
+    app.include_router(health.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
     return app

@@ -74,6 +74,10 @@ class DeltaTracker:
     def num_completion_tokens(self) -> int:
         return sum(self._num_tokens.values())
 
+    def token_counts(self) -> tuple[int, int]:
+        """(prompt, completion) tokens as the engine reported them so far: what a request is billed."""
+        return self.num_prompt_tokens, self.num_completion_tokens
+
     def usage(self) -> Usage:
         return Usage(
             prompt_tokens=self.num_prompt_tokens,

@@ -1,5 +1,5 @@
-"""Typed dependency aliases: routes declare what they need (`state: StateDep`) instead of reaching into
-`request.app`."""
+"""Typed dependency aliases: routes declare what they need (`state: StateDep`, `principal: PrincipalDep`)
+instead of reaching into `request.app`. Authentication lives here, once, for every /v1 route."""
 
 from __future__ import annotations
 
@@ -7,7 +7,27 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.errors import MalformedKey
+from tokenmill.platform.gateway import Gateway
+from tokenmill.serving.errors import APIError
 from tokenmill.serving.state import ServingState
+
+LOCAL_PRINCIPAL = KeyPrincipal(
+    key_id="local",
+    key_prefix="local",
+    org_id="local",
+    user_id="local",
+    tier="unlimited",
+    allowed_models=None,
+    spend_limit_micros=None,
+    requests_per_minute=None,
+    tokens_per_minute=None,
+    max_concurrent_requests=None,
+    expires_at=None,
+)
+"""Who every request is under --no-auth: one local user of one local organization, allowed every model,
+never rate-limited or billed. It exists in no database (there is none in that mode)."""
 
 
 def get_state(request: Request) -> ServingState:
@@ -18,5 +38,38 @@ def get_request_id(request: Request) -> str:
     return request.state.request_id
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """`Authorization: Bearer sk-...` -> the key; any other scheme is malformed, no header is missing."""
+    if authorization is None:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise MalformedKey("the Authorization header is not of the form 'Bearer <key>'")
+    return key.strip()
+
+
+def get_principal(request: Request) -> KeyPrincipal:
+    """Synchronous on purpose: FastAPI runs it in its thread pool, so the key lookup never blocks the loop.
+    Raises the platform's AuthenticationError family, which errors.py turns into one identical 401."""
+    state = get_state(request)
+    if state.gateway is None:
+        return LOCAL_PRINCIPAL
+    return state.gateway.authenticate(bearer_key(request.headers.get("authorization")))
+
+
+def get_gateway(request: Request) -> Gateway:
+    """For the account routes (keys, usage), which have nothing to show without a database."""
+    gateway = get_state(request).gateway
+    if gateway is None:
+        raise APIError(
+            400,
+            "Accounts, keys and usage are not available: this server runs with --no-auth.",
+            code="auth_disabled",
+        )
+    return gateway
+
+
 StateDep = Annotated[ServingState, Depends(get_state)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+PrincipalDep = Annotated[KeyPrincipal, Depends(get_principal)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

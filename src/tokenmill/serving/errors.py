@@ -13,6 +13,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.sampling_params import InvalidRequestError
+from tokenmill.platform.errors import (
+    AuthenticationError,
+    Conflict,
+    InsufficientQuota,
+    ModelNotAllowed,
+    NotFound,
+    PermissionDenied,
+    PlatformError,
+    RateLimited,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +37,9 @@ _ERROR_TYPES = {
 }
 # pydantic puts the name of the union member that failed into `loc` ("str", "list[int]"): not a field name.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
+# Platform messages start with the field they are about: "amount_micros: must be positive".
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*): ")
+_PARAMETER_SOURCES = frozenset({"body", "query", "path", "header"})
 
 
 class APIError(Exception):
@@ -51,13 +64,49 @@ def model_not_found(model: str) -> APIError:
 
 
 def error_response(
-    status_code: int, message: str, param: str | None = None, code: str | None = None
+    status_code: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    *,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    error_type = _ERROR_TYPES.get(
-        status_code, "server_error" if status_code >= 500 else "invalid_request_error"
-    )
+    if error_type is None:
+        error_type = _ERROR_TYPES.get(
+            status_code, "server_error" if status_code >= 500 else "invalid_request_error"
+        )
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status_code)
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def platform_error_response(exc: PlatformError) -> JSONResponse:
+    """Each platform error family -> the status and code OpenAI uses for it. Every authentication failure
+    gets the same body, so a response never tells whether a key exists, was revoked or expired."""
+    if isinstance(exc, AuthenticationError):
+        return error_response(
+            401, exc.public_message, code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+        )
+    if isinstance(exc, RateLimited):
+        return error_response(429, str(exc), code="rate_limit_exceeded", headers=exc.decision.headers())
+    if isinstance(exc, InsufficientQuota):
+        # No Retry-After: waiting does not help, a top-up does.
+        return error_response(429, str(exc), code="insufficient_quota", error_type="insufficient_quota")
+    field_match = _FIELD_PREFIX.match(str(exc))
+    param = field_match.group(1) if field_match else None
+    message = str(exc)[field_match.end() :] if field_match else str(exc)
+    message = message[:1].upper() + message[1:]
+    if isinstance(exc, ModelNotAllowed):
+        return error_response(
+            403, f"This API key may not use the model `{exc.model}`.", "model", "model_not_allowed"
+        )
+    if isinstance(exc, PermissionDenied):
+        return error_response(403, message, param, "permission_denied")
+    if isinstance(exc, NotFound):
+        return error_response(404, message, param, "not_found")
+    if isinstance(exc, Conflict):
+        return error_response(409, message, param, "conflict")
+    return error_response(400, message, param)
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:
@@ -95,7 +144,7 @@ def request_too_large_response(limit_bytes: int) -> JSONResponse:
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     parts = [p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
-    if parts and parts[0] == "body":
+    if parts and parts[0] in _PARAMETER_SOURCES:
         parts = parts[1:]
     text = ""
     for part in parts:
@@ -127,6 +176,13 @@ async def _invalid_request(_: Request, exc: Exception) -> Response:
     return error_response(400, exc.message, exc.param, exc.code)
 
 
+async def _platform_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PlatformError)
+    if isinstance(exc, AuthenticationError):  # which failure it was stays in the log, never in the response
+        logger.info("request %s: 401 (%s)", getattr(request.state, "request_id", "?"), type(exc).__name__)
+    return platform_error_response(exc)
+
+
 async def _request_validation(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return _validation_response(exc)
@@ -151,6 +207,7 @@ def install_error_handlers(app: FastAPI) -> None:
     become still carries the request id header."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(InvalidRequestError, _invalid_request)
+    app.add_exception_handler(PlatformError, _platform_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)

@@ -16,6 +16,9 @@ class ServerSettings:
     """Requests with a larger body get 413 before any of it is parsed (protects memory and the tokenizer)."""
     shutdown_timeout_s: int = 5
     """How long open streams may keep the process alive after a stop signal."""
+    no_auth: bool = False
+    """A private single-user deployment: no keys, no billing, no rate limits, no database; every request
+    acts as the built-in `local` principal (see `deps.LOCAL_PRINCIPAL`). Off unless asked for."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -1,5 +1,6 @@
-"""What the routes of one app share: its engines and embedders, settings, metrics and readiness, plus the
-background tasks that must outlive a request (aborting an engine request after its client left)."""
+"""What the routes of one app share: its engines and embedders, settings, the platform gateway (None with
+--no-auth), metrics and readiness, plus the background tasks that must outlive a request (aborting an engine
+request or settling its bill after its client left)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from tokenmill.engine.client import EngineClient, EngineStats
 from tokenmill.engine.embedder import Embedder
+from tokenmill.platform.auth import KeyPrincipal, authorize_model
+from tokenmill.platform.gateway import Gateway
 from tokenmill.serving.errors import APIError, model_not_found
 from tokenmill.serving.logprobs import TokenTexts
 from tokenmill.serving.metrics import ServingMetrics
@@ -25,6 +28,7 @@ class ServingState:
     engines: dict[str, EngineClient]
     embedders: dict[str, Embedder]
     settings: ServerSettings
+    gateway: Gateway | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
     """True once every engine and embedder has started; /ready and the model routes answer 503 before."""
@@ -42,7 +46,9 @@ class ServingState:
 
     # -- lookups for routes ------------------------------------------------------------------------
 
-    def engine(self, model: str) -> EngineClient:
+    def engine(self, model: str, principal: KeyPrincipal) -> EngineClient:
+        """403 before 404: a key limited to some models learns nothing about the others."""
+        authorize_model(principal, model)
         if model not in self.engines:
             if model in self.embedders:
                 raise APIError(
@@ -55,7 +61,8 @@ class ServingState:
         self._require_ready(model)
         return self.engines[model]
 
-    def embedder(self, model: str) -> Embedder:
+    def embedder(self, model: str, principal: KeyPrincipal) -> Embedder:
+        authorize_model(principal, model)
         if model not in self.embedders:
             if model in self.engines:
                 raise APIError(

@@ -46,8 +46,15 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncGenerator[str, None], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    def __init__(
+        self,
+        content: AsyncGenerator[str, None],
+        on_close: Callable[[], None],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            content, headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})}
+        )
         self._content = content
         self._on_close = on_close
 

@@ -13,10 +13,11 @@ from fastapi.responses import Response
 from tokenmill.engine.request import TokenLogprob
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serving.deltas import ChoiceDelta, DeltaTracker
-from tokenmill.serving.deps import RequestIdDep, StateDep
+from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, merged, start_requests
 from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
+from tokenmill.serving.metering import admit
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.prompts import render_chat
 from tokenmill.serving.protocol import (
@@ -116,9 +117,13 @@ async def _events(
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
+    body: ChatCompletionRequest,
+    request: Request,
+    state: StateDep,
+    principal: PrincipalDep,
+    request_id: RequestIdDep,
 ) -> Response:
-    engine = state.engine(body.model)
+    engine = state.engine(body.model, principal)
     _check_supported(body)
     prompt_ids = render_chat(engine.tokenizer, body.messages, body.model)
     params = sampling_params(
@@ -135,13 +140,33 @@ async def create_chat_completion(
     logger.debug(
         "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
     )
-    await start_requests(request.receive, requests)
+    meter = await admit(
+        state.gateway,
+        state.spawn,
+        principal,
+        body.model,
+        len(prompt_ids),
+        params.n * params.max_tokens,
+        request_id,
+    )
+    async with meter.submitting():
+        await start_requests(request.receive, requests)
     if body.stream:
+
+        def on_close() -> None:
+            close_all(requests)
+            meter.close(tracker.token_counts)
+
         return SSEResponse(
-            sse_stream(_events(response, requests, body.n, tracker, timer), request_id),
-            on_close=lambda: close_all(requests),
+            sse_stream(
+                meter.stream(_events(response, requests, body.n, tracker, timer), tracker.token_counts),
+                request_id,
+            ),
+            on_close=on_close,
+            headers=meter.headers,
         )
-    (final,) = await collect_outputs(request.receive, requests, tracker, timer)
+    async with meter.running(tracker.token_counts):
+        (final,) = await collect_outputs(request.receive, requests, tracker, timer)
     choices = [
         ChatChoice(
             index=sample.index,
@@ -154,5 +179,6 @@ async def create_chat_completion(
     return json_response(
         ChatCompletion(
             id=response.id, created=response.created, model=body.model, choices=choices, usage=tracker.usage()
-        )
+        ),
+        headers=meter.headers,
     )

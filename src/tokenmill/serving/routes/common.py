@@ -11,8 +11,8 @@ from tokenmill.serving.errors import APIError
 from tokenmill.serving.protocol import GenerationRequest
 
 
-def json_response(body: BaseModel) -> Response:
-    return Response(content=body.model_dump_json(), media_type="application/json")
+def json_response(body: BaseModel, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def response_id(prefix: str) -> str:

@@ -12,10 +12,11 @@ from fastapi.responses import Response
 
 from tokenmill.engine.request import TokenLogprob
 from tokenmill.serving.deltas import DeltaTracker
-from tokenmill.serving.deps import RequestIdDep, StateDep
+from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, merged, start_requests
 from tokenmill.serving.logprobs import TokenTexts, completion_logprobs
+from tokenmill.serving.metering import admit
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.prompts import encode_prompt, prompt_list
 from tokenmill.serving.protocol import (
@@ -100,9 +101,13 @@ async def _events(
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
+    body: CompletionRequest,
+    request: Request,
+    state: StateDep,
+    principal: PrincipalDep,
+    request_id: RequestIdDep,
 ) -> Response:
-    engine = state.engine(body.model)
+    engine = state.engine(body.model, principal)
     _check_supported(body)
     prompts = prompt_list(body.prompt, "prompt")
     prompt_ids = [encode_prompt(engine.tokenizer, prompt) for prompt in prompts]
@@ -131,13 +136,33 @@ async def create_completion(
     logger.debug(
         "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
     )
-    await start_requests(request.receive, requests)
+    meter = await admit(
+        state.gateway,
+        state.spawn,
+        principal,
+        body.model,
+        sum(len(ids) for ids in prompt_ids),
+        sum(p.n * p.max_tokens for p in params),
+        request_id,
+    )
+    async with meter.submitting():
+        await start_requests(request.receive, requests)
     if body.stream:
+
+        def on_close() -> None:
+            close_all(requests)
+            meter.close(tracker.token_counts)
+
         return SSEResponse(
-            sse_stream(_events(response, requests, body.n, tracker, timer), request_id),
-            on_close=lambda: close_all(requests),
+            sse_stream(
+                meter.stream(_events(response, requests, body.n, tracker, timer), tracker.token_counts),
+                request_id,
+            ),
+            on_close=on_close,
+            headers=meter.headers,
         )
-    finals = await collect_outputs(request.receive, requests, tracker, timer)
+    async with meter.running(tracker.token_counts):
+        finals = await collect_outputs(request.receive, requests, tracker, timer)
     choices = [
         CompletionChoice(
             index=prompt_index * body.n + sample.index,
@@ -151,5 +176,6 @@ async def create_completion(
     return json_response(
         Completion(
             id=response.id, created=response.created, model=body.model, choices=choices, usage=tracker.usage()
-        )
+        ),
+        headers=meter.headers,
     )

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from tokenmill.engine.sampling_params import InvalidRequestError
-from tokenmill.serving.deps import StateDep
+from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import until_disconnected
+from tokenmill.serving.metering import admit
 from tokenmill.serving.prompts import prompt_list
 from tokenmill.serving.protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from tokenmill.serving.routes.common import json_response
@@ -19,6 +20,8 @@ from tokenmill.serving.routes.common import json_response
 router = APIRouter()
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
+MAX_SPECIAL_TOKENS = 4
+"""Added to each text input's byte count for the worst case: [CLS]/[SEP] and the like."""
 
 
 def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -28,6 +31,18 @@ def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | li
     return inputs
 
 
+def worst_case_tokens(inputs: list[str | list[int]], max_input_tokens: int) -> int:
+    """An upper bound on the input tokens, known before the embedder tokenizes (admission comes first):
+    exact for token ids; for text at most one token per UTF-8 byte plus the special tokens, and never more
+    than the model accepts (longer inputs are refused, not charged). Settlement charges the real count."""
+    return sum(
+        min(max_input_tokens, len(item.encode("utf-8")) + MAX_SPECIAL_TOKENS)
+        if isinstance(item, str)
+        else len(item)
+        for item in inputs
+    )
+
+
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":  # OpenAI's format: little-endian float32, base64
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
@@ -35,8 +50,14 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
 
 
 @router.post("/v1/embeddings", response_model=None)
-async def create_embeddings(body: EmbeddingRequest, request: Request, state: StateDep) -> Response:
-    embedder = state.embedder(body.model)
+async def create_embeddings(
+    body: EmbeddingRequest,
+    request: Request,
+    state: StateDep,
+    principal: PrincipalDep,
+    request_id: RequestIdDep,
+) -> Response:
+    embedder = state.embedder(body.model, principal)
     if body.dimensions is not None and body.dimensions != embedder.dimensions:
         raise APIError(
             400,
@@ -44,7 +65,19 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Sta
             "and cannot shorten them.",
             param="dimensions",
         )
-    vectors, num_tokens = await until_disconnected(request.receive, embedder.embed(_inputs(body.input)))
+    inputs = _inputs(body.input)
+    meter = await admit(
+        state.gateway,
+        state.spawn,
+        principal,
+        body.model,
+        worst_case_tokens(inputs, embedder.max_input_tokens),
+        0,
+        request_id,
+    )
+    num_tokens = 0
+    async with meter.running(lambda: (num_tokens, 0)):
+        vectors, num_tokens = await until_disconnected(request.receive, embedder.embed(inputs))
     state.metrics.prompt_tokens.labels(body.model).inc(num_tokens)
     data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return json_response(
@@ -52,5 +85,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Sta
             data=data,
             model=body.model,
             usage=EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens),
-        )
+        ),
+        headers=meter.headers,
     )

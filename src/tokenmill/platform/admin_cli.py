@@ -1,0 +1,126 @@
+"""`tokenmill admin <action>`: the operator's commands, run directly on the database `tokenmill serve` uses
+(same --data-dir / --database-url; the server may be running). This file is the parser: each action's flags
+and the `admin_actions` function it calls. Refusals are the platform's typed errors, shown by `cli.main` as
+one line, with nothing written. Amounts are typed in currency units ("10", "0.5") and stored as exact micros."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+from tokenmill.config import default_data_dir, default_database_url
+from tokenmill.platform import admin_actions as do
+from tokenmill.platform.db import Database
+from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
+
+Action = Callable[[Database, argparse.Namespace], None]
+
+
+def _database(args: argparse.Namespace) -> Database:
+    """Migrated first, so the admin CLI works before the first `serve` too."""
+    return open_migrated_database(PlatformSettings(data_dir=args.data_dir, database_url=args.database_url))
+
+
+def _runner(action: Action) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        db = _database(args)
+        try:
+            action(db, args)
+        finally:
+            db.close()
+        return 0
+
+    return run
+
+
+# -- parser --------------------------------------------------------------------------------------------
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date such as 2025-03-01") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="as for serve (default: $TOKENMILL_DATA_DIR or ~/.tokenmill)",
+    )
+    common.add_argument(
+        "--database-url",
+        default=default_database_url(),
+        help="as for serve (default: $TOKENMILL_DATABASE_URL or the SQLite file in --data-dir)",
+    )
+    actions = parser.add_subparsers(dest="admin_action", required=True, metavar="action")
+
+    def action(name: str, help: str, run: Action) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help, parents=[common])
+        sub.set_defaults(run=_runner(run))
+        return sub
+
+    sub = action("create-org", "create an organization (it pays for its users' requests)", do.create_org)
+    sub.add_argument("name")
+    sub.add_argument("--tier", default="default", help="rate-limit tier: default, pro, unlimited")
+    sub = action("create-user", "create a user in an organization", do.create_user)
+    sub.add_argument("org", help="organization id or name")
+    sub.add_argument("email")
+    sub.add_argument("--name")
+    sub = action("create-key", "create an API key for a user; the key is printed once", do.create_key)
+    sub.add_argument("user", help="user id or email")
+    sub.add_argument("--name", default="")
+    sub.add_argument("--model", action="append", help="allow only this model (repeatable; default: all)")
+    sub.add_argument(
+        "--spend-limit", metavar="AMOUNT", help="most this key may ever spend, in currency units"
+    )
+    sub.add_argument("--expires-in-days", type=_positive)
+    sub.add_argument("--rpm", type=_positive, help="requests per minute (default: the tier's)")
+    sub.add_argument("--tpm", type=_positive, help="tokens per minute (default: the tier's)")
+    sub.add_argument("--max-concurrent", type=_positive, help="concurrent requests (default: the tier's)")
+    sub = action("revoke-key", "revoke an API key; its next request gets 401", do.revoke_key)
+    sub.add_argument("key_id")
+    sub = action("top-up", "add money to an organization's balance", do.top_up)
+    sub.add_argument("org", help="organization id or name")
+    sub.add_argument("amount", help="currency units, e.g. 10 or 2.50")
+    sub.add_argument(
+        "--idempotency-key",
+        required=True,
+        help="a unique name for this payment: repeating the command with it writes nothing",
+    )
+    sub.add_argument("--note", default="")
+    sub = action("set-price", "set a model's price per 1M tokens (0 0 = free)", do.set_price)
+    sub.add_argument("model")
+    sub.add_argument("input", help="currency units per 1M prompt tokens")
+    sub.add_argument("output", help="currency units per 1M completion tokens")
+    sub = action("set-tier", "change an organization's rate-limit tier", do.set_tier)
+    sub.add_argument("org")
+    sub.add_argument("tier")
+    sub = action("usage", "usage per UTC day, organization and model", do.usage)
+    sub.add_argument("--org", help="one organization (default: all)")
+    sub.add_argument("--start-date", type=_day, help="YYYY-MM-DD (default: 29 days before the end date)")
+    sub.add_argument("--end-date", type=_day, help="YYYY-MM-DD, inclusive (default: today, UTC)")
+    sub.add_argument("--csv", action="store_true", help="CSV with exact integer micros instead of a table")
+    action("list-orgs", "organizations with their balances", do.list_orgs)
+    sub = action("list-users", "users", do.list_users)
+    sub.add_argument("--org")
+    sub = action("list-keys", "API keys (never their secrets)", do.list_keys)
+    sub.add_argument("--org")
+    action("list-prices", "model prices", do.list_prices)
+    sub = action(
+        "release-reservations", "release reservations a gone gateway left open", do.release_reservations
+    )
+    sub.add_argument("--gateway-id")
+    sub.add_argument("--older-than-minutes", type=_positive)
+    action("rotate-admin-key", "revoke the admin key and print a new one", do.rotate_admin_key)

@@ -1,0 +1,132 @@
+"""What one gateway process (a `tokenmill serve`) holds of the platform: the database, the rate limiter and
+admission control, opened from `PlatformSettings`, and the startup sequence that makes a restart safe
+(migrate, release what a crash left open, bootstrap the admin key, price the served models)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+
+from tokenmill.platform.admin_key import ensure_admin_key
+from tokenmill.platform.admission import AdmissionControl
+from tokenmill.platform.auth import KeyPrincipal, authenticate
+from tokenmill.platform.billing import DEFAULT_OWNER, recover_open_reservations
+from tokenmill.platform.db import Database, open_database, sqlite_url
+from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.migrate import upgrade
+from tokenmill.platform.pricing import register_free_models
+from tokenmill.platform.ratelimit import RateLimiter, RateLimitPolicy
+from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformSettings:
+    data_dir: Path
+    """Holds the embedded SQLite database (unless `database_url` names another) and the admin key file."""
+    database_url: str | None = None
+    """None: `sqlite:///<data_dir>/tokenmill.db`."""
+    redis_url: str | None = None
+    """None: rate limits are counted in this process; a URL: in Redis, shared by every gateway using it."""
+    gateway_id: str = DEFAULT_OWNER
+    """Names this gateway's reservations; at startup only reservations with this name are recovered, so it
+    must be stable across restarts and distinct between gateways that share a database."""
+    policy: RateLimitPolicy = field(default_factory=RateLimitPolicy)
+
+    def __post_init__(self) -> None:
+        if not self.gateway_id.strip() or len(self.gateway_id) > 200:
+            raise InvalidArgument("gateway_id: must be a non-empty name of at most 200 characters")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir)
+
+
+def open_migrated_database(settings: PlatformSettings) -> Database:
+    """The database at its latest schema: both `serve` and the admin CLI start here, in either order. An
+    unreachable server is an `InvalidArgument` naming the setting, not a driver traceback."""
+    db = open_database(settings.resolved_database_url)
+    try:
+        upgrade(db)
+    except OperationalError as exc:
+        db.close()
+        raise InvalidArgument(
+            f"database_url: cannot open {settings.resolved_database_url!r}: {exc.orig}"
+        ) from None
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class StartupReport:
+    admin_key: str | None
+    """The new admin key on the very first start (to be shown once), else None."""
+    released_reservation_ids: tuple[str, ...]
+    """Reservations an earlier crash of this gateway left open, released now (nothing charged)."""
+
+
+def _limiter(redis_url: str | None) -> RateLimiter:
+    if not redis_url:
+        return InMemoryRateLimiter()
+    import redis  # only when asked for
+
+    from tokenmill.platform.ratelimit_redis import RedisRateLimiter
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise InvalidArgument(f"redis_url: cannot reach {redis_url!r}: {exc}") from None
+    return RedisRateLimiter(client)
+
+
+class Gateway:
+    """The platform side of a serving process. Every method is synchronous (database and Redis I/O): the
+    HTTP layer calls them from a worker thread, never on the event loop."""
+
+    def __init__(self, settings: PlatformSettings, db: Database, limiter: RateLimiter) -> None:
+        self.settings = settings
+        self.db = db
+        self.limiter = limiter
+        self.admission = AdmissionControl(db, limiter, settings.policy, owner=settings.gateway_id)
+
+    @classmethod
+    def open(cls, settings: PlatformSettings) -> Gateway:
+        """Connects to both stores now, so a wrong URL stops the server at startup with a message naming
+        the setting, not at its first request."""
+        db = open_migrated_database(settings)
+        try:
+            return cls(settings, db, _limiter(settings.redis_url))
+        except BaseException:
+            db.close()
+            raise
+
+    def start(self) -> StartupReport:
+        """Run before the gateway accepts requests. Releasing this gateway's open reservations is safe only
+        then: no request of this process can hold one yet."""
+        released = recover_open_reservations(self.db, owner=self.settings.gateway_id)
+        admin_key = ensure_admin_key(self.db, self.settings.data_dir)
+        return StartupReport(admin_key=admin_key, released_reservation_ids=tuple(released))
+
+    def register_models(self, models: Iterable[str]) -> list[str]:
+        registered = register_free_models(self.db, models)
+        if registered:
+            logger.info("no price set for %s: registered as free models", ", ".join(registered))
+        return registered
+
+    def authenticate(self, raw_key: str | None) -> KeyPrincipal:
+        return authenticate(self.db, raw_key)
+
+    def close(self) -> None:
+        close = getattr(self.limiter, "close", None)
+        if close is not None:
+            close()
+        self.db.close()

@@ -1,0 +1,106 @@
+"""Bodies of the account API: /v1/user/info (shaped like SiliconCloud's), /v1/usage and /v1/keys. Money
+appears twice: exact integer micros for programs, and a decimal string in currency units for people."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OrganizationRef(BaseModel):
+    id: str
+    name: str
+    tier: str
+
+
+class ApiKeyRef(BaseModel):
+    id: str
+    prefix: str
+    spend_limit_micros: int | None
+    committed_micros: int
+    """Spent plus held by requests in flight: what the spend limit caps."""
+
+
+class UserInfoData(BaseModel):
+    id: str
+    name: str
+    email: str
+    status: str = "normal"
+    organization: OrganizationRef
+    api_key: ApiKeyRef
+    balance: str
+    """The organization's balance (the sum of its ledger), in currency units."""
+    available_balance: str
+    """balance minus what requests in flight hold: what the next request may reserve."""
+    balance_micros: int
+    held_micros: int
+    available_micros: int
+    billing_enabled: bool
+    """False under --no-auth: nothing is billed, every figure is zero."""
+
+
+class UserInfoResponse(BaseModel):
+    """SiliconCloud's envelope: {"code": 20000, "message": "OK", "status": true, "data": {...}}."""
+
+    code: int = 20000
+    message: str = "OK"
+    status: bool = True
+    data: UserInfoData
+
+
+class UsageEntry(BaseModel):
+    date: str
+    """UTC day, YYYY-MM-DD."""
+    model: str
+    num_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_micros: int
+    cost: str
+
+
+class UsageList(BaseModel):
+    object: Literal["list"] = "list"
+    start_date: str
+    end_date: str
+    data: list[UsageEntry]
+    total_cost_micros: int
+    total_cost: str
+
+
+class CreateKeyRequest(BaseModel):
+    """Unknown fields are refused: a misspelt `spend_limit_micros` must not create an unlimited key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=200)
+    allowed_models: list[str] | None = None
+    spend_limit_micros: int | None = Field(None, ge=0)
+    expires_at: int | None = Field(None, ge=0)
+    """Unix seconds."""
+
+
+class ApiKeyObject(BaseModel):
+    object: Literal["api_key"] = "api_key"
+    id: str
+    name: str
+    prefix: str
+    """The first characters of the key, enough to recognise it; the rest is never stored."""
+    user_id: str
+    allowed_models: list[str] | None
+    spend_limit_micros: int | None
+    created_at: int
+    expires_at: int | None
+    revoked_at: int | None
+
+
+class CreatedApiKey(ApiKeyObject):
+    key: str
+    """The secret, in this response only."""
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyObject]

@@ -1,0 +1,185 @@
+"""The bill of one generation or embedding request. `admit` reserves the worst case (and takes the rate-limit
+slot) before the engine sees the request; afterwards exactly one of settle or release happens, whichever way
+the request ends:
+
+    engine submission fails (validation) ........ release: nothing ran, nothing is charged
+    finished normally ........................... settle "ok"
+    client left (disconnect, dropped stream) .... settle "client_disconnected": what was generated
+    engine or server error ...................... settle "error": nothing is charged
+
+Token counts are the engine's (`DeltaTracker`), never re-estimated. Database and Redis calls run in worker
+threads; from contexts that cannot await (a cancelled task, a response's close callback) they are spawned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+
+from starlette.concurrency import run_in_threadpool
+
+from tokenmill.engine.sampling_params import InvalidRequestError
+from tokenmill.platform.admission import Admission
+from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.billing import UsageStatus
+from tokenmill.platform.gateway import Gateway
+from tokenmill.serving.errors import ClientDisconnected
+from tokenmill.serving.generation import Spawn
+
+logger = logging.getLogger(__name__)
+
+Counts = Callable[[], tuple[int, int]]
+"""-> (prompt tokens, completion tokens) as the engine reported them, read when the request ends."""
+
+
+class Meter:
+    """Idempotent: the first settle or release wins, later calls do nothing. Without a gateway (`--no-auth`)
+    every method is a no-op."""
+
+    def __init__(
+        self, gateway: Gateway | None, admission: Admission | None, spawn: Spawn, request_id: str
+    ) -> None:
+        self._gateway = gateway
+        self._admission = admission
+        self._spawn = spawn
+        self._request_id = request_id
+        self._start = time.monotonic()
+        self._closed = admission is None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the response."""
+        return {} if self._admission is None else self._admission.rate_limit.headers()
+
+    async def settle(self, status: UsageStatus, counts: Counts) -> None:
+        if self._take():
+            await run_in_threadpool(self._settle, status, *counts())
+
+    def settle_soon(self, status: UsageStatus, counts: Counts) -> None:
+        """For code that must not await (it may already be cancelled)."""
+        if self._take():
+            self._spawn(run_in_threadpool(self._logged, self._settle, status, *counts()))
+
+    async def release(self) -> None:
+        if self._take():
+            await run_in_threadpool(self._release)
+
+    def release_soon(self) -> None:
+        if self._take():
+            self._spawn(run_in_threadpool(self._logged, self._release))
+
+    @asynccontextmanager
+    async def submitting(self) -> AsyncIterator[None]:
+        """Around the engine submission: if it fails, no token was generated, so nothing is charged."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.release_soon()
+            raise
+        except BaseException:
+            await self.release()
+            raise
+
+    @asynccontextmanager
+    async def running(self, counts: Counts) -> AsyncIterator[None]:
+        """Around a non-streaming request's work: settles however the block ends."""
+        try:
+            yield
+        except InvalidRequestError:  # refused before any work (an embedding input too long)
+            await self.release()
+            raise
+        except ClientDisconnected:
+            await self.settle(UsageStatus.CLIENT_DISCONNECTED, counts)
+            raise
+        except asyncio.CancelledError:
+            self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+            raise
+        except Exception:
+            await self.settle(UsageStatus.ERROR, counts)
+            raise
+        await self.settle(UsageStatus.OK, counts)
+
+    async def stream(self, events: AsyncGenerator[str, None], counts: Counts) -> AsyncGenerator[str, None]:
+        """Passes `events` through. A stream that ends normally is settled before its last event ([DONE])
+        goes out, so a client that saw [DONE] can already see its usage; a dropped one is settled as soon as
+        the response closes."""
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+        except Exception:
+            await self.settle(UsageStatus.ERROR, counts)
+            raise
+        except BaseException:  # GeneratorExit or cancellation: the client is gone
+            self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+            raise
+        await self.settle(UsageStatus.OK, counts)
+
+    def close(self, counts: Counts) -> None:
+        """The response's close callback: settles a stream that closed before its generator ever ran."""
+        self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+
+    # -- in worker threads -----------------------------------------------------------------------------
+
+    def _take(self) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        return True
+
+    def _settle(self, status: UsageStatus, prompt_tokens: int, completion_tokens: int) -> None:
+        assert self._gateway is not None and self._admission is not None
+        usage = self._gateway.admission.finish(
+            self._admission, prompt_tokens, completion_tokens, status, time.monotonic() - self._start
+        )
+        logger.info(
+            "request %s: %s, %d+%d tokens, %d micros (%s)",
+            self._request_id,
+            usage.model,
+            prompt_tokens,
+            completion_tokens,
+            usage.cost_micros,
+            status.value,
+        )
+
+    def _release(self) -> None:
+        assert self._gateway is not None and self._admission is not None
+        self._gateway.admission.abort(self._admission)
+
+    def _logged(self, work: Callable[..., None], *args: object) -> None:
+        try:
+            work(*args)
+        except Exception:
+            # The reservation stays open; the next start of this gateway releases it (nothing is charged).
+            logger.exception("request %s: closing its bill failed", self._request_id)
+
+
+async def admit(
+    gateway: Gateway | None,
+    spawn: Spawn,
+    principal: KeyPrincipal,
+    model: str,
+    num_prompt_tokens: int,
+    max_completion_tokens: int,
+    request_id: str,
+) -> Meter:
+    """Raises the platform's refusals (403, 429) having held nothing. The admission runs in a worker thread;
+    if this task is cancelled meanwhile, whatever the thread admits is released when it finishes."""
+    if gateway is None:
+        return Meter(None, None, spawn, request_id)
+    work = asyncio.ensure_future(
+        run_in_threadpool(gateway.admission.admit, principal, model, num_prompt_tokens, max_completion_tokens)
+    )
+    try:
+        admission = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(lambda done: _release_orphan(done, gateway, spawn, request_id))
+        raise
+    return Meter(gateway, admission, spawn, request_id)
+
+
+def _release_orphan(done: asyncio.Future[Admission], gateway: Gateway, spawn: Spawn, request_id: str) -> None:
+    if not done.cancelled() and done.exception() is None:
+        Meter(gateway, done.result(), spawn, request_id).release_soon()

@@ -1,0 +1,106 @@
+"""GET /v1/user/info (who the key belongs to, the organization's balance) and GET /v1/usage (per model and
+UTC day). Plain `def` routes: FastAPI runs them in its thread pool, so the database reads never block the
+event loop."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.money import format_micros
+from tokenmill.platform.usage import usage_report, user_info
+from tokenmill.serving.account_protocol import (
+    ApiKeyRef,
+    OrganizationRef,
+    UsageEntry,
+    UsageList,
+    UserInfoData,
+    UserInfoResponse,
+)
+from tokenmill.serving.deps import GatewayDep, PrincipalDep, StateDep
+from tokenmill.serving.routes.common import json_response
+
+router = APIRouter()
+
+DEFAULT_USAGE_DAYS = 30
+
+
+def _local_info(principal: KeyPrincipal) -> UserInfoData:
+    """--no-auth: the built-in principal, with nothing billed."""
+    return UserInfoData(
+        id=principal.user_id,
+        name="local",
+        email="local@localhost",
+        organization=OrganizationRef(id=principal.org_id, name="local", tier=principal.tier),
+        api_key=ApiKeyRef(
+            id=principal.key_id, prefix=principal.key_prefix, spend_limit_micros=None, committed_micros=0
+        ),
+        balance=format_micros(0),
+        available_balance=format_micros(0),
+        balance_micros=0,
+        held_micros=0,
+        available_micros=0,
+        billing_enabled=False,
+    )
+
+
+@router.get("/v1/user/info", response_model=None)
+def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
+    if state.gateway is None:
+        return json_response(UserInfoResponse(data=_local_info(principal)))
+    info = user_info(state.gateway.db, principal)
+    data = UserInfoData(
+        id=info.user_id,
+        name=info.user_name,
+        email=info.user_email,
+        organization=OrganizationRef(id=info.org_id, name=info.org_name, tier=info.tier),
+        api_key=ApiKeyRef(
+            id=info.key_id,
+            prefix=info.key_prefix,
+            spend_limit_micros=info.key_spend_limit_micros,
+            committed_micros=info.key_committed_micros,
+        ),
+        balance=format_micros(info.balance_micros),
+        available_balance=format_micros(info.available_micros),
+        balance_micros=info.balance_micros,
+        held_micros=info.held_micros,
+        available_micros=info.available_micros,
+        billing_enabled=True,
+    )
+    return json_response(UserInfoResponse(data=data))
+
+
+@router.get("/v1/usage", response_model=None)
+def get_usage(
+    principal: PrincipalDep, gateway: GatewayDep, start_date: date | None = None, end_date: date | None = None
+) -> Response:
+    """Both dates inclusive; by default the last 30 UTC days. Only the caller's organization is reported."""
+    end = end_date or gateway.db.now().date()
+    start = start_date or end - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+    rows = usage_report(gateway.db, principal.org_id, start, end)
+    entries = [
+        UsageEntry(
+            date=row.day.isoformat(),
+            model=row.model,
+            num_requests=row.num_requests,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            total_tokens=row.prompt_tokens + row.completion_tokens,
+            cost_micros=row.cost_micros,
+            cost=format_micros(row.cost_micros),
+        )
+        for row in rows
+    ]
+    total = sum(row.cost_micros for row in rows)
+    return json_response(
+        UsageList(
+            start_date=start.isoformat(),
+            end_date=end.isoformat(),
+            data=entries,
+            total_cost_micros=total,
+            total_cost=format_micros(total),
+        )
+    )

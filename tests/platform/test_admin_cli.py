@@ -1,0 +1,162 @@
+"""`tokenmill admin` on a real database (SQLite and PostgreSQL): each action does what it prints, secrets are
+printed once, and bad input is one line on stderr with exit status 2 and nothing written."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.platform.helpers import make_account, priced_model, unique
+from tokenmill import cli
+from tokenmill.platform.auth import authenticate, authenticate_admin
+from tokenmill.platform.billing import UsageStatus, reserve, settle
+from tokenmill.platform.db import Database
+from tokenmill.platform.ledger import balance_micros
+from tokenmill.platform.pricing import Price, get_model_price
+from tokenmill.platform.tables import Reservation
+
+
+class Admin:
+    def __init__(self, db: Database, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.url = db.url.render_as_string(hide_password=False)
+        self.data_dir = data_dir
+        self.capsys = capsys
+
+    def run(self, *args: str) -> tuple[int, str, str]:
+        status = cli.main(["admin", *args, "--data-dir", str(self.data_dir), "--database-url", self.url])
+        out, err = self.capsys.readouterr()
+        return status, out.strip(), err.strip()
+
+    def __call__(self, *args: str) -> str:
+        status, out, err = self.run(*args)
+        assert status == 0, err
+        return out
+
+    def fails(self, *args: str) -> str:
+        status, out, err = self.run(*args)
+        assert status == 2 and out == "" and "Traceback" not in err, (status, out, err)
+        return err
+
+
+@pytest.fixture
+def admin(db: Database, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Admin:
+    return Admin(db, tmp_path, capsys)
+
+
+def test_setup_from_nothing_to_a_working_key(admin: Admin, db: Database) -> None:
+    org = unique("acme")
+    org_id = admin("create-org", org, "--tier", "pro")
+    user_id = admin("create-user", org, f"{org}@example.com", "--name", "Alice")
+    status, key, err = admin.run("create-key", f"{org}@example.com", "--name", "laptop")
+    assert status == 0 and key.startswith("sk-") and "shown only this once" in err and key not in err
+    principal = authenticate(db, key)
+    assert (principal.org_id, principal.user_id, principal.tier) == (org_id, user_id, "pro")
+    assert (
+        admin("top-up", org, "12.5", "--idempotency-key", f"{org}-1")
+        == f"topped up {org} +12.500000; balance 12.500000"
+    )
+    again = admin("top-up", org_id, "12.5", "--idempotency-key", f"{org}-1")
+    assert "nothing written" in again and balance_micros(db, org_id) == 12_500_000
+    assert key not in admin("list-keys", "--org", org) and "laptop" in admin("list-keys", "--org", org)
+    assert f"{org}@example.com" in admin("list-users", "--org", org)
+    assert any(org in line and "12.500000" in line for line in admin("list-orgs").splitlines())
+
+
+def test_key_options_become_the_keys_grants(admin: Admin, db: Database) -> None:
+    account = make_account(db)
+    flags = ["--model", "a", "--model", "b", "--spend-limit", "1.5", "--rpm", "5", "--tpm", "900"]
+    key = admin("create-key", account.user.email, *flags, "--max-concurrent", "2", "--expires-in-days", "7")
+    principal = authenticate(db, key)
+    assert principal.allowed_models == frozenset({"a", "b"}) and principal.spend_limit_micros == 1_500_000
+    assert (
+        principal.requests_per_minute,
+        principal.tokens_per_minute,
+        principal.max_concurrent_requests,
+    ) == (5, 900, 2)
+    assert principal.expires_at is not None
+    admin("revoke-key", account.key.info.id)
+    with pytest.raises(ValueError):
+        authenticate(db, account.key.key)
+
+
+def test_prices_are_typed_in_units_per_million_tokens(admin: Admin, db: Database) -> None:
+    model = unique("model")
+    assert (
+        admin("set-price", model, "0.15", "0.6") == f"{model}: input 0.150000, output 0.600000 per 1M tokens"
+    )
+    assert get_model_price(db, model) == Price(150_000, 600_000)
+    admin("set-price", model, "0", "0")
+    assert any(model in line and line.endswith("yes") for line in admin("list-prices").splitlines())
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("top-up", "{org}", "abc", "--idempotency-key", "k-{org}"), "amount"),
+        (("top-up", "{org}", "0.0000001", "--idempotency-key", "k-{org}"), "amount"),
+        (("top-up", "{org}", "0", "--idempotency-key", "k-{org}"), "amount"),
+        (("top-up", "no-such-org", "5", "--idempotency-key", "k-{org}"), "organization"),
+        (("create-org", "{org}"), "name"),
+        (("create-user", "no-such-org", "x@example.com"), "organization"),
+        (("create-user", "{org}", "not-an-email"), "email"),
+        (("create-key", "nobody@example.com"), "user"),
+        (("create-key", "{email}", "--spend-limit", "-1"), "spend_limit"),
+        (("revoke-key", "key_0000"), "key_id"),
+        (("set-price", "m", "1", "free"), "output"),
+        (("usage", "--start-date", "2025-02-01", "--end-date", "2025-01-01"), "start_date"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    admin: Admin, db: Database, args: tuple[str, ...], field: str
+) -> None:
+    account = make_account(db, 1_000)
+    filled = [a.format(org=account.org.name, email=account.user.email) for a in args]
+    message = admin.fails(*filled)
+    assert message.startswith("tokenmill admin: ") and f"{field}: " in message and "\n" not in message
+    assert balance_micros(db, account.org.id) == 1_000
+
+
+def test_a_reused_idempotency_key_for_another_amount_is_refused(admin: Admin, db: Database) -> None:
+    account = make_account(db)
+    admin("top-up", account.org.id, "1", "--idempotency-key", f"pay-{account.org.id}")
+    assert "idempotency_key" in admin.fails(
+        "top-up", account.org.id, "2", "--idempotency-key", f"pay-{account.org.id}"
+    )
+    assert balance_micros(db, account.org.id) == 1_000_000
+
+
+def test_usage_report_as_table_and_exact_csv(admin: Admin, db: Database) -> None:
+    account = make_account(db, 1_000_000)
+    model = priced_model(db, 1_000_000, 3_000_000)
+    for completion in (5, 7):
+        settle(db, reserve(db, account.principal, model, 10, 10), 10, completion, UsageStatus.OK, 0.1)
+    rows = list(csv.DictReader(io.StringIO(admin("usage", "--org", account.org.name, "--csv"))))
+    assert [
+        (r["model"], r["num_requests"], r["prompt_tokens"], r["completion_tokens"], r["cost_micros"])
+        for r in rows
+    ] == [(model, "2", "20", "12", str(20 + 3 * 12))]
+    table = admin("usage", "--org", account.org.name)
+    assert model in table and "total cost 0.000056" in table
+
+
+def test_release_reservations_of_a_gone_gateway(admin: Admin, db: Database) -> None:
+    account = make_account(db, 1_000_000)
+    model = priced_model(db, 1_000_000, 1_000_000)
+    gone = unique("gw")
+    held = reserve(db, account.principal, model, 10, 10, owner=gone)
+    assert (
+        admin("release-reservations", "--gateway-id", gone)
+        == "released 1 open reservation(s); nothing was charged for them"
+    )
+    with db.read() as session:
+        assert session.scalar(select(Reservation.state).where(Reservation.id == held.id)) == "released"
+    admin.fails("release-reservations")
+
+
+def test_rotate_admin_key_prints_a_working_key(admin: Admin, db: Database) -> None:
+    key = admin("rotate-admin-key")
+    assert authenticate_admin(db, key).key_id and (admin.data_dir / "admin_key").read_text().strip() == key
