@@ -151,12 +151,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from tokenmill.bench import offline
+    from tokenmill.bench import offline, serve
 
     modes = parser.add_subparsers(dest="bench_mode", required=True, metavar="mode")
     offline_parser = modes.add_parser("offline", help="tokenmill vs transformers generate, same requests")
     offline.add_arguments(offline_parser)
     offline_parser.set_defaults(run=offline.run)
+    serve_parser = modes.add_parser("serve", help="load-test any OpenAI-compatible endpoint")
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve.run)
 
 
 def _admin_arguments(parser: argparse.ArgumentParser) -> None:

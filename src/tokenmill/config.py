@@ -50,10 +50,16 @@ class ModelConfig:
         _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
         _require(self.dtype == "auto" or self.dtype in _DTYPES, "dtype", f"must be auto or one of {_DTYPES}")
         _require(self.max_model_len is None or self.max_model_len >= 16, "max_model_len", "must be >= 16")
-        _require(self.attention_backend in ("auto", "kernel", "torch"), "attention_backend",
-                 "must be auto, kernel or torch")
-        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
-                 "must be auto, cpu or cuda[:N]")
+        _require(
+            self.attention_backend in ("auto", "kernel", "torch"),
+            "attention_backend",
+            "must be auto, kernel or torch",
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            "must be auto, cpu or cuda[:N]",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +74,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of 2 <= 128")
+        _require(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of 2 <= 128"
+        )
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
         _require(0.0 < self.kv_cache_fraction <= 0.95, "kv_cache_fraction", "must be in (0, 0.95]")
         _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1")

@@ -37,18 +37,24 @@ def test_seed_reproduces_regardless_of_batch_companions(llm):
     other = SamplingParams(temperature=3.0, max_tokens=20, ignore_eos=True)
     crowded = llm.generate(PROMPTS, [seeded, other, other, other])[0].outputs[0].token_ids
     assert alone == crowded
-    different = llm.generate(PROMPTS[0], SamplingParams(temperature=3.0, seed=99, max_tokens=16, ignore_eos=True))
+    different = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=3.0, seed=99, max_tokens=16, ignore_eos=True)
+    )
     assert different[0].outputs[0].token_ids != alone
 
 
 def test_n_samples_are_distinct_and_share_the_prompt(llm):
-    output = llm.generate(PROMPTS[2], SamplingParams(n=3, temperature=3.0, seed=7, max_tokens=8, ignore_eos=True))[0]
+    output = llm.generate(
+        PROMPTS[2], SamplingParams(n=3, temperature=3.0, seed=7, max_tokens=8, ignore_eos=True)
+    )[0]
     assert [c.index for c in output.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in output.outputs}) == 3
 
 
 def test_stop_string_is_cut_and_not_emitted(llm):
-    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert len(free.text) > 12
     stop = free.text[6:10]
     stopped = llm.generate(
@@ -60,11 +66,14 @@ def test_stop_string_is_cut_and_not_emitted(llm):
 
 
 def test_stop_token_ids_and_max_tokens(llm):
-    free = llm.generate(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    free = llm.generate(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[
+        0
+    ].outputs[0]
     stop_token = free.token_ids[3]
     first = free.token_ids.index(stop_token)
     stopped = llm.generate(
-        PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_token])
+        PROMPTS[3],
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_token]),
     )[0].outputs[0]
     assert stopped.token_ids == free.token_ids[: first + 1]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_token

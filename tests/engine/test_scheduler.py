@@ -153,4 +153,6 @@ def test_randomized_runs_leak_no_blocks():
     sched.pool.check_invariants()
     assert sched.pool.num_free_blocks == 12
     assert all(s.finished for s in seqs)
-    assert all(s.num_output_tokens == s.params.max_tokens for s in seqs if s.status == RequestStatus.FINISHED_LENGTH)
+    assert all(
+        s.num_output_tokens == s.params.max_tokens for s in seqs if s.status == RequestStatus.FINISHED_LENGTH
+    )

@@ -47,10 +47,14 @@ def paged_case(context_lens, num_kv_heads, group, head_dim, block_size, dtype, s
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 def test_kernel_equals_torch_backend_float32(kernel, num_kv_heads, group, head_dim, block_size, num_threads):
     contexts = [1, 2, 17, 300, 64, 5, 129, 33]
-    q, k_cache, v_cache, tables, lens = paged_case(contexts, num_kv_heads, group, head_dim, block_size, torch.float32)
+    q, k_cache, v_cache, tables, lens = paged_case(
+        contexts, num_kv_heads, group, head_dim, block_size, torch.float32
+    )
     reference, fast = TorchPagedAttention(), KernelPagedAttention(kernel, num_threads)
     scale = head_dim**-0.5
-    expected = reference.decode(q, k_cache, v_cache, reference.prepare_decodes(tables, lens, block_size, CPU), scale)
+    expected = reference.decode(
+        q, k_cache, v_cache, reference.prepare_decodes(tables, lens, block_size, CPU), scale
+    )
     got = fast.decode(q, k_cache, v_cache, fast.prepare_decodes(tables, lens, block_size, CPU), scale)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 

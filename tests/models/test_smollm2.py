@@ -41,13 +41,17 @@ def chat_prompt(tokenizer, question: str) -> str:
 def test_greedy_chat_equals_transformers_on_the_same_gguf(llm, source):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    )
     prompts = [chat_prompt(llm.tokenizer, q) for q in QUESTIONS]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32))
     for prompt, output in zip(prompts, outputs, strict=True):
         ids = torch.tensor([output.prompt_token_ids])
         with torch.no_grad():
-            ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+            ref = reference.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False
+            )
         ref_tokens = ref[0, ids.shape[1] :].tolist()
         # Both sides include the end-of-turn token when the answer ends before max_tokens.
         assert output.outputs[0].token_ids == ref_tokens, prompt

@@ -114,6 +114,7 @@ def test_bfloat16_runs_and_mostly_agrees(checkpoint, prompts):
     llm = LLM(str(directory), dtype="bfloat16", block_size=8, num_blocks=256)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     first_tokens_equal = sum(
-        o.outputs[0].token_ids[0] == reference_greedy(hf_model, p, 1)[0] for p, o in zip(prompts, outputs, strict=True)
+        o.outputs[0].token_ids[0] == reference_greedy(hf_model, p, 1)[0]
+        for p, o in zip(prompts, outputs, strict=True)
     )
     assert first_tokens_equal >= len(prompts) - 2

@@ -27,7 +27,9 @@ class Account:
     principal: KeyPrincipal
 
 
-def make_account(db: Database, balance_micros: int = 0, *, tier: str = "default", **key_kwargs: Any) -> Account:
+def make_account(
+    db: Database, balance_micros: int = 0, *, tier: str = "default", **key_kwargs: Any
+) -> Account:
     org = create_organization(db, unique("org"), tier=tier)
     user = create_user(db, org.id, f"{unique('user')}@example.com")
     key = create_key(db, user.id, name="test", **key_kwargs)

@@ -16,9 +16,10 @@ from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 from tokenmill.platform.tables import Reservation
 from tokenmill.platform.usage import user_info
 
-POLICY = RateLimitPolicy(tiers={"default": RateLimits(requests_per_minute=3, tokens_per_minute=10_000,
-                                                      max_concurrent_requests=1)},
-                         free_models=RateLimits(requests_per_minute=1))
+POLICY = RateLimitPolicy(
+    tiers={"default": RateLimits(requests_per_minute=3, tokens_per_minute=10_000, max_concurrent_requests=1)},
+    free_models=RateLimits(requests_per_minute=1),
+)
 
 
 def _gate(db: Database) -> AdmissionControl:
@@ -58,7 +59,9 @@ def test_refusals_hold_nothing(db: Database) -> None:
     gate.finish(gate.admit(account.principal, model, 1, 1), 1, 1, "ok", 0.1)
     with pytest.raises(RateLimited) as caught:
         gate.admit(account.principal, model, 1, 1)  # the 4th request of the minute
-    assert caught.value.decision.reason == "requests" and caught.value.decision.headers()["retry-after"] == "60"
+    assert (
+        caught.value.decision.reason == "requests" and caught.value.decision.headers()["retry-after"] == "60"
+    )
     assert _num_reservations(db, account.org.id) == 2  # refused requests never reached billing
 
     limited = make_account(db, 1_000, allowed_models=["other"])

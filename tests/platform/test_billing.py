@@ -26,7 +26,9 @@ from tokenmill.platform.usage import usage_report, user_info
 
 def _usage_count(db: Database, reservation_id: str) -> int:
     with db.read() as session:
-        return int(session.scalar(select(func.count()).where(UsageRecord.reservation_id == reservation_id)) or 0)
+        return int(
+            session.scalar(select(func.count()).where(UsageRecord.reservation_id == reservation_id)) or 0
+        )
 
 
 def test_reserve_holds_the_worst_case_and_settle_charges_the_actual_usage(db: Database) -> None:
@@ -80,15 +82,23 @@ def test_refusals_write_nothing_and_say_why(db: Database) -> None:
     model = priced_model(db, 1_000_000, 1_000_000)
     with pytest.raises(InsufficientQuota) as caught:
         reserve(db, account.principal, model, 500, 500)
-    assert (caught.value.reason, caught.value.needed_micros, caught.value.available_micros) == ("balance", 1000, 999)
+    assert (caught.value.reason, caught.value.needed_micros, caught.value.available_micros) == (
+        "balance",
+        1000,
+        999,
+    )
     with pytest.raises(ModelNotPriced):
         reserve(db, account.principal, "no-such-model", 1, 1)
     limited = make_account(db, 10_000, allowed_models=[model])
     with pytest.raises(ModelNotAllowed):
         reserve(db, limited.principal, priced_model(db, 0, 0), 1, 1)
     with db.read() as session:
-        assert session.scalar(select(func.count()).where(Reservation.org_id.in_(
-            [account.org.id, limited.org.id]))) == 0
+        assert (
+            session.scalar(
+                select(func.count()).where(Reservation.org_id.in_([account.org.id, limited.org.id]))
+            )
+            == 0
+        )
 
 
 def test_key_spend_limit_counts_spent_and_held_money(db: Database) -> None:
@@ -133,12 +143,16 @@ def test_usage_report_groups_by_model_and_utc_day_within_the_range(db: Database)
         settle(timed, reserve(timed, other.principal, small, 5, 5), 5, 5, "ok", 0.1)  # another organization
         day0 = date(2025, 3, 1)
         rows = usage_report(timed, account.org.id, day0, day0 + timedelta(days=1))
-        assert [(r.day, r.model, r.num_requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)
-                for r in rows] == sorted([
-                    (day0, small, 2, 30, 10, 30 + 20),
-                    (day0, large, 1, 1, 1, 6),
-                    (day0 + timedelta(days=1), small, 1, 7, 0, 7),
-                ])
+        assert [
+            (r.day, r.model, r.num_requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)
+            for r in rows
+        ] == sorted(
+            [
+                (day0, small, 2, 30, 10, 30 + 20),
+                (day0, large, 1, 1, 1, 6),
+                (day0 + timedelta(days=1), small, 1, 7, 0, 7),
+            ]
+        )
         everyone = usage_report(timed, None, day0, day0 + timedelta(days=3))
         assert {r.org_id for r in everyone} >= {account.org.id, other.org.id}
     finally:

@@ -65,7 +65,9 @@ def test_concurrent_requests_never_overdraw_and_reconcile_exactly(db: Database) 
             refused.append(i)  # refused at admission: no token would be generated
             return
         completion_tokens = rng.randint(MAX_TOKENS // 2, MAX_TOKENS)
-        status = rng.choice([UsageStatus.OK, UsageStatus.OK, UsageStatus.CLIENT_DISCONNECTED, UsageStatus.ERROR])
+        status = rng.choice(
+            [UsageStatus.OK, UsageStatus.OK, UsageStatus.CLIENT_DISCONNECTED, UsageStatus.ERROR]
+        )
         usage = settle(db, held, PROMPT_TOKENS, completion_tokens, status, latency_s=0.01)
         served[i] = Outcome(completion_tokens, status, usage.cost_micros)
 
@@ -77,15 +79,22 @@ def test_concurrent_requests_never_overdraw_and_reconcile_exactly(db: Database) 
     assert AFFORDABLE_WORST_CASES <= len(served) <= 2 * AFFORDABLE_WORST_CASES and refused
 
     # tokens x prices, computed independently of the platform (prices are whole micros per token here)
-    expected = sum(0 if o.status is UsageStatus.ERROR else PROMPT_TOKENS * 2 + o.completion_tokens * 6
-                   for o in served.values())
+    expected = sum(
+        0 if o.status is UsageStatus.ERROR else PROMPT_TOKENS * 2 + o.completion_tokens * 6
+        for o in served.values()
+    )
     charges = [e.amount_micros for e in list_entries(db, account.org.id, limit=10_000) if e.kind == "charge"]
     with db.read() as session:
-        usage_costs = session.scalars(select(UsageRecord.cost_micros)
-                                      .where(UsageRecord.org_id == account.org.id)).all()
-        states = dict(session.execute(select(Reservation.state, func.count())
-                                      .where(Reservation.org_id == account.org.id)
-                                      .group_by(Reservation.state)).all())
+        usage_costs = session.scalars(
+            select(UsageRecord.cost_micros).where(UsageRecord.org_id == account.org.id)
+        ).all()
+        states = dict(
+            session.execute(
+                select(Reservation.state, func.count())
+                .where(Reservation.org_id == account.org.id)
+                .group_by(Reservation.state)
+            ).all()
+        )
     assert sum(usage_costs) == -sum(charges) == sum(o.cost_micros for o in served.values()) == expected
     assert len(usage_costs) == len(served) and states == {"settled": len(served)}  # refused: no rows at all
     balance = balance_micros(db, account.org.id)
@@ -109,5 +118,7 @@ def test_concurrent_requests_respect_the_key_spend_limit(db: Database) -> None:
 
     _race(db, request, 50)
     spent = 10**9 - balance_micros(db, account.org.id)
-    assert spent == 10 * cost_micros(PROMPT_TOKENS, MAX_TOKENS, price) == limit  # exactly the limit, never more
+    assert (
+        spent == 10 * cost_micros(PROMPT_TOKENS, MAX_TOKENS, price) == limit
+    )  # exactly the limit, never more
     assert refused == ["key_spend_limit"] * 40

@@ -47,14 +47,23 @@ def test_a_key_is_shown_once_and_only_its_hash_is_stored(db: Database) -> None:
     assert raw.startswith(row.prefix) and len(row.prefix) < 12
     principal = authenticate(db, raw)
     assert (principal.key_id, principal.org_id, principal.user_id) == (
-        account.key.info.id, account.org.id, account.user.id)
+        account.key.info.id,
+        account.org.id,
+        account.user.id,
+    )
     assert authenticate(db, f"  {raw} ").key_id == principal.key_id  # header whitespace is tolerated
 
 
 @pytest.mark.parametrize(
     ("raw_key", "error"),
-    [(None, MissingKey), ("", MissingKey), ("Bearer sk-abc", MalformedKey), ("sk-short", MalformedKey),
-     ("pk-" + "a" * 43, MalformedKey), ("sk-" + "a" * 43, UnknownKey)],
+    [
+        (None, MissingKey),
+        ("", MissingKey),
+        ("Bearer sk-abc", MalformedKey),
+        ("sk-short", MalformedKey),
+        ("pk-" + "a" * 43, MalformedKey),
+        ("sk-" + "a" * 43, UnknownKey),
+    ],
 )
 def test_bad_keys_raise_typed_errors_that_share_one_public_message(
     db: Database, raw_key: str | None, error: type[AuthenticationError]

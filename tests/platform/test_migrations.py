@@ -15,8 +15,16 @@ from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from tokenmill.platform.tables import Base
 
-TABLES = {"organizations", "users", "api_keys", "admin_keys", "model_prices", "ledger_entries", "reservations",
-          "usage_records"}
+TABLES = {
+    "organizations",
+    "users",
+    "api_keys",
+    "admin_keys",
+    "model_prices",
+    "ledger_entries",
+    "reservations",
+    "usage_records",
+}
 
 
 def test_upgrade_creates_the_schema_from_empty_and_is_idempotent(empty_database: EmptyDatabase) -> None:

@@ -42,7 +42,9 @@ def test_cost_is_the_ceiling_of_the_exact_rational(
 
 def test_summing_per_request_costs_never_undercharges_and_overcharges_under_one_micro_each() -> None:
     requests = [(p, c) for p in range(0, 60, 7) for c in range(0, 40, 3)]
-    exact_numerator = sum(p * SMALL.input_micros_per_mtok + c * SMALL.output_micros_per_mtok for p, c in requests)
+    exact_numerator = sum(
+        p * SMALL.input_micros_per_mtok + c * SMALL.output_micros_per_mtok for p, c in requests
+    )
     charged = sum(cost_micros(p, c, SMALL) for p, c in requests)
     assert exact_numerator <= charged * 1_000_000 < exact_numerator + len(requests) * 1_000_000
 

@@ -22,7 +22,9 @@ MakeLimiter = Callable[..., RateLimiter]
 WINDOW_START = 1_700_000_040.0  # a multiple of 60: the start of a window
 
 
-def test_the_n_plus_first_request_in_a_window_is_denied_with_retry_after(limiter_factory: MakeLimiter) -> None:
+def test_the_n_plus_first_request_in_a_window_is_denied_with_retry_after(
+    limiter_factory: MakeLimiter,
+) -> None:
     clock = FakeClock(WINDOW_START + 0.25)
     limiter = limiter_factory(clock=clock)
     limits = RateLimits(requests_per_minute=5)
@@ -48,7 +50,11 @@ def test_tokens_per_minute_with_unused_tokens_given_back(limiter_factory: MakeLi
     limiter = limiter_factory(clock=clock)
     limits = RateLimits(tokens_per_minute=1_000)
     first = limiter.acquire("key", limits, 600)
-    assert first.allowed and first.remaining_tokens == 400 and first.headers()["x-ratelimit-reset-tokens"] == "1m0s"
+    assert (
+        first.allowed
+        and first.remaining_tokens == 400
+        and first.headers()["x-ratelimit-reset-tokens"] == "1m0s"
+    )
     assert limiter.acquire("key", limits, 300).remaining_tokens == 100
     denied = limiter.acquire("key", limits, 200)
     assert (denied.reason, denied.remaining_tokens, denied.retry_after_s) == ("tokens", 100, 60.0)
@@ -98,11 +104,23 @@ def test_two_redis_limiters_share_one_limit(redis_limiter_factory: MakeLimiter) 
 
 
 def _principal(tier: str = "default", **overrides: int | None) -> KeyPrincipal:
-    fields: dict[str, int | None] = {"requests_per_minute": None, "tokens_per_minute": None,
-                                     "max_concurrent_requests": None, **overrides}
-    return KeyPrincipal(key_id="key_x", key_prefix="sk-abcdef", org_id="org_x", user_id="user_x", tier=tier,
-                        allowed_models=None, spend_limit_micros=None,
-                        expires_at=datetime(2030, 1, 1, tzinfo=UTC), **fields)
+    fields: dict[str, int | None] = {
+        "requests_per_minute": None,
+        "tokens_per_minute": None,
+        "max_concurrent_requests": None,
+        **overrides,
+    }
+    return KeyPrincipal(
+        key_id="key_x",
+        key_prefix="sk-abcdef",
+        org_id="org_x",
+        user_id="user_x",
+        tier=tier,
+        allowed_models=None,
+        spend_limit_micros=None,
+        expires_at=datetime(2030, 1, 1, tzinfo=UTC),
+        **fields,
+    )
 
 
 def test_policy_tier_defaults_key_overrides_and_stricter_free_models() -> None:
@@ -112,13 +130,29 @@ def test_policy_tier_defaults_key_overrides_and_stricter_free_models() -> None:
     assert policy.scope(_principal("gold"), free_model=False).limits == RateLimits(60, 100_000, 8)
     assert policy.scope(_principal(requests_per_minute=5), free_model=False).limits.requests_per_minute == 5
 
-    paid, free = policy.scope(_principal("pro"), free_model=False), policy.scope(_principal("pro"), free_model=True)
+    paid, free = (
+        policy.scope(_principal("pro"), free_model=False),
+        policy.scope(_principal("pro"), free_model=True),
+    )
     assert free.bucket != paid.bucket  # free traffic does not eat the paid allowance, nor the reverse
     assert free.limits == DEFAULT_FREE_MODEL_LIMITS  # every dimension capped by the stricter defaults
-    assert policy.scope(_principal(max_concurrent_requests=1), free_model=True).limits.max_concurrent_requests == 1
+    assert (
+        policy.scope(_principal(max_concurrent_requests=1), free_model=True).limits.max_concurrent_requests
+        == 1
+    )
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (0.0, "0ms"), (1.0, "1s"), (1.5, "1.5s"),
-                                               (59.75, "59.75s"), (60.0, "1m0s"), (361.0, "6m1s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.02, "20ms"),
+        (0.0, "0ms"),
+        (1.0, "1s"),
+        (1.5, "1.5s"),
+        (59.75, "59.75s"),
+        (60.0, "1m0s"),
+        (361.0, "6m1s"),
+    ],
+)
 def test_reset_durations_use_openais_format(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text

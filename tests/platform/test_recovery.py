@@ -28,8 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def _states(db: Database, org_id: str) -> dict[str, int]:
     with db.read() as session:
-        return dict(session.execute(select(ReservationRow.state, func.count())
-                                    .where(ReservationRow.org_id == org_id).group_by(ReservationRow.state)).all())
+        return dict(
+            session.execute(
+                select(ReservationRow.state, func.count())
+                .where(ReservationRow.org_id == org_id)
+                .group_by(ReservationRow.state)
+            ).all()
+        )
 
 
 def test_reservations_left_open_by_a_killed_process_are_released_once(db: Database) -> None:
@@ -38,7 +43,10 @@ def test_reservations_left_open_by_a_killed_process_are_released_once(db: Databa
     url = db.url.render_as_string(hide_password=False)
     child = subprocess.run(
         [sys.executable, "-m", "tests.platform.crash_child", url, account.key.key, model, "5", "4"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
     in_flight = json.loads(child.stdout.strip().splitlines()[-1])
@@ -52,16 +60,25 @@ def test_reservations_left_open_by_a_killed_process_are_released_once(db: Databa
 
     # The uncommitted charge died with the process: the ledger equals the usage records, to the micro.
     with db.read() as session:
-        usage_total = session.scalar(select(func.sum(UsageRecord.cost_micros))
-                                     .where(UsageRecord.org_id == account.org.id))
+        usage_total = session.scalar(
+            select(func.sum(UsageRecord.cost_micros)).where(UsageRecord.org_id == account.org.id)
+        )
     assert usage_total == 5 * 25
     info = user_info(db, account.principal)
     assert info.balance_micros == balance_micros(db, account.org.id) == 1_000_000 - usage_total
     assert info.available_micros == info.balance_micros  # nothing held any more
 
     # A late settle from the dead process's point of view cannot charge a released reservation.
-    late = Reservation(id=in_flight[0], org_id=account.org.id, key_id=account.key.info.id, model=model,
-                       prompt_tokens=10, max_tokens=20, price=Price(1_000_000, 1_000_000), reserved_micros=30)
+    late = Reservation(
+        id=in_flight[0],
+        org_id=account.org.id,
+        key_id=account.key.info.id,
+        model=model,
+        prompt_tokens=10,
+        max_tokens=20,
+        price=Price(1_000_000, 1_000_000),
+        reserved_micros=30,
+    )
     with pytest.raises(ReservationClosed):
         settle(db, late, 10, 20, "ok", 1.0)
     assert balance_micros(db, account.org.id) == 1_000_000 - usage_total

@@ -107,7 +107,9 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 
 
 @pytest.fixture
-def billed_client(fake_engine: FakeEngine, settings: ServerSettings, gateway: Gateway) -> Iterator[TestClient]:
+def billed_client(
+    fake_engine: FakeEngine, settings: ServerSettings, gateway: Gateway
+) -> Iterator[TestClient]:
     """The FakeEngine as model "fake-chat", registered free at startup like any served model."""
     gateway.register_models(["fake-chat"])
     app = create_app({"fake-chat": fake_engine}, {}, replace(settings, no_auth=False), gateway)

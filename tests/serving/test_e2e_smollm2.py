@@ -23,7 +23,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(["--no-auth"], tmp_path_factory.mktemp("serve") / "serve.log").start(timeout_s=300)
+    process = ServerProcess(["--no-auth"], tmp_path_factory.mktemp("serve") / "serve.log").start(
+        timeout_s=300
+    )
     yield process
     process.stop()
 

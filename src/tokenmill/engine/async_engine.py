@@ -71,7 +71,9 @@ class AsyncLLM:
         self.engine.scheduler.check_fits(len(prompt_ids), params.max_tokens)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None))
+        self._commands.put(
+            ("add", request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None)
+        )
         finished = False
         try:
             while not finished:

@@ -32,8 +32,9 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.vocab_size
         self.pool = BlockPool(loaded.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(loaded.model, loaded.num_blocks, config.cache.block_size, loaded.dtype,
-                                  loaded.device)
+        self.runner = ModelRunner(
+            loaded.model, loaded.num_blocks, config.cache.block_size, loaded.dtype, loaded.device
+        )
         self.scheduler = Scheduler(
             self.pool,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -41,13 +42,20 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=loaded.eos_token_ids,
         )
-        self.sampler = Sampler(self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=loaded.device)
+        self.sampler = Sampler(
+            self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=loaded.device
+        )
         self.outputs = OutputProcessor(self.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        logger.info("engine ready: %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d",
-                    self.model_id, loaded.num_blocks, config.cache.block_size,
-                    loaded.num_blocks * config.cache.block_size, self.max_model_len)
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+            self.model_id,
+            loaded.num_blocks,
+            config.cache.block_size,
+            loaded.num_blocks * config.cache.block_size,
+            self.max_model_len,
+        )
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -56,7 +64,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             return self.tokenizer(prompt).input_ids
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError(f"prompt: token ids must be integers in [0, {self.vocab_size})", param="prompt")
+            raise InvalidRequestError(
+                f"prompt: token ids must be integers in [0, {self.vocab_size})", param="prompt"
+            )
         return list(prompt)
 
     def add_request(
@@ -142,8 +152,8 @@ def _row(seq: Sequence) -> SamplingRow:
 class LLM:
     """Offline batch generation:
 
-        llm = LLM(model="path/to/hf_dir", dtype="float32")
-        outs = llm.generate(["Hello", "你好"], SamplingParams(temperature=0.0, max_tokens=32))
+    llm = LLM(model="path/to/hf_dir", dtype="float32")
+    outs = llm.generate(["Hello", "你好"], SamplingParams(temperature=0.0, max_tokens=32))
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs: object) -> None:
@@ -170,7 +180,9 @@ class LLM:
         for prompt_ids, p in zip(encoded, params_list, strict=True):
             self.engine.scheduler.check_fits(len(prompt_ids), p.max_tokens)
         request_ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
-        for request_id, prompt, prompt_ids, p in zip(request_ids, prompt_list, encoded, params_list, strict=True):
+        for request_id, prompt, prompt_ids, p in zip(
+            request_ids, prompt_list, encoded, params_list, strict=True
+        ):
             self.engine.add_request(request_id, prompt_ids, p, prompt if isinstance(prompt, str) else None)
         finished: dict[str, RequestOutput] = {}
         with torch.inference_mode():

@@ -28,12 +28,12 @@ class OutputProcessor:
         self.groups: dict[str, _Group] = {}
 
     def add(self, request_id: str, prompt: str | None, seqs: list[Sequence], stream: bool) -> None:
-        detokenizers = [IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params) for seq in seqs]
+        detokenizers = [
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params) for seq in seqs
+        ]
         self.groups[request_id] = _Group(request_id, prompt, seqs, detokenizers, stream)
 
-    def process(
-        self, appended: list[Sequence], stop: Callable[[Sequence, str], None]
-    ) -> list[RequestOutput]:
+    def process(self, appended: list[Sequence], stop: Callable[[Sequence, str], None]) -> list[RequestOutput]:
         """Detokenize each new token; `stop(seq, stop_string)` ends a sequence whose text hit a stop string.
         Returns the outputs to publish."""
         touched: dict[str, _Group] = {}

@@ -61,7 +61,9 @@ class SamplingParams:
         _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be an integer from 1 to 128")
         _check(0.0 <= self.temperature <= 100.0, "temperature", "must be between 0 and 100")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be 0, -1 or a positive integer")
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be 0, -1 or a positive integer"
+        )
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2")
@@ -93,6 +95,4 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

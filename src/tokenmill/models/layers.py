@@ -57,7 +57,9 @@ def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(is_medium, smoothed, scaled)
-    raise UnsupportedModelError(f"rope_scaling: rope type {rope_type!r} is not supported (default, linear, llama3)")
+    raise UnsupportedModelError(
+        f"rope_scaling: rope type {rope_type!r} is not supported (default, linear, llama3)"
+    )
 
 
 class RotaryEmbedding(nn.Module):

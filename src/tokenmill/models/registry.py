@@ -31,11 +31,15 @@ def model_class(architecture: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
-def create_model(config: PretrainedConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
+def create_model(
+    config: PretrainedConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> nn.Module:
     """An empty (randomly initialised) model of the checkpoint's architecture; call `load_weights` next."""
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
-        raise UnsupportedModelError("config.json: `architectures` is missing; cannot tell which model to build")
+        raise UnsupportedModelError(
+            "config.json: `architectures` is missing; cannot tell which model to build"
+        )
     cls = model_class(architectures[0])
     with torch.device(device):
         model = cls(config, max_positions)

@@ -81,7 +81,9 @@ def set_organization_tier(db: Database, org_id: str, tier: str) -> OrgInfo:
 def get_organization(db: Database, ref: str) -> OrgInfo:
     """By id or by name (the admin CLI accepts either)."""
     with db.read() as session:
-        row = session.scalar(select(Organization).where(or_(Organization.id == ref, Organization.name == ref)))
+        row = session.scalar(
+            select(Organization).where(or_(Organization.id == ref, Organization.name == ref))
+        )
         if row is None:
             raise UnknownOrganization(f"organization: no organization {ref!r}")
         return _org_info(row)

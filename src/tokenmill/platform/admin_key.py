@@ -59,8 +59,16 @@ def _serialize_bootstrap(db: Database, session: Session) -> None:
 
 def _insert(db: Database, session: Session, name: str) -> str:
     raw = generate_key(ADMIN_KEY_PREFIX)
-    session.add(AdminKey(id=new_id("adm"), name=name, prefix=visible_prefix(raw, ADMIN_KEY_PREFIX),
-                         key_hash=hash_key(raw), created_at=db.now(), revoked_at=None))
+    session.add(
+        AdminKey(
+            id=new_id("adm"),
+            name=name,
+            prefix=visible_prefix(raw, ADMIN_KEY_PREFIX),
+            key_hash=hash_key(raw),
+            created_at=db.now(),
+            revoked_at=None,
+        )
+    )
     session.flush()
     return raw
 

@@ -37,8 +37,14 @@ class Admission:
 class AdmissionControl:
     """Stateless apart from its collaborators; one per gateway process, shared by all requests."""
 
-    def __init__(self, db: Database, limiter: RateLimiter, policy: RateLimitPolicy | None = None, *,
-                 owner: str = DEFAULT_OWNER) -> None:
+    def __init__(
+        self,
+        db: Database,
+        limiter: RateLimiter,
+        policy: RateLimitPolicy | None = None,
+        *,
+        owner: str = DEFAULT_OWNER,
+    ) -> None:
         self.db = db
         self.limiter = limiter
         self.policy = policy or RateLimitPolicy()
@@ -61,15 +67,23 @@ class AdmissionControl:
             raise
         return Admission(principal=principal, reservation=reservation, rate_limit=decision)
 
-    def finish(self, admission: Admission, prompt_tokens: int, completion_tokens: int,
-               status: UsageStatus | str, latency_s: float) -> UsageInfo:
+    def finish(
+        self,
+        admission: Admission,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: UsageStatus | str,
+        latency_s: float,
+    ) -> UsageInfo:
         """Settle with the engine's final counts; also for dropped streams (`client_disconnected`: what was
         generated is charged) and engine failures (`error`: nothing is charged)."""
         try:
             return settle(self.db, admission.reservation, prompt_tokens, completion_tokens, status, latency_s)
         finally:
             asked = admission.reservation.prompt_tokens + admission.reservation.max_tokens
-            self.limiter.release(admission.lease, unused_tokens=max(asked - prompt_tokens - completion_tokens, 0))
+            self.limiter.release(
+                admission.lease, unused_tokens=max(asked - prompt_tokens - completion_tokens, 0)
+            )
 
     def abort(self, admission: Admission) -> None:
         """The request never reached the engine (e.g. no replica had room): release everything."""

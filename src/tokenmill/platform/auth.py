@@ -85,10 +85,16 @@ def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
     if row.expires_at is not None and db.now() >= row.expires_at:
         raise ExpiredKey(f"API key {row.prefix}... expired")
     return KeyPrincipal(
-        key_id=row.id, key_prefix=row.prefix, org_id=row.org_id, user_id=row.user_id, tier=tier,
+        key_id=row.id,
+        key_prefix=row.prefix,
+        org_id=row.org_id,
+        user_id=row.user_id,
+        tier=tier,
         allowed_models=frozenset(row.allowed_models) if row.allowed_models is not None else None,
-        spend_limit_micros=row.spend_limit_micros, requests_per_minute=row.requests_per_minute,
-        tokens_per_minute=row.tokens_per_minute, max_concurrent_requests=row.max_concurrent_requests,
+        spend_limit_micros=row.spend_limit_micros,
+        requests_per_minute=row.requests_per_minute,
+        tokens_per_minute=row.tokens_per_minute,
+        max_concurrent_requests=row.max_concurrent_requests,
         expires_at=row.expires_at,
     )
 
@@ -112,4 +118,3 @@ def authorize_model(principal: KeyPrincipal, model: str) -> None:
     """403 material: the key is valid but its allow-list does not include `model`."""
     if not principal.may_use(model):
         raise ModelNotAllowed(model)
-

@@ -65,17 +65,24 @@ class UsageInfo:
 
 def held_micros(session: Session, org_id: str) -> int:
     """Money held by open reservations: not spent yet, but not available either."""
-    total = session.scalar(select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0))
-                           .where(ReservationRow.org_id == org_id, ReservationRow.state == "open"))
+    total = session.scalar(
+        select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0)).where(
+            ReservationRow.org_id == org_id, ReservationRow.state == "open"
+        )
+    )
     return int(total or 0)
 
 
 def key_committed_micros(session: Session, key_id: str) -> int:
     """What a key has spent plus what it holds open: the figure its spend limit caps."""
-    spent = session.scalar(select(func.coalesce(func.sum(UsageRecord.cost_micros), 0))
-                           .where(UsageRecord.key_id == key_id))
-    held = session.scalar(select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0))
-                          .where(ReservationRow.key_id == key_id, ReservationRow.state == "open"))
+    spent = session.scalar(
+        select(func.coalesce(func.sum(UsageRecord.cost_micros), 0)).where(UsageRecord.key_id == key_id)
+    )
+    held = session.scalar(
+        select(func.coalesce(func.sum(ReservationRow.reserved_micros), 0)).where(
+            ReservationRow.key_id == key_id, ReservationRow.state == "open"
+        )
+    )
     return int(spent or 0) + int(held or 0)
 
 
@@ -105,14 +112,31 @@ def reserve(
                 if left < cost:
                     raise InsufficientQuota("key_spend_limit", cost, max(left, 0))
         row = ReservationRow(
-            id=new_id("res"), org_id=principal.org_id, key_id=principal.key_id, model=model,
-            prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-            input_micros_per_mtok=price.input_micros_per_mtok, output_micros_per_mtok=price.output_micros_per_mtok,
-            reserved_micros=cost, state="open", owner=owner, created_at=db.now(), closed_at=None,
+            id=new_id("res"),
+            org_id=principal.org_id,
+            key_id=principal.key_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            input_micros_per_mtok=price.input_micros_per_mtok,
+            output_micros_per_mtok=price.output_micros_per_mtok,
+            reserved_micros=cost,
+            state="open",
+            owner=owner,
+            created_at=db.now(),
+            closed_at=None,
         )
         session.add(row)
-    return Reservation(id=row.id, org_id=row.org_id, key_id=row.key_id, model=model, prompt_tokens=prompt_tokens,
-                       max_tokens=max_tokens, price=price, reserved_micros=cost)
+    return Reservation(
+        id=row.id,
+        org_id=row.org_id,
+        key_id=row.key_id,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        price=price,
+        reserved_micros=cost,
+    )
 
 
 def settle(
@@ -139,22 +163,45 @@ def settle(
         cost = 0 if status is UsageStatus.ERROR else cost_micros(prompt_tokens, completion_tokens, price)
         if cost > row.reserved_micros:
             # The caller passed more tokens than it reserved for; bill the truth, but say so loudly.
-            logger.warning("reservation %s: actual cost %d exceeds the %d micros reserved", row.id, cost,
-                           row.reserved_micros)
+            logger.warning(
+                "reservation %s: actual cost %d exceeds the %d micros reserved",
+                row.id,
+                cost,
+                row.reserved_micros,
+            )
         if cost > 0:
             append_charge(session, row.org_id, cost, row.id, now)
         user_id = session.scalar(select(ApiKey.user_id).where(ApiKey.id == row.key_id))
         assert user_id is not None  # the foreign key guarantees it
         record = UsageRecord(
-            reservation_id=row.id, org_id=row.org_id, key_id=row.key_id, user_id=user_id, model=row.model,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_micros=cost,
-            latency_ms=round(latency_s * 1000), status=status.value, day=now.date(), created_at=now,
+            reservation_id=row.id,
+            org_id=row.org_id,
+            key_id=row.key_id,
+            user_id=user_id,
+            model=row.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_micros=cost,
+            latency_ms=round(latency_s * 1000),
+            status=status.value,
+            day=now.date(),
+            created_at=now,
         )
         session.add(record)
         row.state, row.closed_at = "settled", now
-    return UsageInfo(reservation_id=row.id, org_id=row.org_id, key_id=row.key_id, user_id=user_id,
-                     model=row.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     cost_micros=cost, latency_ms=record.latency_ms, status=status.value, created_at=now)
+    return UsageInfo(
+        reservation_id=row.id,
+        org_id=row.org_id,
+        key_id=row.key_id,
+        user_id=user_id,
+        model=row.model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_micros=cost,
+        latency_ms=record.latency_ms,
+        status=status.value,
+        created_at=now,
+    )
 
 
 def release(db: Database, reservation: Reservation) -> None:
@@ -181,10 +228,15 @@ def recover_open_reservations(
         conditions.append(ReservationRow.created_at < opened_before)
     with db.write() as session:
         # One UPDATE: a row a concurrent settle closes first no longer matches state = 'open'.
-        ids = list(session.scalars(update(ReservationRow).where(*conditions)
-                                   .values(state="released", closed_at=db.now())
-                                   .returning(ReservationRow.id)
-                                   .execution_options(synchronize_session=False)))
+        ids = list(
+            session.scalars(
+                update(ReservationRow)
+                .where(*conditions)
+                .values(state="released", closed_at=db.now())
+                .returning(ReservationRow.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
     if ids:
         logger.warning("released %d reservation(s) left open by an earlier crash", len(ids))
     return ids

@@ -104,19 +104,21 @@ def open_database(
             max_overflow=max_overflow,
         )
     else:
-        raise InvalidArgument(f"database_url: unsupported backend {parsed.get_backend_name()!r} "
-                              "(use sqlite:///path or postgresql://...)")
+        raise InvalidArgument(
+            f"database_url: unsupported backend {parsed.get_backend_name()!r} "
+            "(use sqlite:///path or postgresql://...)"
+        )
     return Database(url=parsed, engine=engine, clock=clock)
 
 
 def _sqlite_engine(url: URL) -> Engine:
     if not url.database or url.database == ":memory:":
-        raise InvalidArgument("database_url: SQLite needs a file path (sqlite:///path/tokenmill.db); an "
-                              "in-memory database is not shared between connections")
+        raise InvalidArgument(
+            "database_url: SQLite needs a file path (sqlite:///path/tokenmill.db); an "
+            "in-memory database is not shared between connections"
+        )
     Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
-    )
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -69,11 +69,19 @@ class CreatedKey:
 
 def key_info(row: ApiKey) -> KeyInfo:
     return KeyInfo(
-        id=row.id, org_id=row.org_id, user_id=row.user_id, name=row.name, prefix=row.prefix,
+        id=row.id,
+        org_id=row.org_id,
+        user_id=row.user_id,
+        name=row.name,
+        prefix=row.prefix,
         allowed_models=tuple(row.allowed_models) if row.allowed_models is not None else None,
-        spend_limit_micros=row.spend_limit_micros, requests_per_minute=row.requests_per_minute,
-        tokens_per_minute=row.tokens_per_minute, max_concurrent_requests=row.max_concurrent_requests,
-        created_at=row.created_at, expires_at=row.expires_at, revoked_at=row.revoked_at,
+        spend_limit_micros=row.spend_limit_micros,
+        requests_per_minute=row.requests_per_minute,
+        tokens_per_minute=row.tokens_per_minute,
+        max_concurrent_requests=row.max_concurrent_requests,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
     )
 
 
@@ -120,13 +128,22 @@ def create_key(
         if user is None:
             raise UnknownUser(f"user_id: no user {user_id!r}")
         row = ApiKey(
-            id=new_id("key"), org_id=user.org_id, user_id=user.id, name=name, prefix=visible_prefix(raw),
-            key_hash=hash_key(raw), allowed_models=models,
+            id=new_id("key"),
+            org_id=user.org_id,
+            user_id=user.id,
+            name=name,
+            prefix=visible_prefix(raw),
+            key_hash=hash_key(raw),
+            allowed_models=models,
             spend_limit_micros=_check_optional_int("spend_limit_micros", spend_limit_micros, 0),
             requests_per_minute=_check_optional_int("requests_per_minute", requests_per_minute, 1),
             tokens_per_minute=_check_optional_int("tokens_per_minute", tokens_per_minute, 1),
-            max_concurrent_requests=_check_optional_int("max_concurrent_requests", max_concurrent_requests, 1),
-            created_at=db.now(), expires_at=expires_at, revoked_at=None,
+            max_concurrent_requests=_check_optional_int(
+                "max_concurrent_requests", max_concurrent_requests, 1
+            ),
+            created_at=db.now(),
+            expires_at=expires_at,
+            revoked_at=None,
         )
         session.add(row)
         session.flush()
@@ -157,8 +174,14 @@ def create_key_for_caller(
         elif limit > caller.spend_limit_micros:
             raise PermissionDenied("spend_limit_micros: cannot exceed the creating key's own limit")
     return create_key(
-        db, caller.user_id, name=name, allowed_models=models, spend_limit_micros=limit, expires_at=expires_at,
-        requests_per_minute=caller.requests_per_minute, tokens_per_minute=caller.tokens_per_minute,
+        db,
+        caller.user_id,
+        name=name,
+        allowed_models=models,
+        spend_limit_micros=limit,
+        expires_at=expires_at,
+        requests_per_minute=caller.requests_per_minute,
+        tokens_per_minute=caller.tokens_per_minute,
         max_concurrent_requests=caller.max_concurrent_requests,
     )
 

@@ -38,24 +38,34 @@ class CreditResult:
 
 
 def _entry_info(row: LedgerEntry) -> LedgerEntryInfo:
-    return LedgerEntryInfo(id=row.id, org_id=row.org_id, kind=row.kind, amount_micros=row.amount_micros,
-                           idempotency_key=row.idempotency_key, reservation_id=row.reservation_id,
-                           note=row.note, created_at=row.created_at)
+    return LedgerEntryInfo(
+        id=row.id,
+        org_id=row.org_id,
+        kind=row.kind,
+        amount_micros=row.amount_micros,
+        idempotency_key=row.idempotency_key,
+        reservation_id=row.reservation_id,
+        note=row.note,
+        created_at=row.created_at,
+    )
 
 
 def lock_organization(session: Session, org_id: str) -> Organization:
     """Serialize every money decision of one organization. PostgreSQL: FOR NO KEY UPDATE on its row (does
     not block inserts that merely reference it). SQLite: a no-op, the write transaction already holds the
     database write lock. Must be the first statement of the transaction so later reads see fresh data."""
-    org = session.scalar(select(Organization).where(Organization.id == org_id).with_for_update(key_share=True))
+    org = session.scalar(
+        select(Organization).where(Organization.id == org_id).with_for_update(key_share=True)
+    )
     if org is None:
         raise UnknownOrganization(f"org_id: no organization {org_id!r}")
     return org
 
 
 def sum_balance(session: Session, org_id: str) -> int:
-    total = session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micros), 0))
-                           .where(LedgerEntry.org_id == org_id))
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount_micros), 0)).where(LedgerEntry.org_id == org_id)
+    )
     return int(total or 0)  # PostgreSQL sums BIGINT as NUMERIC
 
 
@@ -68,12 +78,18 @@ def balance_micros(db: Database, org_id: str) -> int:
 
 def list_entries(db: Database, org_id: str, limit: int = 1000) -> list[LedgerEntryInfo]:
     with db.read() as session:
-        rows = session.scalars(select(LedgerEntry).where(LedgerEntry.org_id == org_id)
-                               .order_by(LedgerEntry.id.desc()).limit(limit))
+        rows = session.scalars(
+            select(LedgerEntry)
+            .where(LedgerEntry.org_id == org_id)
+            .order_by(LedgerEntry.id.desc())
+            .limit(limit)
+        )
         return [_entry_info(r) for r in rows]
 
 
-def top_up(db: Database, org_id: str, amount_micros: int, *, idempotency_key: str, note: str = "") -> CreditResult:
+def top_up(
+    db: Database, org_id: str, amount_micros: int, *, idempotency_key: str, note: str = ""
+) -> CreditResult:
     """Add money. Retrying with the same idempotency key returns the first entry and writes nothing."""
     _check_amount(amount_micros, allow_negative=False)
     return _credit(db, org_id, "topup", amount_micros, idempotency_key, note)
@@ -92,25 +108,40 @@ def adjust(db: Database, org_id: str, amount_micros: int, *, idempotency_key: st
     return _credit(db, org_id, "adjustment", amount_micros, idempotency_key, note)
 
 
-def append_charge(session: Session, org_id: str, amount_micros: int, reservation_id: str, now: datetime) -> None:
+def append_charge(
+    session: Session, org_id: str, amount_micros: int, reservation_id: str, now: datetime
+) -> None:
     """Billing's write: a negative entry tied to its reservation (unique, so never charged twice)."""
-    session.add(LedgerEntry(org_id=org_id, kind="charge", amount_micros=-amount_micros, idempotency_key=None,
-                            reservation_id=reservation_id, note="", created_at=now))
+    session.add(
+        LedgerEntry(
+            org_id=org_id,
+            kind="charge",
+            amount_micros=-amount_micros,
+            idempotency_key=None,
+            reservation_id=reservation_id,
+            note="",
+            created_at=now,
+        )
+    )
 
 
 def _check_amount(amount_micros: object, *, allow_negative: bool) -> None:
     if type(amount_micros) is not int:
-        raise InvalidAmount(f"amount_micros: must be an integer number of micros, got "
-                            f"{type(amount_micros).__name__} {amount_micros!r}")
+        raise InvalidAmount(
+            f"amount_micros: must be an integer number of micros, got "
+            f"{type(amount_micros).__name__} {amount_micros!r}"
+        )
     if amount_micros == 0 or (amount_micros < 0 and not allow_negative):
-        raise InvalidAmount(f"amount_micros: must be {'non-zero' if allow_negative else 'positive'}, "
-                            f"got {amount_micros}")
+        raise InvalidAmount(
+            f"amount_micros: must be {'non-zero' if allow_negative else 'positive'}, got {amount_micros}"
+        )
     if abs(amount_micros) > MAX_ENTRY_MICROS:
         raise InvalidAmount(f"amount_micros: at most {MAX_ENTRY_MICROS} per entry")
 
 
-def _credit(db: Database, org_id: str, kind: str, amount_micros: int, idempotency_key: str,
-            note: str) -> CreditResult:
+def _credit(
+    db: Database, org_id: str, kind: str, amount_micros: int, idempotency_key: str, note: str
+) -> CreditResult:
     if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 200:
         raise InvalidArgument("idempotency_key: must be a string of 1 to 200 characters")
     if len(note) > 500:
@@ -118,19 +149,29 @@ def _credit(db: Database, org_id: str, kind: str, amount_micros: int, idempotenc
     try:
         with db.write() as session:
             lock_organization(session, org_id)
-            existing = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key))
+            existing = session.scalar(
+                select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
+            )
             if existing is not None:
                 return CreditResult(_same_credit(existing, org_id, kind, amount_micros), created=False)
-            row = LedgerEntry(org_id=org_id, kind=kind, amount_micros=amount_micros,
-                              idempotency_key=idempotency_key, reservation_id=None, note=note,
-                              created_at=db.now())
+            row = LedgerEntry(
+                org_id=org_id,
+                kind=kind,
+                amount_micros=amount_micros,
+                idempotency_key=idempotency_key,
+                reservation_id=None,
+                note=note,
+                created_at=db.now(),
+            )
             session.add(row)
             session.flush()
             return CreditResult(_entry_info(row), created=True)
     except IntegrityError:
         # Another process inserted the same idempotency key between our check and our insert.
         with db.read() as session:
-            existing = session.scalar(select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key))
+            existing = session.scalar(
+                select(LedgerEntry).where(LedgerEntry.idempotency_key == idempotency_key)
+            )
             if existing is None:
                 raise
             return CreditResult(_same_credit(existing, org_id, kind, amount_micros), created=False)

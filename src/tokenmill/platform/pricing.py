@@ -48,7 +48,9 @@ def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int
     for field, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
         if type(value) is not int or value < 0:
             raise InvalidArgument(f"{field}: must be a non-negative integer")
-    exact_numerator = prompt_tokens * price.input_micros_per_mtok + completion_tokens * price.output_micros_per_mtok
+    exact_numerator = (
+        prompt_tokens * price.input_micros_per_mtok + completion_tokens * price.output_micros_per_mtok
+    )
     return -(-exact_numerator // TOKENS_PER_PRICE)
 
 
@@ -57,15 +59,23 @@ def _check_model(model: object) -> None:
         raise InvalidArgument("model: must be a non-empty model id of at most 200 characters")
 
 
-def set_model_price(db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int) -> Price:
+def set_model_price(
+    db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int
+) -> Price:
     """Create or replace a model's price. Requests already admitted keep the price they were quoted."""
     _check_model(model)
     price = Price(input_micros_per_mtok, output_micros_per_mtok)
     with db.write() as session:
         row = session.get(ModelPrice, model)
         if row is None:
-            session.add(ModelPrice(model=model, input_micros_per_mtok=price.input_micros_per_mtok,
-                                   output_micros_per_mtok=price.output_micros_per_mtok, updated_at=db.now()))
+            session.add(
+                ModelPrice(
+                    model=model,
+                    input_micros_per_mtok=price.input_micros_per_mtok,
+                    output_micros_per_mtok=price.output_micros_per_mtok,
+                    updated_at=db.now(),
+                )
+            )
         else:
             row.input_micros_per_mtok = price.input_micros_per_mtok
             row.output_micros_per_mtok = price.output_micros_per_mtok
@@ -100,8 +110,12 @@ def register_free_models(db: Database, models: Iterable[str]) -> list[str]:
             with db.write() as session:
                 priced = set(session.scalars(select(ModelPrice.model).where(ModelPrice.model.in_(wanted))))
                 missing = [m for m in wanted if m not in priced]
-                session.add_all(ModelPrice(model=m, input_micros_per_mtok=0, output_micros_per_mtok=0,
-                                           updated_at=db.now()) for m in missing)
+                session.add_all(
+                    ModelPrice(
+                        model=m, input_micros_per_mtok=0, output_micros_per_mtok=0, updated_at=db.now()
+                    )
+                    for m in missing
+                )
             return missing
         except IntegrityError:
             continue  # another gateway registered one of them between our read and our insert: read again

@@ -40,11 +40,15 @@ class RateLimits:
 
     def capped_by(self, cap: RateLimits) -> RateLimits:
         """The stricter of the two in every dimension."""
+
         def low(a: int | None, b: int | None) -> int | None:
             return b if a is None else a if b is None else min(a, b)
-        return RateLimits(low(self.requests_per_minute, cap.requests_per_minute),
-                          low(self.tokens_per_minute, cap.tokens_per_minute),
-                          low(self.max_concurrent_requests, cap.max_concurrent_requests))
+
+        return RateLimits(
+            low(self.requests_per_minute, cap.requests_per_minute),
+            low(self.tokens_per_minute, cap.tokens_per_minute),
+            low(self.max_concurrent_requests, cap.max_concurrent_requests),
+        )
 
 
 DEFAULT_TIERS: Mapping[str, RateLimits] = {
@@ -52,7 +56,9 @@ DEFAULT_TIERS: Mapping[str, RateLimits] = {
     "pro": RateLimits(requests_per_minute=600, tokens_per_minute=2_000_000, max_concurrent_requests=64),
     "unlimited": RateLimits(),
 }
-DEFAULT_FREE_MODEL_LIMITS = RateLimits(requests_per_minute=20, tokens_per_minute=40_000, max_concurrent_requests=2)
+DEFAULT_FREE_MODEL_LIMITS = RateLimits(
+    requests_per_minute=20, tokens_per_minute=40_000, max_concurrent_requests=2
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +82,19 @@ class RateLimitPolicy:
     def scope(self, principal: KeyPrincipal, *, free_model: bool) -> RateLimitScope:
         tier = self.tiers.get(principal.tier)
         if tier is None:
-            logger.warning("organization tier %r has no rate limits configured; using 'default'", principal.tier)
+            logger.warning(
+                "organization tier %r has no rate limits configured; using 'default'", principal.tier
+            )
             tier = self.tiers["default"]
 
         def pick(override: int | None, default: int | None) -> int | None:
             return default if override is None else override
 
-        limits = RateLimits(pick(principal.requests_per_minute, tier.requests_per_minute),
-                            pick(principal.tokens_per_minute, tier.tokens_per_minute),
-                            pick(principal.max_concurrent_requests, tier.max_concurrent_requests))
+        limits = RateLimits(
+            pick(principal.requests_per_minute, tier.requests_per_minute),
+            pick(principal.tokens_per_minute, tier.tokens_per_minute),
+            pick(principal.max_concurrent_requests, tier.max_concurrent_requests),
+        )
         if free_model:
             return RateLimitScope(f"{principal.key_id}:free", limits.capped_by(self.free_models))
         return RateLimitScope(principal.key_id, limits)

@@ -29,7 +29,9 @@ class _Bucket:
     """lease id -> expiry (ms)."""
 
 
-def verdict(limits: RateLimits, num_requests: int, num_tokens: int, num_active: int, asked_tokens: int) -> str:
+def verdict(
+    limits: RateLimits, num_requests: int, num_tokens: int, num_active: int, asked_tokens: int
+) -> str:
     """The order of checks both backends follow (the Redis Lua script mirrors it)."""
     rpm, tpm, conc = limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent_requests
     if tpm is not None and asked_tokens > tpm:
@@ -44,8 +46,13 @@ def verdict(limits: RateLimits, num_requests: int, num_tokens: int, num_active: 
 
 
 class InMemoryRateLimiter:
-    def __init__(self, *, clock: Callable[[], float] = time.time, window_s: float = WINDOW_S,
-                 lease_ttl_s: float = LEASE_TTL_S) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        window_s: float = WINDOW_S,
+        lease_ttl_s: float = LEASE_TTL_S,
+    ) -> None:
         self._clock = clock
         self._window_ms = round(window_s * 1000)
         self._lease_ttl_ms = round(lease_ttl_s * 1000)
@@ -69,8 +76,15 @@ class InMemoryRateLimiter:
                 state.num_tokens += num_tokens
                 lease = Lease(bucket, secrets.token_hex(8), index, num_tokens)
                 state.leases[lease.lease_id] = now_ms + self._lease_ttl_ms
-            return decide(outcome, limits, num_requests=state.num_requests, num_tokens=state.num_tokens,
-                          now_ms=now_ms, window_ms=self._window_ms, lease=lease)
+            return decide(
+                outcome,
+                limits,
+                num_requests=state.num_requests,
+                num_tokens=state.num_tokens,
+                now_ms=now_ms,
+                window_ms=self._window_ms,
+                lease=lease,
+            )
 
     def release(self, lease: Lease, unused_tokens: int = 0) -> None:
         check_num_tokens(unused_tokens)

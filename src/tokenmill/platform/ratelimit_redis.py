@@ -95,15 +95,32 @@ class RedisRateLimiter:
         index = window_index(now_ms, self._window_ms)
         lease = Lease(bucket, secrets.token_hex(8), index, num_tokens)
         outcome, num_requests, window_tokens = self._acquire(
-            keys=[self._key(bucket, f"req:{index}"), self._key(bucket, f"tok:{index}"),
-                  self._key(bucket, "leases")],
-            args=[now_ms, _arg(limits.requests_per_minute), _arg(limits.tokens_per_minute),
-                  _arg(limits.max_concurrent_requests), num_tokens, lease.lease_id, self._lease_ttl_ms,
-                  2 * self._window_ms],
+            keys=[
+                self._key(bucket, f"req:{index}"),
+                self._key(bucket, f"tok:{index}"),
+                self._key(bucket, "leases"),
+            ],
+            args=[
+                now_ms,
+                _arg(limits.requests_per_minute),
+                _arg(limits.tokens_per_minute),
+                _arg(limits.max_concurrent_requests),
+                num_tokens,
+                lease.lease_id,
+                self._lease_ttl_ms,
+                2 * self._window_ms,
+            ],
         )
         verdict = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        return decide(verdict, limits, num_requests=int(num_requests), num_tokens=int(window_tokens),
-                      now_ms=now_ms, window_ms=self._window_ms, lease=lease)
+        return decide(
+            verdict,
+            limits,
+            num_requests=int(num_requests),
+            num_tokens=int(window_tokens),
+            now_ms=now_ms,
+            window_ms=self._window_ms,
+            lease=lease,
+        )
 
     def release(self, lease: Lease, unused_tokens: int = 0) -> None:
         check_num_tokens(unused_tokens)

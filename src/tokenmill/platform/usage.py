@@ -59,7 +59,8 @@ USAGE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
 def user_info(db: Database, principal: KeyPrincipal) -> AccountInfo:
     with db.read() as session:
         found = session.execute(
-            select(Organization, User).join(User, User.org_id == Organization.id)
+            select(Organization, User)
+            .join(User, User.org_id == Organization.id)
             .where(Organization.id == principal.org_id, User.id == principal.user_id)
         ).first()
         if found is None:
@@ -69,9 +70,18 @@ def user_info(db: Database, principal: KeyPrincipal) -> AccountInfo:
         held = held_micros(session, org.id)
         committed = key_committed_micros(session, principal.key_id)
     return AccountInfo(
-        org_id=org.id, org_name=org.name, tier=org.tier, user_id=user.id, user_email=user.email,
-        user_name=user.name, key_id=principal.key_id, key_prefix=principal.key_prefix, balance_micros=balance,
-        held_micros=held, available_micros=balance - held, key_spend_limit_micros=principal.spend_limit_micros,
+        org_id=org.id,
+        org_name=org.name,
+        tier=org.tier,
+        user_id=user.id,
+        user_email=user.email,
+        user_name=user.name,
+        key_id=principal.key_id,
+        key_prefix=principal.key_prefix,
+        balance_micros=balance,
+        held_micros=held,
+        available_micros=balance - held,
+        key_spend_limit_micros=principal.spend_limit_micros,
         key_committed_micros=committed,
     )
 
@@ -83,8 +93,12 @@ def usage_report(db: Database, org_id: str | None, start_date: date, end_date: d
         raise InvalidArgument("start_date: must not be after end_date")
     query = (
         select(
-            UsageRecord.day, UsageRecord.org_id, UsageRecord.model, func.count(UsageRecord.id),
-            func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens),
+            UsageRecord.day,
+            UsageRecord.org_id,
+            UsageRecord.model,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.prompt_tokens),
+            func.sum(UsageRecord.completion_tokens),
             func.sum(UsageRecord.cost_micros),
         )
         .where(UsageRecord.day >= start_date, UsageRecord.day <= end_date)
@@ -96,7 +110,14 @@ def usage_report(db: Database, org_id: str | None, start_date: date, end_date: d
     with db.read() as session:
         rows = session.execute(query).all()
     return [
-        UsageRow(day=day, org_id=org, model=model, num_requests=int(n), prompt_tokens=int(p),
-                 completion_tokens=int(c), cost_micros=int(cost))
+        UsageRow(
+            day=day,
+            org_id=org,
+            model=model,
+            num_requests=int(n),
+            prompt_tokens=int(p),
+            completion_tokens=int(c),
+            cost_micros=int(cost),
+        )
         for day, org, model, n, p, c, cost in rows
     ]

@@ -132,10 +132,21 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for index, table in (("ix_usage_key", "usage_records"), ("ix_usage_org_day", "usage_records"),
-                         ("ix_reservations_key_state", "reservations"),
-                         ("ix_reservations_org_state", "reservations")):
+    for index, table in (
+        ("ix_usage_key", "usage_records"),
+        ("ix_usage_org_day", "usage_records"),
+        ("ix_reservations_key_state", "reservations"),
+        ("ix_reservations_org_state", "reservations"),
+    ):
         op.drop_index(index, table_name=table)
-    for table in ("usage_records", "ledger_entries", "reservations", "model_prices", "admin_keys",
-                  "api_keys", "users", "organizations"):
+    for table in (
+        "usage_records",
+        "ledger_entries",
+        "reservations",
+        "model_prices",
+        "admin_keys",
+        "api_keys",
+        "users",
+        "organizations",
+    ):
         op.drop_table(table)

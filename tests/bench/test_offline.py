@@ -1,0 +1,52 @@
+"""The offline benchmark harness on a tiny model: both engines produce exactly the requested tokens, and the
+report carries what README quotes."""
+
+import json
+
+import pytest
+
+from tokenmill.bench import offline
+
+pytestmark = pytest.mark.slow
+
+
+def test_offline_benchmark_counts_only_requested_tokens(tiny_llama_dir, tmp_path):
+    out = tmp_path / "offline.json"
+    result = offline.main(
+        [
+            "--model",
+            str(tiny_llama_dir),
+            "--dtype",
+            "float32",
+            "--num-requests",
+            "6",
+            "--prompt-len",
+            "4",
+            "40",
+            "--output-len",
+            "2",
+            "12",
+            "--hf-batch-size",
+            "4",
+            "--repeat",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
+    requested = result["requested_output_tokens"]
+    assert result["tokenmill"]["output_tokens"] == requested
+    assert result["transformers"]["output_tokens"] == requested
+    assert result["speedup"] == pytest.approx(
+        result["tokenmill"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    )
+    assert json.loads(out.read_text())["speedup"] == pytest.approx(result["speedup"])
+
+
+def test_workloads_are_reproducible_and_within_bounds():
+    a = offline.make_workload(64, (32, 512), (16, 256), 1000, "loguniform", seed=3)
+    b = offline.make_workload(64, (32, 512), (16, 256), 1000, "loguniform", seed=3)
+    assert a.prompts == b.prompts and a.output_lengths == b.output_lengths
+    assert all(32 <= len(p) <= 512 for p in a.prompts)
+    assert all(16 <= n <= 256 for n in a.output_lengths)
+    assert len({p.temperature for p in a.params}) > 1  # each request brings its own settings
