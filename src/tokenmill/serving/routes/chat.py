@@ -15,9 +15,8 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serving.deltas import ChoiceDelta, DeltaTracker
 from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
-from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, merged, start_requests
+from tokenmill.serving.generation import EngineRequest, collect_outputs, merged
 from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
-from tokenmill.serving.metering import admit
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.prompts import render_chat
 from tokenmill.serving.protocol import (
@@ -31,9 +30,14 @@ from tokenmill.serving.protocol import (
     Delta,
     Usage,
 )
-from tokenmill.serving.routes.common import include_usage, json_response, response_id
+from tokenmill.serving.routes.common import (
+    admit_and_start,
+    include_usage,
+    json_response,
+    response_id,
+    streaming_response,
+)
 from tokenmill.serving.sampling import sampling_params
-from tokenmill.serving.streaming import SSEResponse, sse_stream
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -140,31 +144,19 @@ async def create_chat_completion(
     logger.debug(
         "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
     )
-    meter = await admit(
-        state.gateway,
-        state.spawn,
+    meter = await admit_and_start(
+        state,
         principal,
+        request.receive,
+        request_id,
         body.model,
+        requests,
         len(prompt_ids),
         params.n * params.max_tokens,
-        request_id,
     )
-    async with meter.submitting():
-        await start_requests(request.receive, requests)
     if body.stream:
-
-        def on_close() -> None:
-            close_all(requests)
-            meter.close(tracker.token_counts)
-
-        return SSEResponse(
-            sse_stream(
-                meter.stream(_events(response, requests, body.n, tracker, timer), tracker.token_counts),
-                request_id,
-            ),
-            on_close=on_close,
-            headers=meter.headers,
-        )
+        events = _events(response, requests, body.n, tracker, timer)
+        return streaming_response(meter, requests, events, tracker, request_id)
     async with meter.running(tracker.token_counts):
         (final,) = await collect_outputs(request.receive, requests, tracker, timer)
     choices = [
