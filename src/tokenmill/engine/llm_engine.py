@@ -116,8 +116,9 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.execute(batch)
-        samples = self.sampler(logits, [_row(item.seq) for item in batch.sampling_items])
-        for item, (_, logprob) in zip(batch.sampling_items, samples, strict=True):
+        sampling = batch.sampling_items
+        samples = self.sampler(logits, [_row(item.seq) for item in sampling])
+        for item, (_, logprob) in zip(sampling, samples, strict=True):
             if logprob is not None:
                 item.seq.logprobs.append(logprob)
         appended = self.scheduler.update(batch, [token_id for token_id, _ in samples])
