@@ -1,8 +1,10 @@
 """Rate limits on both backends with an injected clock: requests and tokens per window, concurrency, the
-values behind OpenAI's headers; the Redis backend shared by two limiter instances (two gateways)."""
+values behind OpenAI's headers; the Redis backend shared by two limiter instances (two gateways); leases
+kept by their gateway's heartbeat, freed by its death (TTL) or its restart."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -12,6 +14,9 @@ from tests.platform.helpers import FakeClock
 from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.ratelimit import (
     DEFAULT_FREE_MODEL_LIMITS,
+    LEASE_REFRESH_S,
+    LEASE_TTL_S,
+    LeaseHeartbeat,
     RateLimiter,
     RateLimitPolicy,
     RateLimits,
@@ -101,6 +106,102 @@ def test_two_redis_limiters_share_one_limit(redis_limiter_factory: MakeLimiter) 
     gateway_b.release(decisions[0].lease)  # released by another process than the one that acquired
     assert gateway_b.acquire("key", limits, 1).allowed
     assert gateway_a.acquire("key", limits, 1).reason == "requests"
+
+
+OLD_LEASE_TTL_S = 600.0
+"""Before heartbeats, a crashed gateway's slot stayed held this long; a live request must outlive it."""
+
+
+def test_refreshed_leases_outlive_the_ttl_and_unrefreshed_ones_expire(limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = limiter_factory(clock=clock, owner="gw-a")
+    limits = RateLimits(max_concurrent_requests=2)
+    a, b = limiter.acquire("key", limits, 1), limiter.acquire("key", limits, 1)
+    assert b.allowed and a.lease is not None and a.lease.owner == "gw-a"
+    assert limiter.release_previous_leases() == 0  # this process's own leases are not a crashed run's
+
+    while clock.now - WINDOW_START <= OLD_LEASE_TTL_S:  # a long stream: the heartbeat beats throughout
+        clock.advance(LEASE_REFRESH_S)
+        assert limiter.refresh_leases() == 2
+    assert limiter.acquire("key", limits, 1).reason == "concurrency"
+
+    limiter.release(a.lease)
+    assert limiter.refresh_leases() == 1  # a released lease is not revived
+    c = limiter.acquire("key", limits, 1)
+    assert c.allowed and limiter.acquire("key", limits, 1).reason == "concurrency"
+
+    clock.advance(LEASE_TTL_S - 1)  # the process died: nothing refreshes b and c any more
+    assert limiter.acquire("key", limits, 1).reason == "concurrency"
+    clock.advance(2)
+    assert limiter.refresh_leases() == 0  # expired leases are not revived either
+    assert [limiter.acquire("key", limits, 1).allowed for _ in range(3)] == [True, True, False]
+
+
+@pytest.mark.redis
+def test_a_dead_gateways_slots_free_within_one_ttl_a_live_ones_stay(
+    redis_limiter_factory: MakeLimiter,
+) -> None:
+    clock = FakeClock(WINDOW_START)
+    live, dead = (redis_limiter_factory(clock=clock, owner=owner) for owner in ("gw-live", "gw-dead"))
+    limits = RateLimits(max_concurrent_requests=3)
+    assert [g.acquire("key", limits, 1).allowed for g in (live, dead, dead, live)] == [True] * 3 + [False]
+
+    while clock.now - WINDOW_START <= LEASE_TTL_S:
+        clock.advance(LEASE_REFRESH_S)
+        assert live.refresh_leases() == 1  # only its own leases: the dead gateway's are left to expire
+    allowed = [live.acquire("key", limits, 1).allowed for _ in range(3)]
+    assert allowed == [True, True, False]
+
+
+@pytest.mark.redis
+def test_a_restarted_gateway_frees_the_slots_its_crashed_run_held(redis_limiter_factory: MakeLimiter) -> None:
+    clock = FakeClock(WINDOW_START)
+    crashed, other = (redis_limiter_factory(clock=clock, owner=owner) for owner in ("gw-a", "gw-b"))
+    limits = RateLimits(tokens_per_minute=1_000, max_concurrent_requests=4)
+    finished = crashed.acquire("key", limits, 100)
+    held = [g.acquire("key", limits, 100) for g in (crashed, crashed, other)]
+    assert finished.lease is not None and all(d.allowed for d in held)
+    crashed.release(finished.lease)  # ended before the crash: not left behind
+    other_free = other.acquire("free-key", limits, 100)  # another bucket, another gateway
+    assert crashed.acquire("key", limits, 100).allowed  # the fourth slot; then the crash
+
+    restarted = redis_limiter_factory(clock=clock, owner="gw-a")  # same gateway id, a new process
+    assert restarted.release_previous_leases() == 3
+    assert restarted.release_previous_leases() == 0
+    decisions = [restarted.acquire("key", limits, 100) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert decisions[3].reason == "concurrency"  # gw-b's slot is still held
+    assert decisions[2].remaining_tokens == 200  # slots freed, the window's tokens not given back
+    assert other.refresh_leases() == 2 and other_free.allowed
+    assert restarted.refresh_leases() == 3
+
+
+class _CountingLimiter:
+    """Counts refreshes and fails the first, as a Redis briefly unreachable would."""
+
+    def __init__(self, beats_wanted: int) -> None:
+        self.num_refreshes = 0
+        self.beats_wanted = beats_wanted
+        self.enough = threading.Event()
+
+    def refresh_leases(self) -> int:
+        self.num_refreshes += 1
+        if self.num_refreshes >= self.beats_wanted:
+            self.enough.set()
+        if self.num_refreshes == 1:
+            raise ConnectionError("redis down")
+        return 0
+
+
+def test_heartbeat_refreshes_until_stopped_and_survives_a_failed_refresh() -> None:
+    limiter = _CountingLimiter(beats_wanted=3)
+    heartbeat = LeaseHeartbeat(limiter, period_s=0.01)  # type: ignore[arg-type]
+    heartbeat.start()
+    try:
+        assert limiter.enough.wait(10), "the heartbeat stopped after a failed refresh"
+    finally:
+        heartbeat.stop()
+    assert heartbeat._thread is not None and not heartbeat._thread.is_alive()
 
 
 def _principal(tier: str = "default", **overrides: int | None) -> KeyPrincipal:

@@ -43,7 +43,7 @@ def _error(response: Any, status: int) -> dict[str, Any]:
         ({"model": "fake-chat", "messages": USER, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"model": "fake-chat", "messages": USER, "top_logprobs": 2}, "top_logprobs"),
         ({"model": "fake-chat", "messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
-        ({"model": "fake-chat", "messages": USER, "logit_bias": {"5": 500}}, "logit_bias"),
+        ({"model": "fake-chat", "messages": USER, "logit_bias": {"5": 500}}, "logit_bias.5"),
         ({"model": "fake-chat", "messages": USER, "stop": [""]}, "stop"),
         ({"model": "fake-chat", "messages": USER, "top_k": -5}, "top_k"),
         ({"model": "fake-chat", "messages": USER, "min_p": 2}, "min_p"),

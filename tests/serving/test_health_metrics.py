@@ -25,7 +25,7 @@ def test_ready_is_503_until_the_engines_have_started(fake_engine: FakeEngine) ->
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"
         fake_engine.start_gate.set()
         wait_ready(client)
-        assert client.get("/ready").json() == {"status": "ready", "models": ["fake-chat"]}
+        assert client.get("/ready").json() == {"status": "ready", "models": ["fake-chat"], "error": None}
     assert not fake_engine.started  # the lifespan shut it down
 
 

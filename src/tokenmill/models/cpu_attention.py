@@ -28,7 +28,14 @@ from tokenmill.models.attention import TorchPagedAttention
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC")
+_FLAGS = (
+    "-O3", "-march=native", "-shared", "-fPIC",
+    # The parts of -ffast-math the kernel's vectorised reductions need. Not -ffast-math itself (nor -Ofast,
+    # -funsafe-math-optimizations): linked into a shared object it adds crtfastmath.o, whose constructor
+    # flushes denormals to zero in the whole process that loads the library (Python floats, torch).
+    # Not -ffinite-math-only either: the softmax starts its running maximum at -INFINITY.
+    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math",
+)  # fmt: skip
 _SYMBOLS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import DuplicateName, InvalidArgument, UnknownOrganization, UnknownUser
 from tokenmill.platform.tables import Organization, User, new_id
+from tokenmill.platform.validation import text
 
 DEFAULT_TIER = "default"
 _TIER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -43,16 +44,8 @@ def _user_info(row: User) -> UserInfo:
     return UserInfo(id=row.id, org_id=row.org_id, email=row.email, name=row.name, created_at=row.created_at)
 
 
-def _check_text(field: str, value: object, max_len: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument(f"{field}: must be a non-empty string")
-    if len(value) > max_len:
-        raise InvalidArgument(f"{field}: at most {max_len} characters")
-    return value.strip()
-
-
 def create_organization(db: Database, name: str, tier: str = DEFAULT_TIER) -> OrgInfo:
-    name = _check_text("name", name, 200)
+    name = text("name", name, max_len=200)
     if not _TIER_RE.match(tier):
         raise InvalidArgument("tier: lowercase letters, digits, '-' or '_', at most 32 characters")
     with db.write() as session:
@@ -80,6 +73,7 @@ def set_organization_tier(db: Database, org_id: str, tier: str) -> OrgInfo:
 
 def get_organization(db: Database, ref: str) -> OrgInfo:
     """By id or by name (the admin CLI accepts either)."""
+    ref = text("organization", ref, max_len=200)
     with db.read() as session:
         row = session.scalar(
             select(Organization).where(or_(Organization.id == ref, Organization.name == ref))
@@ -95,12 +89,10 @@ def list_organizations(db: Database) -> list[OrgInfo]:
 
 
 def create_user(db: Database, org_id: str, email: str, name: str = "") -> UserInfo:
-    email = _check_text("email", email, 320).lower()
+    email = text("email", email, max_len=320).lower()
     if not _EMAIL_RE.match(email):
         raise InvalidArgument(f"email: {email!r} is not an email address")
-    name = name.strip() if isinstance(name, str) else ""
-    if len(name) > 200:
-        raise InvalidArgument("name: at most 200 characters")
+    name = text("name", name, max_len=200, allow_empty=True)
     with db.write() as session:
         if session.get(Organization, org_id) is None:
             raise UnknownOrganization(f"org_id: no organization {org_id!r}")
@@ -117,6 +109,7 @@ def create_user(db: Database, org_id: str, email: str, name: str = "") -> UserIn
 
 def get_user(db: Database, ref: str) -> UserInfo:
     """By id or by email."""
+    ref = text("user", ref, max_len=320)
     with db.read() as session:
         row = session.scalar(select(User).where(or_(User.id == ref, User.email == ref.lower())))
         if row is None:

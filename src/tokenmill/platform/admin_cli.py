@@ -14,8 +14,10 @@ from tokenmill.config import default_data_dir, default_database_url
 from tokenmill.platform import admin_actions as do
 from tokenmill.platform.db import Database
 from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
+from tokenmill.platform.validation import MAX_COUNT
 
 Action = Callable[[Database, argparse.Namespace], None]
+MAX_DAYS = 100 * 366
 
 
 def _database(args: argparse.Namespace) -> Database:
@@ -45,10 +47,15 @@ def _day(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date such as 2025-03-01") from None
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
+def _positive(maximum: int) -> Callable[[str], int]:
+    """An argparse type: an integer from 1 to `maximum` (bounded, so no date or column can overflow)."""
+
+    def parse(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 1 to {maximum}")
+        return int(text)
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--spend-limit", metavar="AMOUNT", help="most this key may ever spend, in currency units"
     )
-    sub.add_argument("--expires-in-days", type=_positive)
-    sub.add_argument("--rpm", type=_positive, help="requests per minute (default: the tier's)")
-    sub.add_argument("--tpm", type=_positive, help="tokens per minute (default: the tier's)")
-    sub.add_argument("--max-concurrent", type=_positive, help="concurrent requests (default: the tier's)")
+    sub.add_argument("--expires-in-days", type=_positive(MAX_DAYS))
+    sub.add_argument("--rpm", type=_positive(MAX_COUNT), help="requests per minute (default: the tier's)")
+    sub.add_argument("--tpm", type=_positive(MAX_COUNT), help="tokens per minute (default: the tier's)")
+    sub.add_argument(
+        "--max-concurrent", type=_positive(MAX_COUNT), help="concurrent requests (default: the tier's)"
+    )
     sub = action("revoke-key", "revoke an API key; its next request gets 401", do.revoke_key)
     sub.add_argument("key_id")
     sub = action("top-up", "add money to an organization's balance", do.top_up)
@@ -122,5 +131,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "release-reservations", "release reservations a gone gateway left open", do.release_reservations
     )
     sub.add_argument("--gateway-id")
-    sub.add_argument("--older-than-minutes", type=_positive)
+    sub.add_argument("--older-than-minutes", type=_positive(MAX_DAYS * 24 * 60))
     action("rotate-admin-key", "revoke the admin key and print a new one", do.rotate_admin_key)

@@ -1,6 +1,7 @@
-"""What one gateway process (a `tokenmill serve`) holds of the platform: the database, the rate limiter and
-admission control, opened from `PlatformSettings`, and the startup sequence that makes a restart safe
-(migrate, release what a crash left open, bootstrap the admin key, price the served models)."""
+"""What one gateway process (a `tokenmill serve`) holds of the platform: the database, the rate limiter (and
+the heartbeat keeping its leases) and admission control, opened from `PlatformSettings`, and the startup
+sequence that makes a restart safe (migrate, release what a crash left open, bootstrap the admin key, price
+the served models)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tokenmill.platform.db import Database, open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.migrate import upgrade
 from tokenmill.platform.pricing import register_free_models
-from tokenmill.platform.ratelimit import RateLimiter, RateLimitPolicy
+from tokenmill.platform.ratelimit import LeaseHeartbeat, RateLimiter, RateLimitPolicy
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class PlatformSettings:
     redis_url: str | None = None
     """None: rate limits are counted in this process; a URL: in Redis, shared by every gateway using it."""
     gateway_id: str = DEFAULT_OWNER
-    """Names this gateway's reservations; at startup only reservations with this name are recovered, so it
-    must be stable across restarts and distinct between gateways that share a database."""
+    """Names this gateway's reservations and rate-limit leases; at startup only those with this name are
+    recovered, so it must be stable across restarts and distinct between gateways that share a database
+    or a Redis."""
     policy: RateLimitPolicy = field(default_factory=RateLimitPolicy)
 
     def __post_init__(self) -> None:
@@ -70,11 +72,13 @@ class StartupReport:
     """The new admin key on the very first start (to be shown once), else None."""
     released_reservation_ids: tuple[str, ...]
     """Reservations an earlier crash of this gateway left open, released now (nothing charged)."""
+    num_released_leases: int = 0
+    """Concurrency slots an earlier crash of this gateway left held in Redis, freed now."""
 
 
-def _limiter(redis_url: str | None) -> RateLimiter:
+def _limiter(redis_url: str | None, owner: str) -> RateLimiter:
     if not redis_url:
-        return InMemoryRateLimiter()
+        return InMemoryRateLimiter(owner=owner)
     import redis  # only when asked for
 
     from tokenmill.platform.ratelimit_redis import RedisRateLimiter
@@ -85,7 +89,7 @@ def _limiter(redis_url: str | None) -> RateLimiter:
     except redis.RedisError as exc:
         client.close()
         raise InvalidArgument(f"redis_url: cannot reach {redis_url!r}: {exc}") from None
-    return RedisRateLimiter(client)
+    return RedisRateLimiter(client, owner=owner)
 
 
 class Gateway:
@@ -97,6 +101,7 @@ class Gateway:
         self.db = db
         self.limiter = limiter
         self.admission = AdmissionControl(db, limiter, settings.policy, owner=settings.gateway_id)
+        self.heartbeat = LeaseHeartbeat(limiter)
 
     @classmethod
     def open(cls, settings: PlatformSettings) -> Gateway:
@@ -104,17 +109,30 @@ class Gateway:
         the setting, not at its first request."""
         db = open_migrated_database(settings)
         try:
-            return cls(settings, db, _limiter(settings.redis_url))
+            return cls(settings, db, _limiter(settings.redis_url, settings.gateway_id))
         except BaseException:
             db.close()
             raise
 
     def start(self) -> StartupReport:
-        """Run before the gateway accepts requests. Releasing this gateway's open reservations is safe only
-        then: no request of this process can hold one yet."""
+        """Run before the gateway accepts requests. Releasing this gateway's open reservations and held
+        rate-limit leases is safe only then: no request of this process can hold one yet. From here until
+        `close()` the heartbeat keeps the leases of this process's requests."""
         released = recover_open_reservations(self.db, owner=self.settings.gateway_id)
+        num_released_leases = self.limiter.release_previous_leases()
+        if num_released_leases:
+            logger.warning(
+                "freed %d concurrency slot(s) an earlier run of gateway %s left held",
+                num_released_leases,
+                self.settings.gateway_id,
+            )
+        self.heartbeat.start()
         admin_key = ensure_admin_key(self.db, self.settings.data_dir)
-        return StartupReport(admin_key=admin_key, released_reservation_ids=tuple(released))
+        return StartupReport(
+            admin_key=admin_key,
+            released_reservation_ids=tuple(released),
+            num_released_leases=num_released_leases,
+        )
 
     def register_models(self, models: Iterable[str]) -> list[str]:
         registered = register_free_models(self.db, models)
@@ -126,6 +144,7 @@ class Gateway:
         return authenticate(self.db, raw_key)
 
     def close(self) -> None:
+        self.heartbeat.stop()
         close = getattr(self.limiter, "close", None)
         if close is not None:
             close()

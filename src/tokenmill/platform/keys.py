@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -15,6 +15,7 @@ from sqlalchemy import select
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, KeyNotFound, PermissionDenied, UnknownUser
 from tokenmill.platform.tables import ApiKey, User, new_id
+from tokenmill.platform.validation import MAX_COUNT, optional_int, text
 
 if TYPE_CHECKING:
     from tokenmill.platform.auth import KeyPrincipal
@@ -23,6 +24,11 @@ KEY_PREFIX = "sk-"
 SECRET_BYTES = 32
 """token_urlsafe(32): 43 characters, 256 bits of entropy."""
 VISIBLE_SECRET_CHARS = 6
+MAX_SPEND_LIMIT_MICROS = 10**15
+"""A billion currency units: above any real limit, and sums of such limits stay far from int64 overflow."""
+LATEST_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+"""The last moment a datetime (and so every backend and API field) can hold."""
+MAX_ALLOWED_MODELS = 1000
 
 
 def generate_key(prefix: str = KEY_PREFIX) -> str:
@@ -90,18 +96,13 @@ def _check_models(models: Iterable[str] | None) -> list[str] | None:
         return None
     if isinstance(models, str):
         raise InvalidArgument("allowed_models: must be a list of model ids, not one string")
-    cleaned = sorted({m.strip() for m in models if isinstance(m, str) and m.strip()})
+    models = list(models)
+    if len(models) > MAX_ALLOWED_MODELS:
+        raise InvalidArgument(f"allowed_models: at most {MAX_ALLOWED_MODELS} model ids")
+    cleaned = sorted({text(f"allowed_models[{i}]", m, max_len=200) for i, m in enumerate(models)})
     if not cleaned:
         raise InvalidArgument("allowed_models: an empty allow-list would block every model; pass None")
     return cleaned
-
-
-def _check_optional_int(field: str, value: int | None, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if type(value) is not int or value < minimum:
-        raise InvalidArgument(f"{field}: must be an integer >= {minimum} or None")
-    return value
 
 
 def create_key(
@@ -118,10 +119,23 @@ def create_key(
 ) -> CreatedKey:
     """Issue a key to `user_id` (its organization pays). The returned secret is not recoverable."""
     models = _check_models(allowed_models)
-    if len(name) > 200:
-        raise InvalidArgument("name: at most 200 characters")
-    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= db.now()):
-        raise InvalidArgument("expires_at: must be an aware datetime in the future")
+    name = text("name", name, max_len=200, allow_empty=True)
+    if expires_at is not None and (expires_at.tzinfo is None or not db.now() < expires_at <= LATEST_EXPIRY):
+        raise InvalidArgument(f"expires_at: must be an aware datetime in the future, at most {LATEST_EXPIRY}")
+    limits = {
+        "spend_limit_micros": optional_int(
+            "spend_limit_micros", spend_limit_micros, minimum=0, maximum=MAX_SPEND_LIMIT_MICROS
+        ),
+        "requests_per_minute": optional_int(
+            "requests_per_minute", requests_per_minute, minimum=1, maximum=MAX_COUNT
+        ),
+        "tokens_per_minute": optional_int(
+            "tokens_per_minute", tokens_per_minute, minimum=1, maximum=MAX_COUNT
+        ),
+        "max_concurrent_requests": optional_int(
+            "max_concurrent_requests", max_concurrent_requests, minimum=1, maximum=MAX_COUNT
+        ),
+    }
     raw = generate_key()
     with db.write() as session:
         user = session.get(User, user_id)
@@ -135,12 +149,7 @@ def create_key(
             prefix=visible_prefix(raw),
             key_hash=hash_key(raw),
             allowed_models=models,
-            spend_limit_micros=_check_optional_int("spend_limit_micros", spend_limit_micros, 0),
-            requests_per_minute=_check_optional_int("requests_per_minute", requests_per_minute, 1),
-            tokens_per_minute=_check_optional_int("tokens_per_minute", tokens_per_minute, 1),
-            max_concurrent_requests=_check_optional_int(
-                "max_concurrent_requests", max_concurrent_requests, 1
-            ),
+            **limits,
             created_at=db.now(),
             expires_at=expires_at,
             revoked_at=None,

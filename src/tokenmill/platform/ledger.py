@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import IdempotencyConflict, InvalidAmount, InvalidArgument, UnknownOrganization
 from tokenmill.platform.tables import LedgerEntry, Organization
+from tokenmill.platform.validation import text
 
 MAX_ENTRY_MICROS = 10**15
 """One billion currency units per entry: a typo guard that also keeps sums far from int64 overflow."""
@@ -142,10 +143,8 @@ def _check_amount(amount_micros: object, *, allow_negative: bool) -> None:
 def _credit(
     db: Database, org_id: str, kind: str, amount_micros: int, idempotency_key: str, note: str
 ) -> CreditResult:
-    if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 200:
-        raise InvalidArgument("idempotency_key: must be a string of 1 to 200 characters")
-    if len(note) > 500:
-        raise InvalidArgument("note: at most 500 characters")
+    idempotency_key = text("idempotency_key", idempotency_key, max_len=200)
+    note = text("note", note, max_len=500, allow_empty=True)
     try:
         with db.write() as session:
             lock_organization(session, org_id)

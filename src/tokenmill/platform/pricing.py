@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidAmount, InvalidArgument, ModelNotPriced
 from tokenmill.platform.tables import ModelPrice
+from tokenmill.platform.validation import text
 
 MICROS_PER_UNIT = 1_000_000
 """1 currency unit (e.g. 1 USD) = 1,000,000 micros."""
@@ -54,16 +55,11 @@ def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int
     return -(-exact_numerator // TOKENS_PER_PRICE)
 
 
-def _check_model(model: object) -> None:
-    if not isinstance(model, str) or not model.strip() or len(model) > 200:
-        raise InvalidArgument("model: must be a non-empty model id of at most 200 characters")
-
-
 def set_model_price(
     db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int
 ) -> Price:
     """Create or replace a model's price. Requests already admitted keep the price they were quoted."""
-    _check_model(model)
+    model = text("model", model, max_len=200)
     price = Price(input_micros_per_mtok, output_micros_per_mtok)
     with db.write() as session:
         row = session.get(ModelPrice, model)
@@ -102,9 +98,7 @@ def register_free_models(db: Database, models: Iterable[str]) -> list[str]:
     """Gateway startup: each served model that has no price yet becomes free (0/0), so a fresh `tokenmill
     serve` answers at once and those models fall under the stricter free-model rate limits. A price the
     admin set is never touched. Returns the models registered by this call."""
-    wanted = sorted(set(models))
-    for model in wanted:
-        _check_model(model)
+    wanted = sorted({text("model", model, max_len=200) for model in models})
     for _ in range(3):
         try:
             with db.write() as session:

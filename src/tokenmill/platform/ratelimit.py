@@ -1,11 +1,13 @@
 """Rate limits per key: requests and tokens per fixed one-minute window plus concurrent requests.
-Holds the limits, the tier policy, the decision (with OpenAI's x-ratelimit-* values) and the
-`RateLimiter` contract; backends live in `ratelimit_memory.py` and `ratelimit_redis.py`."""
+Holds the limits, the tier policy, the decision (with OpenAI's x-ratelimit-* values), the `RateLimiter`
+contract and the heartbeat that keeps a live gateway's concurrency leases; backends live in
+`ratelimit_memory.py` and `ratelimit_redis.py`."""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,8 +22,10 @@ WINDOW_S = 60.0
 window boundary, the usual price of O(1) state per key."""
 CONCURRENCY_RETRY_S = 1.0
 """Retry-After hint when only the concurrency limit refuses: slots free when requests finish."""
-LEASE_TTL_S = 600.0
-"""A concurrency slot whose holder died (crashed gateway) frees itself after this long."""
+LEASE_TTL_S = 30.0
+"""A concurrency slot not refreshed for this long frees itself: its gateway died and did not come back."""
+LEASE_REFRESH_S = LEASE_TTL_S / 3
+"""How often a live gateway refreshes its leases: two refreshes may fail in a row before a slot is lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,8 @@ class Lease:
 
     bucket: str
     lease_id: str
+    owner: str
+    """The gateway id whose process holds the slot: it refreshes it, and releases it when it restarts."""
     window_index: int
     num_tokens: int
 
@@ -143,18 +149,66 @@ class RateLimitDecision:
 
 
 class RateLimiter(Protocol):
-    """Contract of every backend.
+    """Contract of every backend. One limiter serves one gateway process and acts for its `owner` (the
+    gateway id, stable across restarts and distinct between gateways).
 
     - `acquire` is atomic: either it counts one request, `num_tokens` tokens and one concurrency slot in
-      `bucket`, or (denied) it counts nothing.
+      `bucket`, or (denied) it counts nothing. The slot is a lease owned by `owner`.
     - Tokens are counted at admission (prompt + max_tokens, like OpenAI); `release(lease, unused_tokens)`
       gives back what was not generated, if the window is still current.
-    - `release` is idempotent per lease, and a lease never released expires after `LEASE_TTL_S`.
+    - `release` is idempotent per lease, from any process.
+    - A lease expires `LEASE_TTL_S` after it was acquired or last refreshed. `refresh_leases` moves the
+      expiry of every lease this limiter acquired and has not released to now + TTL (a `LeaseHeartbeat`
+      calls it every `LEASE_REFRESH_S`); it never revives a lease already released or expired. So a
+      request keeps its slot as long as its process lives, and a process that dies frees its slots within
+      one TTL.
+    - `release_previous_leases` frees the slots still held under `owner` by an earlier process (a crashed
+      run of the same gateway) and gives back nothing else; leases of other owners are untouched. It is
+      called once, before the first `acquire`, so every lease it finds is abandoned. A backend whose state
+      dies with the process finds none.
     - Time comes from the backend's injected clock, never from sleeping."""
 
     def acquire(self, bucket: str, limits: RateLimits, num_tokens: int) -> RateLimitDecision: ...
 
     def release(self, lease: Lease, unused_tokens: int = 0) -> None: ...
+
+    def refresh_leases(self) -> int:
+        """-> the number of leases this limiter still holds."""
+        ...
+
+    def release_previous_leases(self) -> int:
+        """-> the number of slots freed."""
+        ...
+
+
+class LeaseHeartbeat:
+    """Refreshes a limiter's leases from a daemon thread every `period_s`, from `start()` to `stop()`. A
+    failed refresh (Redis briefly unreachable) is logged and retried at the next beat: the leases survive
+    until their TTL, so only failures for a whole TTL lose slots (and then over-admit, never block)."""
+
+    def __init__(self, limiter: RateLimiter, period_s: float = LEASE_REFRESH_S) -> None:
+        self.limiter = limiter
+        self.period_s = period_s
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="rate-limit-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.period_s):
+            try:
+                self.limiter.refresh_leases()
+            except Exception:
+                logger.warning("refreshing the rate-limit leases failed; retrying", exc_info=True)
 
 
 def window_index(now_ms: int, window_ms: int) -> int:

@@ -1,4 +1,5 @@
-"""In-process `RateLimiter`: the default for a single gateway process. One lock, O(1) state per bucket."""
+"""In-process `RateLimiter`: the default for a single gateway process. One lock, O(1) state per bucket.
+Its leases live and die with the process, so a restart has nothing of an earlier run to release."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tokenmill.platform.billing import DEFAULT_OWNER
 from tokenmill.platform.ratelimit import (
     LEASE_TTL_S,
     WINDOW_S,
@@ -52,8 +54,10 @@ class InMemoryRateLimiter:
         clock: Callable[[], float] = time.time,
         window_s: float = WINDOW_S,
         lease_ttl_s: float = LEASE_TTL_S,
+        owner: str = DEFAULT_OWNER,
     ) -> None:
         self._clock = clock
+        self._owner = owner
         self._window_ms = round(window_s * 1000)
         self._lease_ttl_ms = round(lease_ttl_s * 1000)
         self._lock = threading.Lock()
@@ -74,7 +78,7 @@ class InMemoryRateLimiter:
             if outcome == "ok":
                 state.num_requests += 1
                 state.num_tokens += num_tokens
-                lease = Lease(bucket, secrets.token_hex(8), index, num_tokens)
+                lease = Lease(bucket, secrets.token_hex(8), self._owner, index, num_tokens)
                 state.leases[lease.lease_id] = now_ms + self._lease_ttl_ms
             return decide(
                 outcome,
@@ -94,3 +98,19 @@ class InMemoryRateLimiter:
                 return  # already released or expired: releasing twice gives nothing back twice
             if state.window_index == lease.window_index:
                 state.num_tokens -= min(unused_tokens, lease.num_tokens, state.num_tokens)
+
+    def refresh_leases(self) -> int:
+        now_ms = round(self._clock() * 1000)
+        num_held = 0
+        with self._lock:
+            for state in self._buckets.values():
+                for lease_id, expiry in list(state.leases.items()):
+                    if expiry <= now_ms:
+                        del state.leases[lease_id]  # expired already: its slot may have been taken again
+                    else:
+                        state.leases[lease_id] = now_ms + self._lease_ttl_ms
+                        num_held += 1
+        return num_held
+
+    def release_previous_leases(self) -> int:
+        return 0  # an earlier process's leases died with it

@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tokenmill.text import invalid_text_reason, printable
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -53,6 +55,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class TextList(TypeDecorator[list[str]]):
+    """A JSON list of strings. JSON escapes a lone surrogate, so unlike a String column it could store text
+    that no response can carry: writing one is refused, and one stored before that rule is read back with
+    U+FFFD in its place, so a single bad row cannot break every read of its table."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> list[str] | None:
+        if value is not None and any(invalid_text_reason(item) for item in value):
+            raise ValueError("TextList: refusing to store invalid Unicode text")
+        return value
+
+    def process_result_value(self, value: list[str] | None, dialect: Dialect) -> list[str] | None:
+        return None if value is None else [printable(item) for item in value]
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -94,7 +113,7 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
+    allowed_models: Mapped[list[str] | None] = mapped_column(TextList)
     """None: every model the caller can see; a list: only these."""
     spend_limit_micros: Mapped[int | None]
     requests_per_minute: Mapped[int | None]

@@ -3,9 +3,11 @@ appears twice: exact integer micros for programs, and a decimal string in curren
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tokenmill.platform.keys import LATEST_EXPIRY, MAX_ALLOWED_MODELS, MAX_SPEND_LIMIT_MICROS
 
 
 class OrganizationRef(BaseModel):
@@ -73,13 +75,15 @@ class UsageList(BaseModel):
 class CreateKeyRequest(BaseModel):
     """Unknown fields are refused: a misspelt `spend_limit_micros` must not create an unlimited key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field("", max_length=200)
-    allowed_models: list[str] | None = None
-    spend_limit_micros: int | None = Field(None, ge=0)
-    expires_at: int | None = Field(None, ge=0)
-    """Unix seconds."""
+    allowed_models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=MAX_ALLOWED_MODELS
+    )
+    spend_limit_micros: int | None = Field(None, ge=0, le=MAX_SPEND_LIMIT_MICROS)
+    expires_at: int | None = Field(None, ge=0, le=int(LATEST_EXPIRY.timestamp()))
+    """Unix seconds; in the future."""
 
 
 class ApiKeyObject(BaseModel):

@@ -13,15 +13,17 @@ from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.embedder import Embedder
 from tokenmill.platform.gateway import Gateway
-from tokenmill.serving.deps import get_principal
+from tokenmill.serving.deps import get_principal, require_valid_text
 from tokenmill.serving.errors import install_error_handlers
 from tokenmill.serving.middleware import RequestContext
+from tokenmill.serving.openapi import openapi_schema
 from tokenmill.serving.routes import account, chat, completions, embeddings, health, keys, models
 from tokenmill.serving.settings import ServerSettings
 from tokenmill.serving.state import ServingState
 
 V1_ROUTES = (chat, completions, embeddings, models, account, keys)
-"""Every /v1 route authenticates (router-level dependency), so a new route cannot forget to."""
+"""Every /v1 route authenticates and refuses invalid text (router-level dependencies), so a new route cannot
+forget to."""
 
 
 def create_app(
@@ -53,11 +55,16 @@ def create_app(
             await asyncio.gather(startup, return_exceptions=True)
             await state.shutdown()
 
-    app = FastAPI(title="tokenmill", summary="OpenAI-compatible API", lifespan=lifespan)
+    # /openapi.json only: FastAPI's /docs and /redoc pages load their scripts from a CDN, which an offline
+    # deployment cannot reach.
+    app = FastAPI(
+        title="tokenmill", summary="OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.tokenmill = state
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     for module in V1_ROUTES:
-        app.include_router(module.router, dependencies=[Depends(get_principal)])
+        app.include_router(module.router, dependencies=[Depends(get_principal), Depends(require_valid_text)])
     app.include_router(health.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
     return app

@@ -12,6 +12,7 @@ from tokenmill.platform.errors import MalformedKey
 from tokenmill.platform.gateway import Gateway
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.state import ServingState
+from tokenmill.text import first_invalid_in_json
 
 LOCAL_PRINCIPAL = KeyPrincipal(
     key_id="local",
@@ -55,6 +56,25 @@ def get_principal(request: Request) -> KeyPrincipal:
     if state.gateway is None:
         return LOCAL_PRINCIPAL
     return state.gateway.authenticate(bearer_key(request.headers.get("authorization")))
+
+
+async def require_valid_text(request: Request) -> None:
+    """Invalid Unicode anywhere in a JSON body (a lone surrogate, which JSON's \\u escapes allow) is a 400
+    naming the field, before any route, tokenizer or database sees it. FastAPI has already parsed the body
+    and Starlette caches it, so this costs one walk over it, not a second parse."""
+    try:
+        body = await request.json()
+    except ValueError:  # no body, or not JSON: the route's own validation answers that
+        return
+    found = first_invalid_in_json(body)
+    if found is not None:
+        param, reason = found
+        raise APIError(
+            400,
+            f"Invalid value for '{param or 'body'}': {reason}.",
+            param=param or None,
+            code="invalid_unicode",
+        )
 
 
 def get_gateway(request: Request) -> Gateway:

@@ -23,6 +23,7 @@ from tokenmill.platform.errors import (
     PlatformError,
     RateLimited,
 )
+from tokenmill.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ _ERROR_TYPES = {
 }
 # pydantic puts the name of the union member that failed into `loc` ("str", "list[int]"): not a field name.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
-# Platform messages start with the field they are about: "amount_micros: must be positive".
-_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*): ")
+# Platform messages start with the field they are about: "amount_micros: must be positive",
+# "allowed_models[1]: must not be empty".
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\[\d+\]|\.[a-z0-9_]+)*): ")
 _PARAMETER_SOURCES = frozenset({"body", "query", "path", "header"})
 
 
@@ -76,7 +78,9 @@ def error_response(
         error_type = _ERROR_TYPES.get(
             status_code, "server_error" if status_code >= 500 else "invalid_request_error"
         )
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    # An error about bad input may quote it: it must never be the reason the error itself cannot be sent.
+    param = None if param is None else printable(param)
+    body = {"error": {"message": printable(message), "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 

@@ -1,18 +1,28 @@
 """OpenAI's request and response bodies as pydantic models: field names, types, defaults and ranges as in
 OpenAI's API reference. Requests allow extra fields (SDKs send fields we do not use; the engine's own knobs
-arrive the same way); responses are built here and nowhere else."""
+arrive the same way) but are strict about types, as OpenAI is (`"max_tokens": "4"` is refused), and every
+number has bounds that the engine, the database and the standard library can hold; responses are built here
+and nowhere else. These models are also the OpenAPI schema's, so they are the documentation."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+MAX_INT32 = 2**31 - 1
+"""Upper bound of token counts and similar integers: far above any context window, far below overflow."""
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
 
 # -- requests --------------------------------------------------------------------------------------
 
 
 class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+"""A prompt given as token ids; whether an id is in the model's vocabulary is checked against the model."""
 
 
 class StreamOptions(OpenAIRequest):
@@ -41,22 +51,22 @@ class GenerationRequest(OpenAIRequest):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    seed: int | None = Field(None, ge=MIN_INT64, le=MAX_INT64)
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
@@ -65,19 +75,19 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
 
 
 class EmbeddingRequest(OpenAIRequest):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT32)
     user: str | None = None
 
 
@@ -219,3 +229,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    """invalid_request_error, authentication_error, permission_error, rate_limit_error, insufficient_quota
+    or server_error."""
+    param: str | None
+    """The request field the error is about, e.g. "messages[0].content"."""
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every 4xx and 5xx answer of the API has this shape."""
+
+    error: ErrorDetail
+
+
+# -- probes ----------------------------------------------------------------------------------------
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    models: list[str]
+    error: str | None = None
+    """Why a model failed to start (status "failed")."""

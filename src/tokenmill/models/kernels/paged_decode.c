@@ -17,6 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* glibc declares its vector expf (libmvec, within 4 ulp) only under -ffast-math, and this kernel is built
+ * without it (see cpu_attention.py: it would change the floating-point state of the process loading it).
+ * Declaring it here keeps the softmax loop vectorised, as it was with -ffast-math. */
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
 static inline float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;

@@ -21,6 +21,7 @@ from tokenmill.serving.account_protocol import (
     UserInfoResponse,
 )
 from tokenmill.serving.deps import GatewayDep, PrincipalDep, StateDep
+from tokenmill.serving.openapi import ALWAYS, documented
 from tokenmill.serving.routes.common import json_response
 
 router = APIRouter()
@@ -47,7 +48,7 @@ def _local_info(principal: KeyPrincipal) -> UserInfoData:
     )
 
 
-@router.get("/v1/user/info", response_model=None)
+@router.get("/v1/user/info", response_model=None, responses=documented(UserInfoResponse, *ALWAYS))
 def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
     if state.gateway is None:
         return json_response(UserInfoResponse(data=_local_info(principal)))
@@ -73,7 +74,7 @@ def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
     return json_response(UserInfoResponse(data=data))
 
 
-@router.get("/v1/usage", response_model=None)
+@router.get("/v1/usage", response_model=None, responses=documented(UsageList, *ALWAYS))
 def get_usage(
     principal: PrincipalDep, gateway: GatewayDep, start_date: date | None = None, end_date: date | None = None
 ) -> Response:

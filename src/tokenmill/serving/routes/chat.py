@@ -18,6 +18,7 @@ from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, collect_outputs, merged
 from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
 from tokenmill.serving.metrics import RequestTimer
+from tokenmill.serving.openapi import GENERATION, documented
 from tokenmill.serving.prompts import render_chat
 from tokenmill.serving.protocol import (
     AssistantMessage,
@@ -119,7 +120,11 @@ async def _events(
         timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses=documented(ChatCompletion, *GENERATION, stream=ChatCompletionChunk),
+)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,

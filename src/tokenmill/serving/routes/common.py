@@ -19,8 +19,13 @@ from tokenmill.serving.state import ServingState
 from tokenmill.serving.streaming import SSEResponse, sse_stream
 
 
-def json_response(body: BaseModel, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=body.model_dump_json(), media_type="application/json", headers=headers)
+def json_response(body: BaseModel, headers: dict[str, str] | None = None, status_code: int = 200) -> Response:
+    return Response(
+        content=body.model_dump_json(),
+        media_type="application/json",
+        headers=headers,
+        status_code=status_code,
+    )
 
 
 def response_id(prefix: str) -> str:

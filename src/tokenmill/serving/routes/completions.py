@@ -17,6 +17,7 @@ from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, collect_outputs, merged
 from tokenmill.serving.logprobs import TokenTexts, completion_logprobs
 from tokenmill.serving.metrics import RequestTimer
+from tokenmill.serving.openapi import GENERATION, documented
 from tokenmill.serving.prompts import encode_prompt, prompt_list
 from tokenmill.serving.protocol import (
     Completion,
@@ -103,7 +104,9 @@ async def _events(
         timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions", response_model=None, responses=documented(Completion, *GENERATION, stream=Completion)
+)
 async def create_completion(
     body: CompletionRequest,
     request: Request,

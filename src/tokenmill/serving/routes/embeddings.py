@@ -13,6 +13,7 @@ from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import until_disconnected
 from tokenmill.serving.metering import admit
+from tokenmill.serving.openapi import GENERATION, documented
 from tokenmill.serving.prompts import prompt_list
 from tokenmill.serving.protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from tokenmill.serving.routes.common import json_response
@@ -49,7 +50,7 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-@router.post("/v1/embeddings", response_model=None)
+@router.post("/v1/embeddings", response_model=None, responses=documented(EmbeddingList, *GENERATION))
 async def create_embeddings(
     body: EmbeddingRequest,
     request: Request,

@@ -3,31 +3,44 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from tokenmill.serving.deps import StateDep
+from tokenmill.serving.protocol import HealthStatus, ReadyStatus
+from tokenmill.serving.routes.common import json_response
 
 router = APIRouter()
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/health", response_model=None, responses={200: {"model": HealthStatus}})
+async def health() -> Response:
+    return json_response(HealthStatus())
 
 
-@router.get("/ready", response_model=None)
-async def ready(state: StateDep) -> JSONResponse:
+@router.get(
+    "/ready",
+    response_model=None,
+    responses={
+        200: {"model": ReadyStatus, "description": "Every model is loaded."},
+        503: {"model": ReadyStatus, "description": "Models are still loading, or one failed to start."},
+    },
+)
+async def ready(state: StateDep) -> Response:
     models = [*state.engines, *state.embedders]
     if state.ready:
-        return JSONResponse({"status": "ready", "models": models})
+        return json_response(ReadyStatus(status="ready", models=models))
     if state.startup_error is not None:
-        return JSONResponse(
-            {"status": "failed", "error": state.startup_error, "models": models}, status_code=503
+        return json_response(
+            ReadyStatus(status="failed", error=state.startup_error, models=models), status_code=503
         )
-    return JSONResponse({"status": "loading", "models": models}, status_code=503)
+    return json_response(ReadyStatus(status="loading", models=models), status_code=503)
 
 
-@router.get("/metrics", response_model=None)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+)
 async def metrics(state: StateDep) -> Response:
     content, content_type = state.metrics.render()
     return Response(content=content, media_type=content_type)

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from tokenmill.platform.keys import KeyInfo, create_key_for_caller, list_keys, revoke_key
 from tokenmill.serving.account_protocol import ApiKeyList, ApiKeyObject, CreatedApiKey, CreateKeyRequest
 from tokenmill.serving.deps import GatewayDep, PrincipalDep
+from tokenmill.serving.openapi import ALWAYS, documented
 from tokenmill.serving.routes.common import json_response
 
 router = APIRouter()
@@ -35,12 +36,12 @@ def key_object(info: KeyInfo) -> ApiKeyObject:
     )
 
 
-@router.get("/v1/keys", response_model=None)
+@router.get("/v1/keys", response_model=None, responses=documented(ApiKeyList, *ALWAYS))
 def get_keys(principal: PrincipalDep, gateway: GatewayDep) -> Response:
     return json_response(ApiKeyList(data=[key_object(k) for k in list_keys(gateway.db, principal.org_id)]))
 
 
-@router.post("/v1/keys", response_model=None)
+@router.post("/v1/keys", response_model=None, responses=documented(CreatedApiKey, *ALWAYS, 403, 404, 413))
 def create_api_key(body: CreateKeyRequest, principal: PrincipalDep, gateway: GatewayDep) -> Response:
     expires_at = None if body.expires_at is None else datetime.fromtimestamp(body.expires_at, UTC)
     created = create_key_for_caller(
@@ -54,7 +55,7 @@ def create_api_key(body: CreateKeyRequest, principal: PrincipalDep, gateway: Gat
     return json_response(CreatedApiKey(**key_object(created.info).model_dump(), key=created.key))
 
 
-@router.delete("/v1/keys/{key_id}", response_model=None)
+@router.delete("/v1/keys/{key_id}", response_model=None, responses=documented(ApiKeyObject, *ALWAYS, 404))
 def revoke_api_key(key_id: str, principal: PrincipalDep, gateway: GatewayDep) -> Response:
     """Takes effect on the next request made with that key. Revoking twice is harmless."""
     return json_response(key_object(revoke_key(gateway.db, key_id, org_id=principal.org_id)))

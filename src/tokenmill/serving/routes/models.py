@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.serving.deps import PrincipalDep, StateDep
 from tokenmill.serving.errors import model_not_found
+from tokenmill.serving.openapi import ALWAYS, documented
 from tokenmill.serving.protocol import ModelCard, ModelList
 from tokenmill.serving.routes.common import json_response
 from tokenmill.serving.state import ServingState
@@ -28,12 +29,12 @@ def _cards(state: ServingState, principal: KeyPrincipal) -> list[ModelCard]:
     return [card for card in chat + embedding if principal.may_use(card.id)]
 
 
-@router.get("/v1/models", response_model=None)
+@router.get("/v1/models", response_model=None, responses=documented(ModelList, *ALWAYS))
 async def list_models(state: StateDep, principal: PrincipalDep) -> Response:
     return json_response(ModelList(data=_cards(state, principal)))
 
 
-@router.get("/v1/models/{model_id:path}", response_model=None)
+@router.get("/v1/models/{model_id:path}", response_model=None, responses=documented(ModelCard, *ALWAYS, 404))
 async def retrieve_model(model_id: str, state: StateDep, principal: PrincipalDep) -> Response:
     for card in _cards(state, principal):
         if card.id == model_id:

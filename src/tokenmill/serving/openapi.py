@@ -1,0 +1,91 @@
+"""The OpenAPI schema tells the truth, so client generators, API explorers and the fuzzer in the suite can rely
+on it: each route documents its success body (JSON, and Server-Sent Events where it streams) and every error
+status it can answer with, all in OpenAI's error shape; FastAPI's automatic 422, which this API never sends
+(validation errors are 400s), is taken out; the /v1 routes declare their bearer-key security."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from tokenmill.serving.protocol import ChatCompletionChunk, Completion, ErrorResponse
+
+ERROR_STATUSES: dict[int, str] = {
+    400: "The request is invalid; `param` names the field.",
+    401: "No valid API key: missing, malformed, unknown, revoked or expired.",
+    403: "The API key may not do this (a model outside its allow-list, a grant it does not hold).",
+    404: "No such model (or none this key may see), or no such object.",
+    413: "The request body is larger than the server accepts.",
+    429: "A rate limit (`rate_limit_exceeded`, with Retry-After) or the balance or spend limit "
+    "(`insufficient_quota`) refused the request.",
+    500: "The server failed; the message carries the request id to report.",
+    503: "The model is still loading; retry shortly.",
+}
+ALWAYS = (400, 401, 500)
+"""What any /v1 route may answer: bad input (also invalid Unicode in a body), no key, a server fault."""
+GENERATION = (*ALWAYS, 403, 404, 413, 429, 503)
+BEARER = "bearerAuth"
+STREAMED: tuple[type[BaseModel], ...] = (ChatCompletionChunk, Completion)
+"""The objects SSE events carry; no route returns them as a body, so they are added to the components."""
+_COMPONENT = "#/components/schemas/{model}"
+
+
+def documented(
+    body: type[BaseModel] | None, *statuses: int, stream: type[BaseModel] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: `body` as its 200 (JSON; with `stream`, also `text/event-stream` whose
+    events carry `stream` objects), and OpenAI's error body for each of `statuses`."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    if body is not None:
+        responses[200] = {"model": body, "description": "Success."}
+    if stream is not None:
+        responses[200]["content"] = {"text/event-stream": {"schema": _event_schema(stream)}}
+    for status in sorted(set(statuses)):
+        responses[status] = {"model": ErrorResponse, "description": ERROR_STATUSES[status]}
+    return responses
+
+
+def _event_schema(stream: type[BaseModel]) -> dict[str, Any]:
+    """One Server-Sent Event: `data` is a JSON `stream` object, or `[DONE]` at the end."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "description": f"A JSON {stream.__name__}, or `[DONE]` after the last one.",
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": _COMPONENT.format(model=stream.__name__)},
+                    },
+                ],
+            },
+        },
+    }
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """`app.openapi`: built once, then cached on the app as FastAPI does."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        _, streamed = models_json_schema([(m, "serialization") for m in STREAMED], ref_template=_COMPONENT)
+        for name, definition in streamed.get("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        components["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+                if path.startswith("/v1/"):
+                    operation["security"] = [{BEARER: []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
