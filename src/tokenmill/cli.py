@@ -10,9 +10,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
-from tokenmill.serving.settings import ModelSpec, ServerSettings
+from tokenmill.serving.settings import CompletionLimits, ModelSpec, ServerSettings
+
+if TYPE_CHECKING:
+    from tokenmill.platform.gateway import PlatformSettings
 
 DEFAULT_CHAT_MODEL = "smollm2"
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -44,6 +48,14 @@ def byte_size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 2G")
     return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " ")
+
+
+def _default_max_tokens(text: str) -> int | None:
+    if text == "openai":
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'openai'")
+    return int(text)
 
 
 def model_spec(text: str) -> ModelSpec:
@@ -88,6 +100,21 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="larger request bodies get 413 (default: 8M)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    limits = CompletionLimits()
+    parser.add_argument(
+        "--default-max-tokens",
+        type=_default_max_tokens,
+        default=limits.default_max_tokens,
+        metavar="N|openai",
+        help=f"completion length when a request sets no max_tokens (default: {limits.default_max_tokens}); "
+        "'openai': chat runs until the context window is full, completions stop at 16",
+    )
+    parser.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        metavar="N",
+        help="the most tokens a request may ask for (default: the context window)",
+    )
     platform = parser.add_argument_group("accounts, billing and rate limits")
     platform.add_argument(
         "--data-dir",
@@ -125,29 +152,52 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--seed", type=int, help="seed for requests that bring none")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _platform_settings(args: argparse.Namespace) -> PlatformSettings:
     from tokenmill.platform.gateway import PlatformSettings
-    from tokenmill.serving.server import serve  # fastapi/uvicorn/torch: not needed for --help
 
-    settings = ServerSettings(
-        host=args.host, port=args.port, max_body_bytes=args.max_body_bytes, no_auth=args.no_auth
-    )
-    platform = PlatformSettings(
+    return PlatformSettings(
         data_dir=args.data_dir,
         database_url=args.database_url,
         redis_url=args.redis_url,
         gateway_id=args.gateway_id or f"{socket.gethostname()}:{args.port}",
     )
-    engine_kwargs = {flag: getattr(args, flag) for flag in ENGINE_FLAGS if getattr(args, flag) is not None}
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return {flag: getattr(args, flag) for flag in ENGINE_FLAGS if getattr(args, flag, None) is not None}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tokenmill.serving.server import serve  # fastapi/uvicorn/torch: not needed for --help
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        no_auth=args.no_auth,
+        completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),
+    )
     serve(
         settings,
-        platform,
+        _platform_settings(args),
         _specs(args.model, DEFAULT_CHAT_MODEL),
         _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
-        engine_kwargs,
+        _engine_kwargs(args),
         log_level=args.log_level,
     )
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tokenmill.terminal.doctor import run_doctor
+
+    return run_doctor(
+        _platform_settings(args),
+        _specs(args.model, DEFAULT_CHAT_MODEL),
+        _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
+        _engine_kwargs(args),
+        no_auth=args.no_auth,
+    )
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,12 +218,62 @@ def _admin_arguments(parser: argparse.ArgumentParser) -> None:
     admin_cli.add_arguments(parser)
 
 
+# -- chat ------------------------------------------------------------------------------------------
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="chat with a running server, e.g. http://127.0.0.1:8000/v1 (default: load --model here)",
+    )
+    parser.add_argument("--api-key", help="for --base-url (default: $TOKENMILL_KEY, then $OPENAI_API_KEY)")
+    parser.add_argument(
+        "--model",
+        metavar="ID|PATH",
+        help=f"with --base-url a model id (default: the server's first chat model); without it an HF "
+        f"directory, .gguf file or built-in name (default: {DEFAULT_CHAT_MODEL})",
+    )
+    parser.add_argument("--system", metavar="TEXT", help="system prompt (change it with /system)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="default: 0.7")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default: 512)")
+    engine = parser.add_argument_group("engine (a model loaded here, without --base-url)")
+    engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache, e.g. 512M")
+    engine.add_argument("--device", help="auto, cpu or cuda[:N]")
+    engine.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from tokenmill.terminal.chat import ChatOptions, run_chat  # httpx, and torch for a local model
+
+    engine_kwargs = _engine_kwargs(args)
+    options = ChatOptions(
+        base_url=args.base_url,
+        api_key=args.api_key,
+        model=args.model,
+        system=args.system,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        engine_kwargs=engine_kwargs,
+    )
+    return run_chat(options)
+
+
 COMMANDS: list[Command] = [
     Command("serve", "run the OpenAI-compatible API server", _serve_arguments, _serve),
     Command(
         "admin", "manage organizations, users, keys, prices and balances", _admin_arguments, lambda args: 2
     ),
     Command("bench", "measure throughput and latency", _bench_arguments, lambda args: 2),
+    Command("chat", "talk to a model in the terminal", _chat_arguments, _chat),
+    Command(
+        "doctor",
+        "check this machine and show what serve would use (takes serve's flags)",
+        _serve_arguments,
+        _doctor,
+    ),
 ]
 
 

@@ -31,12 +31,21 @@ def default_redis_url() -> str | None:
     return os.environ.get("TOKENMILL_REDIS_URL")
 
 
+def default_api_key() -> str | None:
+    """The key clients of a server (`tokenmill chat`) use unless given one: $TOKENMILL_KEY, as the README
+    exports it, else $OPENAI_API_KEY, as the openai SDK reads it."""
+    return next(
+        (os.environ[name] for name in ("TOKENMILL_KEY", "OPENAI_API_KEY") if os.environ.get(name)), None
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str = "smollm2"
     """A Hugging Face model directory, a `.gguf` file, or a built-in name ("smollm2")."""
     dtype: str = "auto"
-    """"auto" keeps float32 on CPU for exactness unless the checkpoint asks otherwise; or a torch dtype name."""
+    """"auto": bfloat16 on CPUs that compute it natively (about twice as fast as float32) and on GPUs, else
+    float32; or a torch dtype name. Comparisons with a float32 reference ask for "float32"."""
     max_model_len: int | None = None
     """Context window; defaults to the model's own."""
     device: str = "auto"
@@ -67,7 +76,9 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV block: the unit of allocation and of prefix sharing."""
     kv_cache_memory: int | None = None
-    """Bytes for the KV pool; when None, `kv_cache_fraction` of the memory that is free at start."""
+    """Bytes for the KV pool; when None, room for one full context or `max_num_seqs` sequences of 128 tokens,
+    whichever is more (see `engine.setup.KV_TOKENS_PER_SEQ`), but at most `kv_cache_fraction` of the memory
+    free at start."""
     kv_cache_fraction: float = 0.2
     num_blocks: int | None = None
     """Exact pool size in blocks (tests use it to force preemption); overrides the memory budget."""

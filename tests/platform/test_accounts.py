@@ -1,4 +1,5 @@
-"""Organizations and users: duplicates and unknown references are clear errors that write nothing."""
+"""Organizations and users: duplicates and unknown references (organizations, users, rate-limit tiers) are
+clear errors that write nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tokenmill.platform.accounts import (
     set_organization_tier,
 )
 from tokenmill.platform.db import Database
-from tokenmill.platform.errors import DuplicateName, InvalidArgument, UnknownOrganization
+from tokenmill.platform.errors import DuplicateName, InvalidArgument, UnknownOrganization, UnknownTier
+from tokenmill.platform.tiers import set_tier_limits
 
 
 def test_organizations_and_users_are_found_by_id_or_name(db: Database) -> None:
@@ -41,3 +43,17 @@ def test_duplicates_and_unknown_references_write_nothing(db: Database) -> None:
     with pytest.raises(InvalidArgument, match="tier"):
         create_organization(db, unique("org"), tier="Gold Plan")
     assert [u.email for u in list_users(db, org.id)] == [email]
+
+
+def test_an_organization_is_on_a_tier_that_exists(db: Database) -> None:
+    missing = unique("gold")
+    with pytest.raises(
+        UnknownTier, match=rf"^tier: no rate-limit tier '{missing}'; the tiers are: .*default"
+    ):
+        create_organization(db, unique("org"), tier=missing)
+    org = create_organization(db, unique("org"))
+    with pytest.raises(UnknownTier, match="^tier: no rate-limit tier .*; the tiers are: .*unlimited"):
+        set_organization_tier(db, org.id, missing)
+    assert get_organization(db, org.id).tier == "default"
+    set_tier_limits(db, missing, {"requests_per_minute": 5})
+    assert set_organization_tier(db, org.id, missing).tier == missing

@@ -1,5 +1,6 @@
 """`tokenmill admin` on a real database (SQLite and PostgreSQL): each action does what it prints, secrets are
-printed once, and bad input is one line on stderr with exit status 2 and nothing written."""
+printed once, the rate limits it shows are the ones admission enforces, and bad input is one line on stderr
+with exit status 2 and nothing written."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.platform.helpers import make_account, priced_model, unique
+from tests.platform.helpers import FakeClock, make_account, priced_model, unique
 from tokenmill import cli
-from tokenmill.platform.auth import authenticate, authenticate_admin
+from tokenmill.platform.admission import Admission, AdmissionControl
+from tokenmill.platform.auth import KeyPrincipal, authenticate, authenticate_admin
 from tokenmill.platform.billing import UsageStatus, reserve, settle
 from tokenmill.platform.db import Database
+from tokenmill.platform.errors import RateLimited
 from tokenmill.platform.ledger import balance_micros
 from tokenmill.platform.pricing import Price, get_model_price
+from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 from tokenmill.platform.tables import Reservation
 
 
@@ -108,6 +112,12 @@ def test_prices_are_typed_in_units_per_million_tokens(admin: Admin, db: Database
         (("revoke-key", "key_0000"), "key_id"),
         (("set-price", "m", "1", "free"), "output"),
         (("usage", "--start-date", "2025-02-01", "--end-date", "2025-01-01"), "start_date"),
+        (("create-org", "new-{org}", "--tier", "no-such-tier"), "tier"),
+        (("set-tier", "{org}", "no-such-tier"), "tier"),
+        (("set-tier", "{org}", "Gold Plan"), "tier"),
+        (("set-tier-limits", "t-{org}", "--from", "no-such-tier"), "from"),
+        (("set-tier-limits", "Gold Plan", "--rpm", "5"), "tier"),
+        (("show-limits", "key_0000"), "key_id"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -160,3 +170,90 @@ def test_release_reservations_of_a_gone_gateway(admin: Admin, db: Database) -> N
 def test_rotate_admin_key_prints_a_working_key(admin: Admin, db: Database) -> None:
     key = admin("rotate-admin-key")
     assert authenticate_admin(db, key).key_id and (admin.data_dir / "admin_key").read_text().strip() == key
+
+
+def _tiers(output: str) -> dict[str, list[str]]:
+    """list-tiers (or set-tier-limits) output -> tier -> its cells after the name, orgs last."""
+    header, *rows = (line.split() for line in output.splitlines())
+    assert header == ["tier", "rpm", "tpm", "concurrent", "free_rpm", "free_tpm", "free_concurrent", "orgs"]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_list_tiers_shows_the_built_in_tiers(admin: Admin) -> None:
+    tiers = _tiers(admin("list-tiers"))
+    assert tiers["default"][:6] == ["600", "1000000", "32", "120", "200000", "16"]
+    assert tiers["pro"][:6] == ["6000", "10000000", "256", "1200", "2000000", "64"]
+    assert tiers["unlimited"][:6] == ["unlimited"] * 6
+
+
+def test_set_tier_limits_creates_and_changes_a_tier(admin: Admin) -> None:
+    gold, silver = unique("gold"), unique("silver")
+    created = admin("set-tier-limits", gold, "--from", "pro", "--rpm", "unlimited", "--free-tpm", "7")
+    assert _tiers(created) == {gold: ["unlimited", "10000000", "256", "1200", "7", "64", "0"]}
+    changed = admin("set-tier-limits", gold, "--max-concurrent", "9", "--free-tpm", "unlimited")
+    assert _tiers(changed) == {gold: ["unlimited", "10000000", "9", "1200", "unlimited", "64", "0"]}
+    copied = admin("set-tier-limits", silver, "--free-max-concurrent", "2")  # a new tier copies default
+    assert _tiers(copied) == {silver: ["600", "1000000", "32", "120", "200000", "2", "0"]}
+
+    org = unique("org")
+    admin("create-org", org, "--tier", gold)
+    assert _tiers(admin("list-tiers"))[gold][-1] == "1"
+    assert admin("set-tier", org, silver) == f"{org}: tier {silver}"
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it before anything runs
+        admin.run("set-tier-limits", gold, "--rpm", "0")
+    assert (
+        refused.value.code == 2
+        and "'0' is neither 'unlimited' nor an integer" in admin.capsys.readouterr().err
+    )
+
+
+def _num_admitted(db: Database, principal: KeyPrincipal, model: str, *, hold: bool) -> int:
+    """Admits requests through a fresh gateway (held open, or finished at once) until one is refused for the
+    reason `hold` tests: concurrency, or requests per minute."""
+    gate = AdmissionControl(db, InMemoryRateLimiter(clock=FakeClock(1_700_000_040.0)))
+    held: list[Admission] = []
+    try:
+        for num_admitted in range(1_000):
+            try:
+                admission = gate.admit(principal, model, 10, 10)
+            except RateLimited as refused:
+                assert refused.decision.reason == ("concurrency" if hold else "requests")
+                return num_admitted
+            if hold:
+                held.append(admission)
+            else:
+                gate.finish(admission, 10, 10, "ok", 0.1)
+        raise AssertionError("never refused")
+    finally:
+        for admission in held:
+            gate.abort(admission)
+
+
+def test_show_limits_is_what_admission_enforces(admin: Admin, db: Database) -> None:
+    tier = unique("tier")
+    admin("set-tier-limits", tier, "--rpm", "5", "--free-rpm", "7", "--free-max-concurrent", "4")
+    account = make_account(db, 10**6, tier=tier, max_concurrent_requests=3)
+    title, header, *lines = admin("show-limits", account.key.info.id).splitlines()
+    assert (
+        title
+        == f"key {account.key.info.id} ({account.key.info.prefix}...), organization {account.org.id}, tier {tier}"
+    )
+    assert header.split() == ["models", "limit", "value", "from"]
+    shown = {
+        (models, limit): (value, " ".join(source)) for models, limit, value, *source in map(str.split, lines)
+    }
+    assert shown == {
+        ("paid", "rpm"): ("5", f"tier {tier}"),
+        ("paid", "tpm"): ("1000000", f"tier {tier}"),
+        ("paid", "concurrent"): ("3", "key"),
+        ("free", "rpm"): ("7", f"tier {tier}"),
+        ("free", "tpm"): ("200000", f"tier {tier}"),
+        ("free", "concurrent"): ("3", "key"),  # the key's own, not the tier's 4
+    }
+
+    principal = authenticate(db, account.key.key)
+    paid, free = priced_model(db, 1, 1), priced_model(db, 0, 0)
+    assert _num_admitted(db, principal, free, hold=True) == int(shown["free", "concurrent"][0])
+    assert _num_admitted(db, principal, paid, hold=True) == int(shown["paid", "concurrent"][0])
+    assert _num_admitted(db, principal, free, hold=False) == int(shown["free", "rpm"][0])
+    assert _num_admitted(db, principal, paid, hold=False) == int(shown["paid", "rpm"][0])

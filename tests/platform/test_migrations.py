@@ -1,4 +1,5 @@
-"""The schema comes from the packaged Alembic migrations alone, identically on SQLite and PostgreSQL."""
+"""The schema comes from the packaged Alembic migrations alone, identically on SQLite and PostgreSQL; an
+existing database upgrades with its data kept working."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from tests.platform.conftest import EmptyDatabase
+from tokenmill.platform.accounts import create_user, set_organization_tier
+from tokenmill.platform.auth import authenticate
 from tokenmill.platform.db import open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.keys import create_key
 from tokenmill.platform.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
-from tokenmill.platform.tables import Base
+from tokenmill.platform.ratelimit import RateLimits
+from tokenmill.platform.tables import Base, Organization, new_id
+from tokenmill.platform.tiers import effective_limits, list_tiers
 
 TABLES = {
     "organizations",
@@ -24,6 +30,7 @@ TABLES = {
     "ledger_entries",
     "reservations",
     "usage_records",
+    "rate_limit_tiers",
 }
 
 
@@ -44,6 +51,53 @@ def test_upgrade_creates_the_schema_from_empty_and_is_idempotent(empty_database:
         with db.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
+    finally:
+        db.close()
+
+
+def test_upgrading_gives_every_tier_in_use_its_row_and_keeps_its_keys_working(
+    empty_database: EmptyDatabase,
+) -> None:
+    upgrade(empty_database.url, "0001")  # a database from before tiers were rows
+    db = open_database(empty_database.url)
+    try:
+        keys: dict[str, str] = {}
+        # "gold": a name the operator made up, which had no limits of its own (it got default's).
+        for tier in ("default", "pro", "gold", "gold"):
+            org_id = new_id("org")
+            with db.write() as session:
+                session.add(Organization(id=org_id, name=org_id, tier=tier, created_at=db.now()))
+            user = create_user(db, org_id, f"{org_id}@example.com")
+            keys[org_id] = create_key(db, user.id, max_concurrent_requests=3 if tier == "pro" else None).key
+
+        upgrade(db)
+        tiers = {info.limits.name: info for info in list_tiers(db)}
+        assert {name: info.num_organizations for name, info in tiers.items()} == {
+            "default": 1,
+            "pro": 1,
+            "gold": 2,
+            "unlimited": 0,
+        }
+        default, pro = tiers["default"].limits, tiers["pro"].limits
+        assert (default.paid, default.free) == (RateLimits(600, 1_000_000, 32), RateLimits(120, 200_000, 16))
+        assert (pro.paid, pro.free) == (RateLimits(6_000, 10_000_000, 256), RateLimits(1_200, 2_000_000, 64))
+        assert (tiers["gold"].limits.paid, tiers["gold"].limits.free) == (default.paid, default.free)
+        assert (tiers["unlimited"].limits.paid, tiers["unlimited"].limits.free) == (
+            RateLimits(),
+            RateLimits(),
+        )
+
+        for org_id, key in keys.items():  # every key authenticates with its tier's limits joined in
+            principal = authenticate(db, key)
+            tier = tiers[principal.tier].limits
+            assert principal.org_id == org_id and principal.tier_limits == tier
+            free = effective_limits(db, principal).free.limits
+            concurrency = 3 if principal.tier == "pro" else tier.free.max_concurrent_requests
+            assert (free.tokens_per_minute, free.max_concurrent_requests) == (
+                tier.free.tokens_per_minute,
+                concurrency,
+            )
+        assert set_organization_tier(db, next(iter(keys)), "gold").tier == "gold"
     finally:
         db.close()
 
@@ -69,4 +123,5 @@ def test_unusable_database_urls_are_refused_with_the_field_named() -> None:
 def test_migrations_ship_inside_the_package() -> None:
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
-    assert any(p.name.startswith("0001_") for p in (MIGRATIONS_DIR / "versions").glob("*.py"))
+    names = {p.name[:5] for p in (MIGRATIONS_DIR / "versions").glob("*.py")}
+    assert {"0001_", "0002_"} <= names

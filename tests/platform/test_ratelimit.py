@@ -1,26 +1,26 @@
 """Rate limits on both backends with an injected clock: requests and tokens per window, concurrency, the
 values behind OpenAI's headers; the Redis backend shared by two limiter instances (two gateways); leases
-kept by their gateway's heartbeat, freed by its death (TTL) or its restart."""
+kept by their gateway's heartbeat, freed by its death (TTL) or its restart; and the one rule giving a
+request its limits (its tier's for free or paid models, each key override replacing its dimension)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import pytest
 
 from tests.platform.helpers import FakeClock
-from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.ratelimit import (
-    DEFAULT_FREE_MODEL_LIMITS,
     LEASE_REFRESH_S,
     LEASE_TTL_S,
+    LIMIT_FIELDS,
     LeaseHeartbeat,
     RateLimiter,
-    RateLimitPolicy,
     RateLimits,
+    TierLimits,
     format_duration,
+    resolve_scope,
 )
 
 MakeLimiter = Callable[..., RateLimiter]
@@ -70,8 +70,19 @@ def test_tokens_per_minute_with_unused_tokens_given_back(limiter_factory: MakeLi
     assert limiter.acquire("key", limits, 200).remaining_tokens == 400
 
     too_large = limiter.acquire("key", limits, 1_001)
-    assert (too_large.reason, too_large.retry_after_s) == ("request_too_large", None)
-    assert "retry-after" not in too_large.headers()
+    assert (too_large.reason, too_large.retry_after_s, too_large.asked_tokens) == (
+        "request_too_large",
+        None,
+        1_001,
+    )
+    assert "retry-after" not in too_large.headers()  # waiting cannot help
+    assert denied.asked_tokens == 200 and "retry-after" in denied.headers()
+
+
+def test_no_limits_never_refuse(limiter_factory: MakeLimiter) -> None:
+    limiter = limiter_factory(clock=FakeClock(WINDOW_START))
+    decisions = [limiter.acquire("key", RateLimits(), 10**6) for _ in range(200)]  # none released
+    assert all(d.allowed for d in decisions) and not decisions[-1].headers()
 
 
 def test_concurrency_limit_frees_slots_on_release_and_after_a_crash(limiter_factory: MakeLimiter) -> None:
@@ -204,43 +215,47 @@ def test_heartbeat_refreshes_until_stopped_and_survives_a_failed_refresh() -> No
     assert heartbeat._thread is not None and not heartbeat._thread.is_alive()
 
 
-def _principal(tier: str = "default", **overrides: int | None) -> KeyPrincipal:
-    fields: dict[str, int | None] = {
-        "requests_per_minute": None,
-        "tokens_per_minute": None,
-        "max_concurrent_requests": None,
-        **overrides,
-    }
-    return KeyPrincipal(
-        key_id="key_x",
-        key_prefix="sk-abcdef",
-        org_id="org_x",
-        user_id="user_x",
-        tier=tier,
-        allowed_models=None,
-        spend_limit_micros=None,
-        expires_at=datetime(2030, 1, 1, tzinfo=UTC),
-        **fields,
+TIER = TierLimits("silver", paid=RateLimits(600, 1_000_000, 32), free=RateLimits(120, 200_000, 16))
+
+
+def test_a_request_gets_its_tiers_limits_for_paid_or_free_models_on_separate_counters() -> None:
+    paid = resolve_scope("key_x", TIER, RateLimits(), free_model=False)
+    free = resolve_scope("key_x", TIER, RateLimits(), free_model=True)
+    assert (paid.limits, free.limits) == (TIER.paid, TIER.free)
+    assert paid.bucket != free.bucket  # free traffic does not eat the paid allowance, nor the reverse
+    assert {paid.source(name) for name in LIMIT_FIELDS} == {"tier silver"}
+    assert free.describe("max_concurrent_requests") == (
+        "the 'silver' tier's limit of 16 concurrent requests for free models"
     )
 
 
-def test_policy_tier_defaults_key_overrides_and_stricter_free_models() -> None:
-    policy = RateLimitPolicy(tiers={"default": RateLimits(60, 100_000, 8), "pro": RateLimits(600, 10**6, 64)})
-    assert policy.scope(_principal(), free_model=False).limits == RateLimits(60, 100_000, 8)
-    assert policy.scope(_principal("pro"), free_model=False).limits == RateLimits(600, 10**6, 64)
-    assert policy.scope(_principal("gold"), free_model=False).limits == RateLimits(60, 100_000, 8)
-    assert policy.scope(_principal(requests_per_minute=5), free_model=False).limits.requests_per_minute == 5
+@pytest.mark.parametrize("dimension", LIMIT_FIELDS)
+@pytest.mark.parametrize("value", [3, 5_000_000])
+def test_each_key_override_replaces_its_dimension_on_paid_and_free_models(dimension: str, value: int) -> None:
+    """Lower or higher than the tier's: a key's explicit limit is its limit (free models used to cap it)."""
+    for free_model, tier_limits in ((False, TIER.paid), (True, TIER.free)):
+        scope = resolve_scope("key_x", TIER, RateLimits(**{dimension: value}), free_model=free_model)
+        for name in LIMIT_FIELDS:
+            expected = value if name == dimension else getattr(tier_limits, name)
+            assert getattr(scope.limits, name) == expected
+            assert scope.source(name) == ("key" if name == dimension else "tier silver")
+        assert scope.describe(dimension).startswith(f"this API key's limit of {value:,} ")
 
-    paid, free = (
-        policy.scope(_principal("pro"), free_model=False),
-        policy.scope(_principal("pro"), free_model=True),
-    )
-    assert free.bucket != paid.bucket  # free traffic does not eat the paid allowance, nor the reverse
-    assert free.limits == DEFAULT_FREE_MODEL_LIMITS  # every dimension capped by the stricter defaults
-    assert (
-        policy.scope(_principal(max_concurrent_requests=1), free_model=True).limits.max_concurrent_requests
-        == 1
-    )
+
+def test_the_quick_start_key_gets_what_it_was_given_on_a_free_model() -> None:
+    key = RateLimits(requests_per_minute=1_000, max_concurrent_requests=16)
+    scope = resolve_scope("key_x", TIER, key, free_model=True)
+    assert scope.limits == RateLimits(1_000, 200_000, 16)
+
+
+def test_unlimited_is_unlimited_unless_the_key_says_otherwise() -> None:
+    unlimited = TierLimits("unlimited", paid=RateLimits(), free=RateLimits())
+    for free_model in (False, True):
+        assert resolve_scope("key_x", unlimited, RateLimits(), free_model=free_model).limits == RateLimits()
+        limited = resolve_scope(
+            "key_x", unlimited, RateLimits(max_concurrent_requests=2), free_model=free_model
+        )
+        assert limited.limits == RateLimits(max_concurrent_requests=2)
 
 
 @pytest.mark.parametrize(

@@ -102,19 +102,22 @@ class FakeEngine:
         reply = self._replies[choice % len(self._replies)]
         return reply[:-1] if self.endless else reply
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{num_prompt_tokens} and max_tokens is {max_tokens}.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         if not self.started:
             raise RuntimeError("engine not started")
         prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        self.check_fits(len(prompt_ids), params.max_tokens)
         if request_id in self.running:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
         self.submitted.append((prompt_ids, params))

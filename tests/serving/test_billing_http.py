@@ -68,8 +68,8 @@ def test_charges_the_engines_token_counts_exactly(
         body["stream_options"] = {"include_usage": True}
     response = billed_client.post("/v1/chat/completions", headers=_bearer(account), json=body)
     assert response.status_code == 200, response.text
-    assert response.headers["x-ratelimit-limit-requests"] == "60"
-    assert int(response.headers["x-ratelimit-remaining-requests"]) == 59
+    assert response.headers["x-ratelimit-limit-requests"] == "600"  # the default tier, on a paid model
+    assert int(response.headers["x-ratelimit-remaining-requests"]) == 599
     if stream:
         usage = httpx.Response(200, content=response.text.split("data: ")[-2]).json()["usage"]
     else:
@@ -112,7 +112,7 @@ def test_the_request_over_the_limit_gets_429_with_retry_after(
     assert len(fake_engine.submitted) == 2
 
 
-def test_free_models_get_the_stricter_free_limits(
+def test_free_models_get_the_tiers_free_limits(
     billed_client: TestClient, gateway: Gateway, fake_engine: FakeEngine
 ) -> None:
     account = make_account(gateway.db, 1_000_000)
@@ -120,8 +120,9 @@ def test_free_models_get_the_stricter_free_limits(
     free = billed_client.post("/v1/chat/completions", headers=_bearer(account), json=body)
     set_model_price(gateway.db, "fake-chat", 1, 1)
     paid = billed_client.post("/v1/chat/completions", headers=_bearer(account), json=body)
-    assert free.headers["x-ratelimit-limit-requests"] == "20"  # RateLimitPolicy.free_models
-    assert paid.headers["x-ratelimit-limit-requests"] == "60"  # the organization's tier
+    assert free.headers["x-ratelimit-limit-requests"] == "120"  # the default tier's free-model limit
+    assert paid.headers["x-ratelimit-limit-requests"] == "600"  # and its paid-model limit
+    assert paid.headers["x-ratelimit-remaining-requests"] == "599"  # counted apart from the free request
 
 
 def test_engine_failure_charges_nothing(

@@ -28,7 +28,8 @@ def test_string_prompt(client: TestClient, fake_engine: FakeEngine) -> None:
     prompt_ids = fake_engine.tokenizer("Once upon a time").input_ids
     assert fake_engine.submitted[-1][0] == prompt_ids
     assert choice["text"] == _reply(fake_engine, prompt_ids) and choice["index"] == 0
-    assert fake_engine.submitted[-1][1].max_tokens == 16  # OpenAI's default for completions
+    # No max_tokens: the server's default (1,024), cut to what the fake engine's 1,024-token context has left.
+    assert fake_engine.submitted[-1][1].max_tokens == 1024 - len(prompt_ids)
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)
 
 

@@ -60,6 +60,9 @@ class AsyncLLM:
 
     # -- requests ----------------------------------------------------------------------------------
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        self.engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:

@@ -44,6 +44,11 @@ class EngineClient(Protocol):
     max_model_len: int
     tokenizer: PreTrainedTokenizerBase
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raises `InvalidRequestError` (code context_length_exceeded) for a request that could never run to
+        completion here; `generate` checks the same, this lets a caller refuse it before anything else."""
+        ...
+
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]: ...

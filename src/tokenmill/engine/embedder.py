@@ -59,7 +59,9 @@ class _Job:
 
 
 class Embedder:
-    """`embed()` returns L2-normalized (when the model says so) float32 vectors, one row per input."""
+    """`tokenize()` checks and encodes the inputs (a caller can admit and bill the exact token count before
+    any model work); `embed()` returns their L2-normalized (when the model says so) float32 vectors, one row
+    per input."""
 
     def __init__(self, model: str, model_id: str | None = None, max_batch_tokens: int = 16384) -> None:
         default_id, self.path = resolve_embedding_model(model)
@@ -106,16 +108,20 @@ class Embedder:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the embedding model is shutting down"))
 
-    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, int]:
-        """-> (vectors of shape [len(inputs), dimensions], number of input tokens). Over-long inputs are an
-        error, as at OpenAI: silently truncating would embed a different text than the caller sent."""
+    async def tokenize(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """The model input of each text or token-id list. Over-long inputs are an error, as at OpenAI:
+        silently truncating would embed a different text than the caller sent."""
+        if self._tokenizer is None:
+            raise RuntimeError(f"embedding model {self.model_id} is not started")
+        return await asyncio.to_thread(self._encode, inputs)
+
+    async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Vectors of shape [len(token_ids), dimensions] for inputs from `tokenize`."""
         if self._queue is None:
             raise RuntimeError(f"embedding model {self.model_id} is not started")
-        token_ids = await asyncio.to_thread(self._encode, inputs)
         job = _Job(token_ids)
         self._queue.put_nowait(job)
-        vectors = await job.future
-        return vectors, sum(len(ids) for ids in token_ids)
+        return await job.future
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -29,12 +29,11 @@ class LLMEngine:
         self.config = config
         self.model_id = loaded.model_id
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.max_model_len
+        plan = loaded.plan
+        self.max_model_len = plan.max_model_len
         self.vocab_size = loaded.vocab_size
-        self.pool = BlockPool(loaded.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(
-            loaded.model, loaded.num_blocks, config.cache.block_size, loaded.dtype, loaded.device
-        )
+        self.pool = BlockPool(plan.num_blocks, plan.block_size, config.cache.enable_prefix_caching)
+        self.runner = ModelRunner(loaded.model, plan.num_blocks, plan.block_size, plan.dtype, plan.device)
         self.scheduler = Scheduler(
             self.pool,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -43,19 +42,12 @@ class LLMEngine:
             eos_token_ids=loaded.eos_token_ids,
         )
         self.sampler = Sampler(
-            self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=loaded.device
+            self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=plan.device
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        logger.info(
-            "engine ready: %s, %d KV blocks of %d tokens (%d tokens), max_model_len %d",
-            self.model_id,
-            loaded.num_blocks,
-            config.cache.block_size,
-            loaded.num_blocks * config.cache.block_size,
-            self.max_model_len,
-        )
+        logger.info("engine ready: %s, %s", self.model_id, plan.describe())
 
     # -- requests ----------------------------------------------------------------------------------
 

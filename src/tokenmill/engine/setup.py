@@ -10,13 +10,51 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tokenmill.config import ConfigError, EngineConfig
+from tokenmill.engine.hardware import free_memory_bytes, native_bf16_flag
 from tokenmill.engine.model_runner import kv_bytes_per_block
 from tokenmill.models.attention import TorchPagedAttention
 from tokenmill.models.cpu_attention import KernelPagedAttention, kernel_supports, load_kernel
-from tokenmill.models.loader import iter_weights, load_hf_config, load_tokenizer, resolve_model
+from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, load_tokenizer, resolve_model
 from tokenmill.models.registry import create_model
 
 logger = logging.getLogger(__name__)
+
+
+KV_TOKENS_PER_SEQ = 128
+"""The default KV pool holds every running sequence at this average length, or one full context, whichever is
+more: sized by the work it serves, not by how much memory the machine happens to have."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    """What an engine will use, decided from its config, the checkpoint's config and this machine before any
+    weight is read: `load_model` follows it, `tokenmill doctor` shows it, and the reasons go to the log."""
+
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    dtype_reason: str
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    kv_bytes_per_token: int
+    kv_reason: str
+    weight_bytes: int
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    def describe(self) -> str:
+        return (
+            f"{self.dtype_name} on {self.device} ({self.dtype_reason}); context {self.max_model_len} tokens; "
+            f"KV cache {self.num_blocks * self.block_size} tokens, {self.kv_cache_bytes / 2**20:.0f} MiB "
+            f"({self.kv_reason})"
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,44 +62,63 @@ class LoadedModel:
     model_id: str
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
-    dtype: torch.dtype
-    device: torch.device
-    max_model_len: int
+    plan: EnginePlan
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-    num_blocks: int
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def plan_engine(config: EngineConfig) -> EnginePlan:
+    """Raises ConfigError (naming the field) for settings that cannot work here."""
     source = resolve_model(config.model.model)
     hf_config = load_hf_config(source)
-    tokenizer = load_tokenizer(source)
     device = _device(config.model.device)
-    dtype = _dtype(config.model.dtype, hf_config, device)
+    dtype, dtype_reason = _dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config)
-    model = create_model(hf_config, dtype, device, max_model_len)
-    model.load_weights(iter_weights(source, dtype))
-    model.attention_backend = _attention_backend(config.model.attention_backend, model, dtype, device)
-    block_bytes = kv_bytes_per_block(model, config.cache.block_size, dtype)
-    num_blocks = _num_blocks(config, block_bytes, device)
-    pool_tokens = num_blocks * config.cache.block_size
+    # The model on the meta device allocates nothing but knows its KV layout (layers, KV heads, head size).
+    shape = create_model(hf_config, dtype, torch.device("meta"), max_model_len)
+    block_size = config.cache.block_size
+    kv_bytes_per_token = kv_bytes_per_block(shape, block_size, dtype) // block_size
+    num_blocks, kv_reason = _num_blocks(config, kv_bytes_per_token, max_model_len, device)
+    pool_tokens = num_blocks * block_size
     if config.model.max_model_len is not None and config.model.max_model_len > pool_tokens:
         raise ConfigError(
             f"kv_cache_memory: the KV pool holds {pool_tokens} tokens, fewer than max_model_len "
             f"{config.model.max_model_len}; give it more memory or lower max_model_len"
         )
-    # A context longer than the pool could never be served: advertise what actually fits.
-    max_model_len = min(max_model_len, pool_tokens)
+    if pool_tokens < max_model_len:
+        # A context longer than the pool could never be served: advertise what actually fits.
+        kv_reason += f"; the context is cut to the {pool_tokens} tokens it holds"
+        max_model_len = pool_tokens
+    return EnginePlan(
+        source=source,
+        device=device,
+        dtype=dtype,
+        dtype_reason=dtype_reason,
+        max_model_len=max_model_len,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        kv_bytes_per_token=kv_bytes_per_token,
+        kv_reason=kv_reason,
+        weight_bytes=sum(p.numel() for p in shape.parameters()) * dtype.itemsize,
+    )
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    plan = plan_engine(config)
+    hf_config = load_hf_config(plan.source)
+    tokenizer = load_tokenizer(plan.source)
+    model = create_model(hf_config, plan.dtype, plan.device, plan.max_model_len)
+    model.load_weights(iter_weights(plan.source, plan.dtype))
+    model.attention_backend = _attention_backend(
+        config.model.attention_backend, model, plan.dtype, plan.device
+    )
     return LoadedModel(
-        model_id=source.name,
+        model_id=plan.source.name,
         model=model,
         tokenizer=tokenizer,
-        dtype=dtype,
-        device=device,
-        max_model_len=max_model_len,
+        plan=plan,
         vocab_size=hf_config.vocab_size,
         eos_token_ids=_eos_token_ids(hf_config, tokenizer),
-        num_blocks=num_blocks,
     )
 
 
@@ -87,14 +144,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dtype(name: str, hf_config: object, device: torch.device) -> torch.dtype:
+def _dtype(name: str, hf_config: object, device: torch.device) -> tuple[torch.dtype, str]:
     if name != "auto":
-        return getattr(torch, name)
-    # float32 on CPU keeps outputs bit-comparable with the reference; GPUs get the checkpoint's half type.
+        return getattr(torch, name), "as configured"
     if device.type == "cpu":
-        return torch.float32
+        flag = native_bf16_flag()
+        if flag is not None:
+            return torch.bfloat16, f"auto: this CPU computes bfloat16 natively ({flag}), about 2x float32"
+        return torch.float32, "auto: this CPU has no native bfloat16 arithmetic, so float32 is faster"
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    return declared if isinstance(declared, torch.dtype) and declared != torch.float32 else torch.bfloat16
+    if isinstance(declared, torch.dtype) and declared != torch.float32:
+        return declared, "auto: the checkpoint's own dtype"
+    return torch.bfloat16, "auto: half precision on the GPU"
 
 
 def _max_model_len(requested: int | None, hf_config: object) -> int:
@@ -110,27 +171,37 @@ def _max_model_len(requested: int | None, hf_config: object) -> int:
     return requested
 
 
-def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:
+def _num_blocks(
+    config: EngineConfig, kv_bytes_per_token: int, max_model_len: int, device: torch.device
+) -> tuple[int, str]:
+    """-> (blocks, why that many)."""
     cache = config.cache
+    block_bytes = kv_bytes_per_token * cache.block_size
     if cache.num_blocks is not None:
-        return cache.num_blocks
-    budget = cache.kv_cache_memory
-    if budget is None:
-        budget = int(_free_memory(device) * cache.kv_cache_fraction)
-    num_blocks = budget // block_bytes
+        return cache.num_blocks, "num_blocks as configured"
+    if cache.kv_cache_memory is not None:
+        num_blocks, reason = cache.kv_cache_memory // block_bytes, "kv_cache_memory as configured"
+    else:
+        max_num_seqs = config.scheduler.max_num_seqs
+        wanted_tokens = max(max_model_len, max_num_seqs * KV_TOKENS_PER_SEQ)
+        num_blocks = -(-wanted_tokens // cache.block_size)
+        reason = (
+            f"the larger of one context ({max_model_len}) and {max_num_seqs} sequences x "
+            f"{KV_TOKENS_PER_SEQ} tokens"
+        )
+        free = free_memory_bytes(device)
+        if free is None:
+            raise ConfigError("kv_cache_memory: cannot read the free memory here; set it explicitly")
+        cap_blocks = int(free * cache.kv_cache_fraction) // block_bytes
+        if cap_blocks < num_blocks:
+            num_blocks = cap_blocks
+            reason = (
+                f"{cache.kv_cache_fraction:.0%} of the {free / 2**30:.1f} GiB free, less than "
+                f"{wanted_tokens} tokens ({reason})"
+            )
     if num_blocks < 1:
-        raise ConfigError(f"kv_cache_memory: {budget} bytes hold no KV block ({block_bytes} bytes each)")
-    return num_blocks
-
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise ConfigError("kv_cache_memory: cannot read free memory; set it explicitly")
+        raise ConfigError(f"kv_cache_memory: the budget holds no KV block ({block_bytes} bytes each)")
+    return num_blocks, reason
 
 
 def _eos_token_ids(hf_config: object, tokenizer: object) -> tuple[int, ...]:

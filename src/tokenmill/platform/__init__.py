@@ -1,4 +1,4 @@
-"""Accounts, keys, pricing, ledger, reservations, usage and rate limits over SQLAlchemy.
+"""Accounts, keys, pricing, ledger, reservations, usage, rate limits and their tiers over SQLAlchemy.
 No HTTP here: `serving/` and `cli.py` call these functions and map the typed errors of `errors.py`."""
 
 from tokenmill.platform.accounts import (
@@ -43,12 +43,16 @@ from tokenmill.platform.ledger import CreditResult, adjust, balance_micros, refu
 from tokenmill.platform.migrate import upgrade
 from tokenmill.platform.pricing import Price, cost_micros, get_model_price, list_model_prices, set_model_price
 from tokenmill.platform.ratelimit import (
+    EffectiveLimits,
     RateLimitDecision,
     RateLimiter,
-    RateLimitPolicy,
     RateLimits,
+    RateLimitScope,
+    TierLimits,
+    resolve_scope,
 )
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
+from tokenmill.platform.tiers import TierInfo, effective_limits, get_tier, list_tiers, set_tier_limits
 from tokenmill.platform.usage import USAGE_COLUMNS, AccountInfo, UsageRow, usage_report, user_info
 
 __all__ = [
@@ -60,16 +64,19 @@ __all__ = [
     "CreatedKey",
     "CreditResult",
     "Database",
+    "EffectiveLimits",
     "InMemoryRateLimiter",
     "KeyInfo",
     "KeyPrincipal",
     "OrgInfo",
     "Price",
     "RateLimitDecision",
-    "RateLimitPolicy",
+    "RateLimitScope",
     "RateLimiter",
     "RateLimits",
     "Reservation",
+    "TierInfo",
+    "TierLimits",
     "UsageInfo",
     "UsageRow",
     "UsageStatus",
@@ -85,23 +92,28 @@ __all__ = [
     "create_key_for_caller",
     "create_organization",
     "create_user",
+    "effective_limits",
     "ensure_admin_key",
     "get_model_price",
     "get_organization",
+    "get_tier",
     "get_user",
     "list_keys",
     "list_model_prices",
     "list_organizations",
+    "list_tiers",
     "list_users",
     "open_database",
     "recover_open_reservations",
     "refund",
     "release",
     "reserve",
+    "resolve_scope",
     "revoke_key",
     "rotate_admin_key",
     "set_model_price",
     "set_organization_tier",
+    "set_tier_limits",
     "settle",
     "sqlite_url",
     "top_up",

@@ -12,10 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import DuplicateName, InvalidArgument, UnknownOrganization, UnknownUser
 from tokenmill.platform.tables import Organization, User, new_id
+from tokenmill.platform.tiers import DEFAULT_TIER, require_tier, tier_name
 from tokenmill.platform.validation import text
 
-DEFAULT_TIER = "default"
-_TIER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 
@@ -45,10 +44,11 @@ def _user_info(row: User) -> UserInfo:
 
 
 def create_organization(db: Database, name: str, tier: str = DEFAULT_TIER) -> OrgInfo:
+    """`tier` must be an existing rate-limit tier (`tiers.list_tiers`)."""
     name = text("name", name, max_len=200)
-    if not _TIER_RE.match(tier):
-        raise InvalidArgument("tier: lowercase letters, digits, '-' or '_', at most 32 characters")
+    tier = tier_name(tier)
     with db.write() as session:
+        require_tier(session, tier)
         if session.scalar(select(Organization.id).where(Organization.name == name)) is not None:
             raise DuplicateName(f"name: an organization named {name!r} already exists")
         row = Organization(id=new_id("org"), name=name, tier=tier, created_at=db.now())
@@ -61,12 +61,13 @@ def create_organization(db: Database, name: str, tier: str = DEFAULT_TIER) -> Or
 
 
 def set_organization_tier(db: Database, org_id: str, tier: str) -> OrgInfo:
-    if not _TIER_RE.match(tier):
-        raise InvalidArgument("tier: lowercase letters, digits, '-' or '_', at most 32 characters")
+    """Moves the organization to an existing tier; its keys get the tier's limits from their next request."""
+    tier = tier_name(tier)
     with db.write() as session:
         row = session.get(Organization, org_id)
         if row is None:
             raise UnknownOrganization(f"org_id: no organization {org_id!r}")
+        require_tier(session, tier)
         row.tier = tier
         return _org_info(row)
 

@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from tokenmill.config import ConfigError
-from tokenmill.platform import accounts, admin_key, keys, ledger, pricing
+from tokenmill.platform import accounts, admin_key, keys, ledger, pricing, tiers
+from tokenmill.platform.auth import principal_of_key
 from tokenmill.platform.billing import recover_open_reservations
 from tokenmill.platform.db import Database
 from tokenmill.platform.money import format_micros, parse_units
+from tokenmill.platform.ratelimit import LIMIT_FIELDS, RateLimits
 from tokenmill.platform.usage import USAGE_COLUMNS, usage_report
 
 
@@ -90,6 +92,60 @@ def set_price(db: Database, args: argparse.Namespace) -> None:
 def set_tier(db: Database, args: argparse.Namespace) -> None:
     org = accounts.set_organization_tier(db, accounts.get_organization(db, args.org).id, args.tier)
     print(f"{org.name}: tier {org.tier}")
+
+
+LIMIT_COLUMNS = {
+    "requests_per_minute": "rpm",
+    "tokens_per_minute": "tpm",
+    "max_concurrent_requests": "concurrent",
+}
+"""A limit's column in the tables below, in the order of `LIMIT_FIELDS`."""
+TIER_HEADERS = (
+    "tier",
+    *LIMIT_COLUMNS.values(),
+    *(f"free_{column}" for column in LIMIT_COLUMNS.values()),
+    "orgs",
+)
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _limits(limits: RateLimits) -> list[str]:
+    return [_limit(getattr(limits, name)) for name in LIMIT_FIELDS]
+
+
+def _tier_rows(infos: Sequence[tiers.TierInfo]) -> list[list[object]]:
+    return [
+        [t.limits.name, *_limits(t.limits.paid), *_limits(t.limits.free), t.num_organizations] for t in infos
+    ]
+
+
+def list_tiers(db: Database, _: argparse.Namespace) -> None:
+    _table(TIER_HEADERS, _tier_rows(tiers.list_tiers(db)))
+
+
+def set_tier_limits(db: Database, args: argparse.Namespace) -> None:
+    changes = {field: getattr(args, field) for field in tiers.TIER_FIELDS if hasattr(args, field)}
+    changed = tiers.set_tier_limits(db, args.tier, changes, copy_from=args.copy_from)
+    _table(TIER_HEADERS, _tier_rows([t for t in tiers.list_tiers(db) if t.limits.name == changed.name]))
+
+
+def show_limits(db: Database, args: argparse.Namespace) -> None:
+    """Computed by `tiers.effective_limits`, the very function admission applies."""
+    principal = principal_of_key(db, args.key_id)
+    effective = tiers.effective_limits(db, principal)
+    key = f"key {principal.key_id} ({principal.key_prefix}...)"
+    print(f"{key}, organization {principal.org_id}, tier {principal.tier}")
+    _table(
+        ["models", "limit", "value", "from"],
+        [
+            (models, LIMIT_COLUMNS[name], _limit(getattr(scope.limits, name)), scope.source(name))
+            for models, scope in (("paid", effective.paid), ("free", effective.free))
+            for name in LIMIT_FIELDS
+        ],
+    )
 
 
 def usage(db: Database, args: argparse.Namespace) -> None:

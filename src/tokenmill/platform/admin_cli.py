@@ -58,6 +58,34 @@ def _positive(maximum: int) -> Callable[[str], int]:
     return parse
 
 
+def _limit(maximum: int) -> Callable[[str], int | None]:
+    """An argparse type for a rate limit: an integer from 1 to `maximum`, or "unlimited" (None)."""
+    positive = _positive(maximum)
+
+    def parse(text: str) -> int | None:
+        if text == "unlimited":
+            return None
+        try:
+            return positive(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither 'unlimited' nor an integer from 1 to {maximum}"
+            ) from None
+
+    return parse
+
+
+TIER_FLAGS = (
+    ("--rpm", "requests_per_minute", "requests per minute on paid models"),
+    ("--tpm", "tokens_per_minute", "tokens per minute on paid models"),
+    ("--max-concurrent", "max_concurrent_requests", "concurrent requests on paid models"),
+    ("--free-rpm", "free_requests_per_minute", "requests per minute on free models"),
+    ("--free-tpm", "free_tokens_per_minute", "tokens per minute on free models"),
+    ("--free-max-concurrent", "free_max_concurrent_requests", "concurrent requests on free models"),
+)
+"""set-tier-limits: flag, the `tiers.TIER_FIELDS` name it sets, help."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -80,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = action("create-org", "create an organization (it pays for its users' requests)", do.create_org)
     sub.add_argument("name")
-    sub.add_argument("--tier", default="default", help="rate-limit tier: default, pro, unlimited")
+    sub.add_argument("--tier", default="default", help="rate-limit tier (see list-tiers; default: default)")
     sub = action("create-user", "create a user in an organization", do.create_user)
     sub.add_argument("org", help="organization id or name")
     sub.add_argument("email")
@@ -116,6 +144,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = action("set-tier", "change an organization's rate-limit tier", do.set_tier)
     sub.add_argument("org")
     sub.add_argument("tier")
+    action("list-tiers", "rate-limit tiers: each key's limits on paid and on free models", do.list_tiers)
+    sub = action(
+        "set-tier-limits",
+        "create or change a rate-limit tier; its keys get the new limits from their next request",
+        do.set_tier_limits,
+    )
+    sub.add_argument("tier")
+    sub.add_argument(
+        "--from",
+        dest="copy_from",
+        metavar="TIER",
+        help="copy the limits not given from TIER (default: the tier's own; a new tier copies default)",
+    )
+    for flag, dest, what in TIER_FLAGS:
+        # SUPPRESS: a flag not given leaves no attribute, so "not given" and "unlimited" (None) differ.
+        sub.add_argument(
+            flag,
+            dest=dest,
+            type=_limit(MAX_COUNT),
+            default=argparse.SUPPRESS,
+            metavar="N|unlimited",
+            help=what,
+        )
+    sub = action(
+        "show-limits", "a key's effective rate limits and where each comes from (tier or key)", do.show_limits
+    )
+    sub.add_argument("key_id")
     sub = action("usage", "usage per UTC day, organization and model", do.usage)
     sub.add_argument("--org", help="one organization (default: all)")
     sub.add_argument("--start-date", type=_day, help="YYYY-MM-DD (default: 29 days before the end date)")

@@ -18,7 +18,8 @@ from tokenmill.platform.billing import (
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import RateLimited
 from tokenmill.platform.pricing import get_model_price
-from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimiter, RateLimitPolicy
+from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimiter
+from tokenmill.platform.tiers import effective_limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,25 +42,24 @@ class AdmissionControl:
         self,
         db: Database,
         limiter: RateLimiter,
-        policy: RateLimitPolicy | None = None,
         *,
         owner: str = DEFAULT_OWNER,
     ) -> None:
         self.db = db
         self.limiter = limiter
-        self.policy = policy or RateLimitPolicy()
         self.owner = owner
         """This gateway's name on its reservations (see `recover_open_reservations`)."""
 
     def admit(self, principal: KeyPrincipal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
         """Raises, in this order: ModelNotAllowed (403), ModelNotPriced (404), RateLimited (429 with
-        headers), InsufficientQuota (429 insufficient_quota). Nothing is held when it raises."""
+        headers), InsufficientQuota (429 insufficient_quota). Nothing is held when it raises. `max_tokens` is
+        the request's whole completion budget (n x max_tokens)."""
         authorize_model(principal, model)
         price = get_model_price(self.db, model)
-        scope = self.policy.scope(principal, free_model=price.is_free)
+        scope = effective_limits(self.db, principal).scope(free_model=price.is_free)
         decision = self.limiter.acquire(scope.bucket, scope.limits, prompt_tokens + max_tokens)
         if not decision.allowed or decision.lease is None:
-            raise RateLimited(decision)
+            raise RateLimited(decision, scope, prompt_tokens=prompt_tokens)
         try:
             reservation = reserve(self.db, principal, model, prompt_tokens, max_tokens, owner=self.owner)
         except BaseException:

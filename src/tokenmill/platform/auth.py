@@ -8,11 +8,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import (
     ExpiredKey,
+    KeyNotFound,
     MalformedKey,
     MissingKey,
     ModelNotAllowed,
@@ -20,7 +21,9 @@ from tokenmill.platform.errors import (
     UnknownKey,
 )
 from tokenmill.platform.keys import hash_key
-from tokenmill.platform.tables import AdminKey, ApiKey, Organization
+from tokenmill.platform.ratelimit import RateLimits, TierLimits
+from tokenmill.platform.tables import AdminKey, ApiKey, Organization, RateLimitTier
+from tokenmill.platform.tiers import tier_limits
 
 ADMIN_KEY_PREFIX = "sk-admin-"
 _KEY_RE = re.compile(r"^sk-[A-Za-z0-9_-]{20,200}$")
@@ -42,9 +45,17 @@ class KeyPrincipal:
     tokens_per_minute: int | None
     max_concurrent_requests: int | None
     expires_at: datetime | None
+    tier_limits: TierLimits | None = None
+    """The tier's row as of this request, joined in by `authenticate` so admission needs no query of its
+    own; None for a principal built otherwise (`tiers.effective_limits` then reads the tier)."""
 
     def may_use(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
+
+    @property
+    def overrides(self) -> RateLimits:
+        """The key's own rate limits; None in a dimension leaves the tier's."""
+        return RateLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +76,46 @@ def parse_key(raw_key: str | None) -> str:
 
 
 def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
-    """Resolve a user key. Revocation and expiry are read from the database on every call, so they take
-    effect on the next request. Admin keys are not user keys and fail here as unknown."""
+    """Resolve a user key. Revocation, expiry and the tier's limits are read from the database on every
+    call, so a change to any of them takes effect on the next request. Admin keys are not user keys and fail
+    here as unknown."""
     raw_key = parse_key(raw_key)
     digest = hash_key(raw_key)
     with db.read() as session:
-        found = session.execute(
-            select(ApiKey, Organization.tier)
-            .join(Organization, Organization.id == ApiKey.org_id)
-            .where(ApiKey.key_hash == digest)
-        ).first()
+        found = session.execute(_principal_query().where(ApiKey.key_hash == digest)).first()
     # The lookup is by hash, so its timing says nothing useful about the secret; compare_digest keeps the
     # final check constant-time anyway.
     if found is None or not hmac.compare_digest(found[0].key_hash, digest):
         raise UnknownKey("no such API key")
-    row, tier = found[0], found[1]
+    row, tier, tier_row = found
     if row.revoked_at is not None:
         raise RevokedKey(f"API key {row.prefix}... was revoked")
     if row.expires_at is not None and db.now() >= row.expires_at:
         raise ExpiredKey(f"API key {row.prefix}... expired")
+    return _principal(row, tier, tier_row)
+
+
+def principal_of_key(db: Database, key_id: str) -> KeyPrincipal:
+    """The principal key `key_id` authenticates as (revoked or expired or not), for operator tools such as
+    `tokenmill admin show-limits`."""
+    with db.read() as session:
+        found = session.execute(_principal_query().where(ApiKey.id == key_id)).first()
+    if found is None:
+        raise KeyNotFound(f"key_id: no key {key_id!r}")
+    return _principal(*found)
+
+
+def _principal_query() -> Select[tuple[ApiKey, str, RateLimitTier | None]]:
+    # An outer join: a tier row missing (only a hand-edited database can lose one) must not make the key
+    # look unknown; `tiers.effective_limits` then reports the tier itself as not found.
+    return (
+        select(ApiKey, Organization.tier, RateLimitTier)
+        .join(Organization, Organization.id == ApiKey.org_id)
+        .outerjoin(RateLimitTier, RateLimitTier.name == Organization.tier)
+    )
+
+
+def _principal(row: ApiKey, tier: str, tier_row: RateLimitTier | None) -> KeyPrincipal:
     return KeyPrincipal(
         key_id=row.id,
         key_prefix=row.prefix,
@@ -96,6 +128,7 @@ def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
         tokens_per_minute=row.tokens_per_minute,
         max_concurrent_requests=row.max_concurrent_requests,
         expires_at=row.expires_at,
+        tier_limits=None if tier_row is None else tier_limits(tier_row),
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
@@ -20,7 +20,7 @@ from tokenmill.platform.db import Database, open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.migrate import upgrade
 from tokenmill.platform.pricing import register_free_models
-from tokenmill.platform.ratelimit import LeaseHeartbeat, RateLimiter, RateLimitPolicy
+from tokenmill.platform.ratelimit import LeaseHeartbeat, RateLimiter
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ class PlatformSettings:
     """Names this gateway's reservations and rate-limit leases; at startup only those with this name are
     recovered, so it must be stable across restarts and distinct between gateways that share a database
     or a Redis."""
-    policy: RateLimitPolicy = field(default_factory=RateLimitPolicy)
 
     def __post_init__(self) -> None:
         if not self.gateway_id.strip() or len(self.gateway_id) > 200:
@@ -100,7 +99,7 @@ class Gateway:
         self.settings = settings
         self.db = db
         self.limiter = limiter
-        self.admission = AdmissionControl(db, limiter, settings.policy, owner=settings.gateway_id)
+        self.admission = AdmissionControl(db, limiter, owner=settings.gateway_id)
         self.heartbeat = LeaseHeartbeat(limiter)
 
     @classmethod

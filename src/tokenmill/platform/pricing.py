@@ -96,7 +96,7 @@ def list_model_prices(db: Database) -> dict[str, Price]:
 
 def register_free_models(db: Database, models: Iterable[str]) -> list[str]:
     """Gateway startup: each served model that has no price yet becomes free (0/0), so a fresh `tokenmill
-    serve` answers at once and those models fall under the stricter free-model rate limits. A price the
+    serve` answers at once and those models fall under each tier's free-model rate limits. A price the
     admin set is never touched. Returns the models registered by this call."""
     wanted = sorted({text("model", model, max_len=200) for model in models})
     for _ in range(3):

@@ -1,18 +1,17 @@
 """Rate limits per key: requests and tokens per fixed one-minute window plus concurrent requests.
-Holds the limits, the tier policy, the decision (with OpenAI's x-ratelimit-* values), the `RateLimiter`
-contract and the heartbeat that keeps a live gateway's concurrency leases; backends live in
-`ratelimit_memory.py` and `ratelimit_redis.py`."""
+Holds the limits, the one rule that gives a request its limits (`resolve_scope`: the organization's tier, then
+the key's own overrides), the decision (with OpenAI's x-ratelimit-* values), the `RateLimiter` contract and
+the heartbeat that keeps a live gateway's concurrency leases; backends live in `ratelimit_memory.py` and
+`ratelimit_redis.py`, the tiers' rows in `tiers.py`."""
 
 from __future__ import annotations
 
 import logging
 import math
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -27,6 +26,14 @@ LEASE_TTL_S = 30.0
 LEASE_REFRESH_S = LEASE_TTL_S / 3
 """How often a live gateway refreshes its leases: two refreshes may fail in a row before a slot is lost."""
 
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+"""The dimensions of a limit, named as the key's override columns."""
+LIMIT_UNITS = {
+    "requests_per_minute": "requests per minute",
+    "tokens_per_minute": "tokens per minute",
+    "max_concurrent_requests": "concurrent requests",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
@@ -37,71 +44,77 @@ class RateLimits:
     max_concurrent_requests: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests"):
+        for name in LIMIT_FIELDS:
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value < 1):
                 raise InvalidArgument(f"{name}: must be a positive integer or None")
 
-    def capped_by(self, cap: RateLimits) -> RateLimits:
-        """The stricter of the two in every dimension."""
 
-        def low(a: int | None, b: int | None) -> int | None:
-            return b if a is None else a if b is None else min(a, b)
+@dataclass(frozen=True, slots=True)
+class TierLimits:
+    """One rate-limit tier (a row of `rate_limit_tiers`): the per-key limits of the organizations on it."""
 
-        return RateLimits(
-            low(self.requests_per_minute, cap.requests_per_minute),
-            low(self.tokens_per_minute, cap.tokens_per_minute),
-            low(self.max_concurrent_requests, cap.max_concurrent_requests),
-        )
-
-
-DEFAULT_TIERS: Mapping[str, RateLimits] = {
-    "default": RateLimits(requests_per_minute=60, tokens_per_minute=200_000, max_concurrent_requests=8),
-    "pro": RateLimits(requests_per_minute=600, tokens_per_minute=2_000_000, max_concurrent_requests=64),
-    "unlimited": RateLimits(),
-}
-DEFAULT_FREE_MODEL_LIMITS = RateLimits(
-    requests_per_minute=20, tokens_per_minute=40_000, max_concurrent_requests=2
-)
+    name: str
+    paid: RateLimits
+    """For models with a price."""
+    free: RateLimits
+    """For free models (price 0/0); counted apart from the paid ones."""
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitScope:
+    """The limits one request is held to, the counter it counts in, and where each limit comes from."""
+
     bucket: str
     """The counter key: one per API key, and a separate one for its use of free models."""
     limits: RateLimits
+    free_model: bool
+    tier: str
+    key_overrides: frozenset[str]
+    """The dimensions (of `LIMIT_FIELDS`) the key's own overrides set; the others are the tier's."""
+
+    def source(self, dimension: str) -> str:
+        return "key" if dimension in self.key_overrides else f"tier {self.tier}"
+
+    def describe(self, dimension: str) -> str:
+        """E.g. "this API key's limit of 3 concurrent requests for free models": says, in a refusal, which
+        limit refused and whom to ask about it."""
+        value = getattr(self.limits, dimension)
+        owner = "this API key's" if dimension in self.key_overrides else f"the {self.tier!r} tier's"
+        amount = "unlimited" if value is None else f"{value:,}"
+        models = "free" if self.free_model else "paid"
+        return f"{owner} limit of {amount} {LIMIT_UNITS[dimension]} for {models} models"
+
+
+def resolve_scope(
+    key_id: str, tier: TierLimits, overrides: RateLimits, *, free_model: bool
+) -> RateLimitScope:
+    """The rule, the only one: the tier's limits for free or for paid models, then every dimension the key
+    sets explicitly replaces the tier's, on free and paid models alike (a key's `max_concurrent_requests=3`
+    means 3 in flight, whatever the tier says). Admission and `tiers.effective_limits` both call this."""
+    base = tier.free if free_model else tier.paid
+    overridden = frozenset(name for name in LIMIT_FIELDS if getattr(overrides, name) is not None)
+    limits = RateLimits(
+        **{name: getattr(overrides if name in overridden else base, name) for name in LIMIT_FIELDS}
+    )
+    return RateLimitScope(
+        bucket=f"{key_id}:free" if free_model else key_id,
+        limits=limits,
+        free_model=free_model,
+        tier=tier.name,
+        key_overrides=overridden,
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimitPolicy:
-    """Tier defaults, overridden per key, then capped by the stricter free-model limits on free models."""
+class EffectiveLimits:
+    """A key's limits on paid and on free models, as admission applies them."""
 
-    tiers: Mapping[str, RateLimits] = field(default_factory=lambda: dict(DEFAULT_TIERS))
-    free_models: RateLimits = DEFAULT_FREE_MODEL_LIMITS
+    paid: RateLimitScope
+    free: RateLimitScope
 
-    def __post_init__(self) -> None:
-        if "default" not in self.tiers:
-            raise InvalidArgument("tiers: must define a 'default' tier")
-
-    def scope(self, principal: KeyPrincipal, *, free_model: bool) -> RateLimitScope:
-        tier = self.tiers.get(principal.tier)
-        if tier is None:
-            logger.warning(
-                "organization tier %r has no rate limits configured; using 'default'", principal.tier
-            )
-            tier = self.tiers["default"]
-
-        def pick(override: int | None, default: int | None) -> int | None:
-            return default if override is None else override
-
-        limits = RateLimits(
-            pick(principal.requests_per_minute, tier.requests_per_minute),
-            pick(principal.tokens_per_minute, tier.tokens_per_minute),
-            pick(principal.max_concurrent_requests, tier.max_concurrent_requests),
-        )
-        if free_model:
-            return RateLimitScope(f"{principal.key_id}:free", limits.capped_by(self.free_models))
-        return RateLimitScope(principal.key_id, limits)
+    def scope(self, *, free_model: bool) -> RateLimitScope:
+        return self.free if free_model else self.paid
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +143,8 @@ class RateLimitDecision:
     retry_after_s: float | None
     """When to try again (denials only); None for allowed and for requests that can never fit."""
     lease: Lease | None
+    asked_tokens: int
+    """The tokens this request asked to count (prompt + max_tokens): a refusal says how far over it is."""
 
     def headers(self) -> dict[str, str]:
         """OpenAI's response headers; only the limited dimensions appear."""
@@ -221,11 +236,13 @@ def decide(
     *,
     num_requests: int,
     num_tokens: int,
+    asked_tokens: int,
     now_ms: int,
     window_ms: int,
     lease: Lease | None,
 ) -> RateLimitDecision:
-    """Shared by the backends: the counts (after the request if allowed) -> the decision and headers."""
+    """Shared by the backends: the window's counts (after the request if allowed) and what the request asked
+    -> the decision and headers."""
     until_window_end_s = ((window_index(now_ms, window_ms) + 1) * window_ms - now_ms) / 1000
     retry = {"requests": until_window_end_s, "tokens": until_window_end_s, "concurrency": CONCURRENCY_RETRY_S}
     rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
@@ -240,6 +257,7 @@ def decide(
         reset_tokens_s=None if tpm is None else (until_window_end_s if num_tokens else 0.0),
         retry_after_s=retry.get(verdict),
         lease=lease if verdict == "ok" else None,
+        asked_tokens=asked_tokens,
     )
 
 

@@ -85,6 +85,7 @@ class InMemoryRateLimiter:
                 limits,
                 num_requests=state.num_requests,
                 num_tokens=state.num_tokens,
+                asked_tokens=num_tokens,
                 now_ms=now_ms,
                 window_ms=self._window_ms,
                 lease=lease,

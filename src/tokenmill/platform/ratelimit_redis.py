@@ -157,6 +157,7 @@ class RedisRateLimiter:
             limits,
             num_requests=int(num_requests),
             num_tokens=int(window_tokens),
+            asked_tokens=num_tokens,
             now_ms=now_ms,
             window_ms=self._window_ms,
             lease=lease,

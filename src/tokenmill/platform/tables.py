@@ -30,6 +30,14 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 LEDGER_KINDS = ("topup", "charge", "refund", "adjustment")
 RESERVATION_STATES = ("open", "settled", "released")
 USAGE_STATUSES = ("ok", "client_disconnected", "error")
+TIER_LIMIT_COLUMNS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent_requests",
+    "free_requests_per_minute",
+    "free_tokens_per_minute",
+    "free_max_concurrent_requests",
+)
 
 
 def new_id(prefix: str) -> str:
@@ -88,8 +96,30 @@ class Organization(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     tier: Mapped[str] = mapped_column(String(32))
-    """Selects the rate-limit defaults (see `ratelimit.RateLimitPolicy`)."""
+    """The name of a row of `rate_limit_tiers`. Not a foreign key: adding one to this existing table on
+    SQLite means rebuilding it, which the tables referencing it forbid inside the migration's transaction;
+    `tiers.require_tier` checks the name on every write instead, and tiers are never deleted."""
     created_at: Mapped[datetime]
+
+
+class RateLimitTier(Base):
+    """The per-key rate limits of the organizations on a tier, on paid and on free (price 0/0) models; NULL
+    is unlimited in that dimension. Changed by `tokenmill admin set-tier-limits`; read on every request."""
+
+    __tablename__ = "rate_limit_tiers"
+    __table_args__ = tuple(
+        CheckConstraint(f"{column} >= 1", name=f"ck_rate_limit_tiers_{column}")
+        for column in TIER_LIMIT_COLUMNS
+    )
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    requests_per_minute: Mapped[int | None]
+    tokens_per_minute: Mapped[int | None]
+    max_concurrent_requests: Mapped[int | None]
+    free_requests_per_minute: Mapped[int | None]
+    free_tokens_per_minute: Mapped[int | None]
+    free_max_concurrent_requests: Mapped[int | None]
+    updated_at: Mapped[datetime]
 
 
 class User(Base):

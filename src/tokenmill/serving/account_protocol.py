@@ -24,6 +24,23 @@ class ApiKeyRef(BaseModel):
     """Spent plus held by requests in flight: what the spend limit caps."""
 
 
+class RateLimitValues(BaseModel):
+    """None: unlimited in that dimension."""
+
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent_requests: int | None
+
+
+class KeyRateLimits(BaseModel):
+    """What this key is held to, exactly as admission applies it: its organization's tier, with the key's own
+    overrides replacing a dimension; free models are limited and counted apart from paid ones."""
+
+    tier: str
+    paid_models: RateLimitValues
+    free_models: RateLimitValues
+
+
 class UserInfoData(BaseModel):
     id: str
     name: str
@@ -40,6 +57,7 @@ class UserInfoData(BaseModel):
     available_micros: int
     billing_enabled: bool
     """False under --no-auth: nothing is billed, every figure is zero."""
+    rate_limits: KeyRateLimits
 
 
 class UserInfoResponse(BaseModel):

@@ -92,6 +92,10 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
             401, exc.public_message, code="invalid_api_key", headers={"www-authenticate": "Bearer"}
         )
     if isinstance(exc, RateLimited):
+        if exc.decision.reason == "request_too_large":
+            # More tokens than the key may use in any minute: no wait helps, so not a 429 (which clients
+            # retry), but a 400 like any other request that can never be served.
+            return error_response(400, str(exc), code="request_too_large", headers=exc.decision.headers())
         return error_response(429, str(exc), code="rate_limit_exceeded", headers=exc.decision.headers())
     if isinstance(exc, InsufficientQuota):
         # No Retry-After: waiting does not help, a top-up does.

@@ -20,7 +20,6 @@ from contextlib import aclosing, asynccontextmanager
 
 from starlette.concurrency import run_in_threadpool
 
-from tokenmill.engine.sampling_params import InvalidRequestError
 from tokenmill.platform.admission import Admission
 from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.billing import UsageStatus
@@ -87,9 +86,6 @@ class Meter:
         """Around a non-streaming request's work: settles however the block ends."""
         try:
             yield
-        except InvalidRequestError:  # refused before any work (an embedding input too long)
-            await self.release()
-            raise
         except ClientDisconnected:
             await self.settle(UsageStatus.CLIENT_DISCONNECTED, counts)
             raise

@@ -76,7 +76,8 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    """None: the server's default for the model (`CompletionLimits`)."""
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
 from tokenmill.serving.protocol import GenerationRequest
+from tokenmill.serving.settings import CompletionLimits
 
 _SMALLEST_TOP_P = 1e-8  # OpenAI accepts top_p=0 ("only the most likely token"); the engine wants (0, 1]
 
@@ -28,18 +29,37 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
     return bias
 
 
-def sampling_params(
-    request: GenerationRequest,
+def completion_length(
+    requested: int | None,
+    param: str,
+    limits: CompletionLimits,
     *,
-    max_tokens: int | None,
     num_prompt_tokens: int,
     max_model_len: int,
-    vocab_size: int,
-    logprobs: int | None,
+    openai_default: int | None,
+) -> int:
+    """The max_tokens a request runs with: what it asked for, within the model's cap; else the server's
+    default, cut to what the context window has left; else OpenAI's (`openai_default`, or None for "until
+    the window is full")."""
+    cap = limits.max_completion_tokens
+    if requested is not None:
+        if cap is not None and requested > cap:
+            raise InvalidRequestError(
+                f"{param}: this model writes at most {cap} tokens per completion; you asked for {requested}.",
+                param=param,
+            )
+        return requested
+    room = max(1, max_model_len - num_prompt_tokens)
+    if cap is not None:
+        room = min(room, cap)
+    if limits.default_max_tokens is not None:
+        return min(limits.default_max_tokens, room)
+    return room if openai_default is None else min(openai_default, room)
+
+
+def sampling_params(
+    request: GenerationRequest, *, max_tokens: int, vocab_size: int, logprobs: int | None
 ) -> SamplingParams:
-    """`max_tokens` None means "until the context window is full", as OpenAI's chat API does."""
-    if max_tokens is None:
-        max_tokens = max(1, max_model_len - num_prompt_tokens)
     top_p = 1.0 if request.top_p is None else max(request.top_p, _SMALLEST_TOP_P)
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     return SamplingParams(

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tokenmill.config import ConfigError
+
+OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's legacy /v1/completions stops at 16 tokens when a request sets no max_tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionLimits:
+    """How long a completion may be, per model. Without a server-side default, a request that forgets
+    max_tokens runs to the end of the context window (minutes of text from a small model at temperature 1)
+    and is reserved and rate-limited at that worst case."""
+
+    default_max_tokens: int | None = 1024
+    """Used when a request sets no max_tokens (cut to `max_completion_tokens` and to what the context window
+    has left). None: OpenAI's behaviour, chat runs until the window is full and completions stop at 16."""
+    max_completion_tokens: int | None = None
+    """The most a request may ask for; None: only the context window limits it."""
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be at least 1, or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +42,9 @@ class ServerSettings:
     no_auth: bool = False
     """A private single-user deployment: no keys, no billing, no rate limits, no database; every request
     acts as the built-in `local` principal (see `deps.LOCAL_PRINCIPAL`). Off unless asked for."""
+    completion_limits: CompletionLimits = field(default_factory=CompletionLimits)
+    """For every chat model, unless `model_completion_limits` names it."""
+    model_completion_limits: Mapping[str, CompletionLimits] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -27,6 +53,9 @@ class ServerSettings:
             raise ConfigError("max_body_bytes: must be at least 1024")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown_timeout_s: must be >= 0")
+
+    def limits_for(self, model: str) -> CompletionLimits:
+        return self.model_completion_limits.get(model, self.completion_limits)
 
     @property
     def base_url(self) -> str:

@@ -11,10 +11,14 @@ from fastapi.responses import Response
 
 from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.money import format_micros
+from tokenmill.platform.ratelimit import RateLimits
+from tokenmill.platform.tiers import effective_limits
 from tokenmill.platform.usage import usage_report, user_info
 from tokenmill.serving.account_protocol import (
     ApiKeyRef,
+    KeyRateLimits,
     OrganizationRef,
+    RateLimitValues,
     UsageEntry,
     UsageList,
     UserInfoData,
@@ -27,6 +31,16 @@ from tokenmill.serving.routes.common import json_response
 router = APIRouter()
 
 DEFAULT_USAGE_DAYS = 30
+
+_UNLIMITED = RateLimitValues(requests_per_minute=None, tokens_per_minute=None, max_concurrent_requests=None)
+
+
+def _values(limits: RateLimits) -> RateLimitValues:
+    return RateLimitValues(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        max_concurrent_requests=limits.max_concurrent_requests,
+    )
 
 
 def _local_info(principal: KeyPrincipal) -> UserInfoData:
@@ -45,6 +59,7 @@ def _local_info(principal: KeyPrincipal) -> UserInfoData:
         held_micros=0,
         available_micros=0,
         billing_enabled=False,
+        rate_limits=KeyRateLimits(tier="unlimited", paid_models=_UNLIMITED, free_models=_UNLIMITED),
     )
 
 
@@ -53,6 +68,7 @@ def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
     if state.gateway is None:
         return json_response(UserInfoResponse(data=_local_info(principal)))
     info = user_info(state.gateway.db, principal)
+    limits = effective_limits(state.gateway.db, principal)
     data = UserInfoData(
         id=info.user_id,
         name=info.user_name,
@@ -70,6 +86,11 @@ def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
         held_micros=info.held_micros,
         available_micros=info.available_micros,
         billing_enabled=True,
+        rate_limits=KeyRateLimits(
+            tier=limits.paid.tier,
+            paid_models=_values(limits.paid.limits),
+            free_models=_values(limits.free.limits),
+        ),
     )
     return json_response(UserInfoResponse(data=data))
 

@@ -38,7 +38,7 @@ from tokenmill.serving.routes.common import (
     response_id,
     streaming_response,
 )
-from tokenmill.serving.sampling import sampling_params
+from tokenmill.serving.sampling import completion_length, sampling_params
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -135,11 +135,18 @@ async def create_chat_completion(
     engine = state.engine(body.model, principal)
     _check_supported(body)
     prompt_ids = render_chat(engine.tokenizer, body.messages, body.model)
-    params = sampling_params(
-        body,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
+    max_tokens = completion_length(
+        body.max_completion_tokens or body.max_tokens,
+        "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        state.settings.limits_for(body.model),
         num_prompt_tokens=len(prompt_ids),
         max_model_len=engine.max_model_len,
+        openai_default=None,
+    )
+    engine.check_fits(len(prompt_ids), max_tokens)  # a request that can never run is a 400 before any limit
+    params = sampling_params(
+        body,
+        max_tokens=max_tokens,
         vocab_size=len(engine.tokenizer),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )

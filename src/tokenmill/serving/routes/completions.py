@@ -33,7 +33,8 @@ from tokenmill.serving.routes.common import (
     response_id,
     streaming_response,
 )
-from tokenmill.serving.sampling import sampling_params
+from tokenmill.serving.sampling import completion_length, sampling_params
+from tokenmill.serving.settings import OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -118,17 +119,22 @@ async def create_completion(
     _check_supported(body)
     prompts = prompt_list(body.prompt, "prompt")
     prompt_ids = [encode_prompt(engine.tokenizer, prompt) for prompt in prompts]
-    params = [
-        sampling_params(
-            body,
-            max_tokens=body.max_tokens,
+    params = []
+    for ids in prompt_ids:
+        max_tokens = completion_length(
+            body.max_tokens,
+            "max_tokens",
+            state.settings.limits_for(body.model),
             num_prompt_tokens=len(ids),
             max_model_len=engine.max_model_len,
-            vocab_size=len(engine.tokenizer),
-            logprobs=body.logprobs,
+            openai_default=OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
-        for ids in prompt_ids
-    ]
+        engine.check_fits(len(ids), max_tokens)  # a request that can never run is a 400 before any limit
+        params.append(
+            sampling_params(
+                body, max_tokens=max_tokens, vocab_size=len(engine.tokenizer), logprobs=body.logprobs
+            )
+        )
     echoes = [
         (p if isinstance(p, str) else str(engine.tokenizer.decode(p))) if body.echo else ""
         for p in prompts

@@ -21,8 +21,6 @@ from tokenmill.serving.routes.common import json_response
 router = APIRouter()
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
-MAX_SPECIAL_TOKENS = 4
-"""Added to each text input's byte count for the worst case: [CLS]/[SEP] and the like."""
 
 
 def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -30,18 +28,6 @@ def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str | li
     if len(inputs) > MAX_INPUTS:
         raise InvalidRequestError(f"input: at most {MAX_INPUTS} inputs per request", param="input")
     return inputs
-
-
-def worst_case_tokens(inputs: list[str | list[int]], max_input_tokens: int) -> int:
-    """An upper bound on the input tokens, known before the embedder tokenizes (admission comes first):
-    exact for token ids; for text at most one token per UTF-8 byte plus the special tokens, and never more
-    than the model accepts (longer inputs are refused, not charged). Settlement charges the real count."""
-    return sum(
-        min(max_input_tokens, len(item.encode("utf-8")) + MAX_SPECIAL_TOKENS)
-        if isinstance(item, str)
-        else len(item)
-        for item in inputs
-    )
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -66,19 +52,13 @@ async def create_embeddings(
             "and cannot shorten them.",
             param="dimensions",
         )
-    inputs = _inputs(body.input)
-    meter = await admit(
-        state.gateway,
-        state.spawn,
-        principal,
-        body.model,
-        worst_case_tokens(inputs, embedder.max_input_tokens),
-        0,
-        request_id,
-    )
-    num_tokens = 0
+    # Tokenized first: an input the model cannot take is a 400 before any limit or quota is touched, and
+    # the reservation is the exact token count.
+    token_ids = await embedder.tokenize(_inputs(body.input))
+    num_tokens = sum(len(ids) for ids in token_ids)
+    meter = await admit(state.gateway, state.spawn, principal, body.model, num_tokens, 0, request_id)
     async with meter.running(lambda: (num_tokens, 0)):
-        vectors, num_tokens = await until_disconnected(request.receive, embedder.embed(inputs))
+        vectors = await until_disconnected(request.receive, embedder.embed(token_ids))
     state.metrics.prompt_tokens.labels(body.model).inc(num_tokens)
     data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return json_response(

@@ -1,0 +1,1 @@
+"""Terminal front-ends for people: `tokenmill chat`, a conversation with a model in the terminal."""
