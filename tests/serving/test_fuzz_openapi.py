@@ -41,6 +41,7 @@ SETUPS = [
     "sqlite-with-key",
     "sqlite-without-key",
     pytest.param("postgresql-with-key", marks=pytest.mark.postgres),
+    pytest.param("postgresql-without-key", marks=pytest.mark.postgres),
 ]
 
 
