@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -84,7 +84,7 @@ def target(
         gateway, empty = _gateway(setup.split("-")[0], tmp_path_factory.mktemp(setup))
         if setup.endswith("with-key"):
             headers = {"Authorization": f"Bearer {_key(gateway)}"}
-    app = create_app({"tiny": engine}, {"all-MiniLM-L6-v2": minilm}, replace(settings), gateway)
+    app = create_app({"tiny": engine}, {"all-MiniLM-L6-v2": minilm}, settings, gateway)
     try:
         with LiveServer(app) as live:
             deadline = time.monotonic() + 60
