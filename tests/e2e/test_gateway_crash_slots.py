@@ -57,7 +57,7 @@ def test_a_restarted_gateway_frees_the_slots_of_its_killed_run(
     reason = redis_unavailable()
     if reason:
         pytest.skip(reason)
-    platform.admin("set-price", MODEL, "1", "2")  # priced: no free-model caps beyond the key's own limit
+    platform.admin("set-price", MODEL, "1", "2")  # paid: each stream also holds a reservation
     key = platform.account("1", "--max-concurrent", str(MAX_CONCURRENT))
     run = secrets.token_hex(4)  # gateway ids (and so their Redis lease indexes) of this run only
     crashing = servers(platform.server("--redis-url", REDIS_URL, "--gateway-id", f"gw-a-{run}", name="a"))

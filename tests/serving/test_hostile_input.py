@@ -104,6 +104,25 @@ def test_a_lone_surrogate_anywhere_is_a_400_naming_the_field(
     assert fake_engine.submitted == []
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "fake-chat", "messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}',
+        '{"model": "fake-chat", "messages": [{"role": "user", "content": "hi \\ud800"}]}'.encode("utf-16"),
+    ],
+    ids=["surrogate-as-utf8-bytes", "utf16-body"],
+)
+def test_surrogates_that_arrive_without_an_ascii_escape_are_refused_too(
+    unauthenticated: TestClient, fake_engine: FakeEngine, raw: bytes
+) -> None:
+    """json.loads lets a surrogate's (invalid) UTF-8 bytes through, and accepts UTF-16 documents."""
+    response = unauthenticated.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    _refused(response, "messages[0].content", code="invalid_unicode")
+    assert fake_engine.submitted == []
+
+
 def test_strings_where_openai_wants_numbers_are_refused(unauthenticated: TestClient) -> None:
     body = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}]}
     for field, value in (("max_tokens", "4"), ("n", "2"), ("temperature", "0.5"), ("stream", "true")):
@@ -159,7 +178,7 @@ def _bearer(account: Account) -> dict[str, str]:
         ({"expires_at": 2**62}, "expires_at"),
         ({"spend_limit_micros": 2**63}, "spend_limit_micros"),
         ({"spend_limit_micros": 10**16}, "spend_limit_micros"),
-        ({"name": "laptop", "expires_at": "1700000000"}, "expires_at"),
+        ({"name": "laptop", "expires_at": "4102444800"}, "expires_at"),  # 2100, but a string
         ({"name": "nul\x00byte"}, "name"),  # PostgreSQL text cannot hold NUL
         ({"allowed_models": ["ok", "nul\x00byte"]}, "allowed_models[1]"),
     ],

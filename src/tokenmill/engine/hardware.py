@@ -1,6 +1,6 @@
 """What this machine offers an engine: memory that is free now, and whether its CPU computes in bfloat16
-natively. Read from the operating system (Linux /proc) and torch; each answer says where it came from, so the
-choices built on it can be explained in a log line and by `tokenmill doctor`."""
+natively (and by which instructions, so the choice can be explained in the log and by `tokenmill doctor`).
+Read from Linux's /proc and from torch; None where the system does not tell."""
 
 from __future__ import annotations
 

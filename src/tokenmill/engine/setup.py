@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.engine.hardware import free_memory_bytes, native_bf16_flag
@@ -70,7 +70,10 @@ class LoadedModel:
 def plan_engine(config: EngineConfig) -> EnginePlan:
     """Raises ConfigError (naming the field) for settings that cannot work here."""
     source = resolve_model(config.model.model)
-    hf_config = load_hf_config(source)
+    return _plan(config, source, load_hf_config(source))
+
+
+def _plan(config: EngineConfig, source: ModelSource, hf_config: PretrainedConfig) -> EnginePlan:
     device = _device(config.model.device)
     dtype, dtype_reason = _dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config)
@@ -104,8 +107,9 @@ def plan_engine(config: EngineConfig) -> EnginePlan:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
-    plan = plan_engine(config)
-    hf_config = load_hf_config(plan.source)
+    source = resolve_model(config.model.model)
+    hf_config = load_hf_config(source)  # read once: from a GGUF it takes a while
+    plan = _plan(config, source, hf_config)
     tokenizer = load_tokenizer(plan.source)
     model = create_model(hf_config, plan.dtype, plan.device, plan.max_model_len)
     model.load_weights(iter_weights(plan.source, plan.dtype))

@@ -16,6 +16,7 @@ from tokenmill.platform.billing import recover_open_reservations
 from tokenmill.platform.db import Database
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.platform.ratelimit import LIMIT_FIELDS, RateLimits
+from tokenmill.platform.tables import TIER_LIMIT_COLUMNS
 from tokenmill.platform.usage import USAGE_COLUMNS, usage_report
 
 
@@ -127,7 +128,7 @@ def list_tiers(db: Database, _: argparse.Namespace) -> None:
 
 
 def set_tier_limits(db: Database, args: argparse.Namespace) -> None:
-    changes = {field: getattr(args, field) for field in tiers.TIER_FIELDS if hasattr(args, field)}
+    changes = {field: getattr(args, field) for field in TIER_LIMIT_COLUMNS if hasattr(args, field)}
     changed = tiers.set_tier_limits(db, args.tier, changes, copy_from=args.copy_from)
     _table(TIER_HEADERS, _tier_rows([t for t in tiers.list_tiers(db) if t.limits.name == changed.name]))
 

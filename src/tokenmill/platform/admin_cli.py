@@ -83,7 +83,7 @@ TIER_FLAGS = (
     ("--free-tpm", "free_tokens_per_minute", "tokens per minute on free models"),
     ("--free-max-concurrent", "free_max_concurrent_requests", "concurrent requests on free models"),
 )
-"""set-tier-limits: flag, the `tiers.TIER_FIELDS` name it sets, help."""
+"""set-tier-limits: flag, the `tables.TIER_LIMIT_COLUMNS` name it sets, help."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

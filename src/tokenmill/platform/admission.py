@@ -18,8 +18,8 @@ from tokenmill.platform.billing import (
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import RateLimited
 from tokenmill.platform.pricing import get_model_price
-from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimiter
-from tokenmill.platform.tiers import effective_limits
+from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimiter, resolve_scope
+from tokenmill.platform.tiers import principal_tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,8 @@ class AdmissionControl:
         the request's whole completion budget (n x max_tokens)."""
         authorize_model(principal, model)
         price = get_model_price(self.db, model)
-        scope = effective_limits(self.db, principal).scope(free_model=price.is_free)
+        tier = principal_tier(self.db, principal)
+        scope = resolve_scope(principal.key_id, tier, principal.overrides, free_model=price.is_free)
         decision = self.limiter.acquire(scope.bucket, scope.limits, prompt_tokens + max_tokens)
         if not decision.allowed or decision.lease is None:
             raise RateLimited(decision, scope, prompt_tokens=prompt_tokens)

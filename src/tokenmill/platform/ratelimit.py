@@ -113,9 +113,6 @@ class EffectiveLimits:
     paid: RateLimitScope
     free: RateLimitScope
 
-    def scope(self, *, free_model: bool) -> RateLimitScope:
-        return self.free if free_model else self.paid
-
 
 @dataclass(frozen=True, slots=True)
 class Lease:

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TIER = "default"
 """New organizations' tier, and the one a new tier copies its limits from unless told otherwise."""
-TIER_FIELDS = TIER_LIMIT_COLUMNS
-"""What `set_tier_limits` can change: the paid limits (`LIMIT_FIELDS`), then the same prefixed `free_`."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
@@ -81,14 +79,14 @@ def list_tiers(db: Database) -> list[TierInfo]:
 def set_tier_limits(
     db: Database, name: str, changes: Mapping[str, int | None], *, copy_from: str | None = None
 ) -> TierLimits:
-    """Create or change tier `name`: each limit in `changes` (of `TIER_FIELDS`; None = unlimited) is set,
+    """Create or change tier `name`: each limit in `changes` (of `TIER_LIMIT_COLUMNS`; None = unlimited) is set,
     every other one comes from `copy_from` if given, else stays as it is (a new tier copies `default`).
     Organizations on the tier are held to the new limits from their next request."""
     name = tier_name(name)
-    unknown = sorted(set(changes) - set(TIER_FIELDS))
+    unknown = sorted(set(changes) - set(TIER_LIMIT_COLUMNS))
     if unknown:
         raise InvalidArgument(
-            f"changes: unknown limit {unknown[0]!r}; the limits are {', '.join(TIER_FIELDS)}"
+            f"changes: unknown limit {unknown[0]!r}; the limits are {', '.join(TIER_LIMIT_COLUMNS)}"
         )
     checked = {
         field: optional_int(field, value, minimum=1, maximum=MAX_COUNT) for field, value in changes.items()
@@ -99,7 +97,7 @@ def set_tier_limits(
             base = require_tier(session, copy_from, "from")
         else:
             base = row or require_tier(session, DEFAULT_TIER, "from")
-        values = {field: getattr(base, field) for field in TIER_FIELDS} | checked
+        values = {field: getattr(base, field) for field in TIER_LIMIT_COLUMNS} | checked
         if row is None:
             row = RateLimitTier(name=name, **values, updated_at=db.now())
             session.add(row)
@@ -118,8 +116,13 @@ def effective_limits(db: Database, principal: KeyPrincipal) -> EffectiveLimits:
     """What `AdmissionControl.admit` holds this key to, on paid and on free models, and where each limit
     comes from: for `tokenmill admin show-limits` and `GET /v1/user/info`. Uses the tier `authenticate`
     joined onto the principal (no query); reads it only for a principal built some other way."""
-    tier = principal.tier_limits or get_tier(db, principal.tier)
+    tier = principal_tier(db, principal)
     return EffectiveLimits(
         paid=resolve_scope(principal.key_id, tier, principal.overrides, free_model=False),
         free=resolve_scope(principal.key_id, tier, principal.overrides, free_model=True),
     )
+
+
+def principal_tier(db: Database, principal: KeyPrincipal) -> TierLimits:
+    """The tier `authenticate` joined onto the principal (no query), or read for one built otherwise."""
+    return principal.tier_limits or get_tier(db, principal.tier)

@@ -12,7 +12,7 @@ from tokenmill.platform.errors import MalformedKey
 from tokenmill.platform.gateway import Gateway
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.state import ServingState
-from tokenmill.text import first_invalid_in_json
+from tokenmill.text import first_invalid_in_json, may_hold_surrogates
 
 LOCAL_PRINCIPAL = KeyPrincipal(
     key_id="local",
@@ -60,11 +60,13 @@ def get_principal(request: Request) -> KeyPrincipal:
 
 async def require_valid_text(request: Request) -> None:
     """Invalid Unicode anywhere in a JSON body (a lone surrogate, which JSON's \\u escapes allow) is a 400
-    naming the field, before any route, tokenizer or database sees it. FastAPI has already parsed the body
-    and Starlette caches it, so this costs one walk over it, not a second parse."""
+    naming the field, before any route, tokenizer or database sees it. FastAPI has already read and parsed
+    the body and Starlette caches both: most bodies cost one scan of their bytes, a suspect one a walk."""
+    if not may_hold_surrogates(await request.body()):
+        return
     try:
         body = await request.json()
-    except ValueError:  # no body, or not JSON: the route's own validation answers that
+    except ValueError:  # not JSON: the route's own validation answers that
         return
     found = first_invalid_in_json(body)
     if found is not None:

@@ -33,12 +33,13 @@ from tokenmill.serving.protocol import (
 )
 from tokenmill.serving.routes.common import (
     admit_and_start,
+    completion_budget,
     include_usage,
     json_response,
     response_id,
     streaming_response,
 )
-from tokenmill.serving.sampling import completion_length, sampling_params
+from tokenmill.serving.sampling import sampling_params
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -135,15 +136,15 @@ async def create_chat_completion(
     engine = state.engine(body.model, principal)
     _check_supported(body)
     prompt_ids = render_chat(engine.tokenizer, body.messages, body.model)
-    max_tokens = completion_length(
+    max_tokens = completion_budget(
+        state,
+        engine,
+        body.model,
         body.max_completion_tokens or body.max_tokens,
         "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
-        state.settings.limits_for(body.model),
-        num_prompt_tokens=len(prompt_ids),
-        max_model_len=engine.max_model_len,
-        openai_default=None,
+        len(prompt_ids),
+        openai_default=None,  # OpenAI's chat runs until the context window is full
     )
-    engine.check_fits(len(prompt_ids), max_tokens)  # a request that can never run is a 400 before any limit
     params = sampling_params(
         body,
         max_tokens=max_tokens,

@@ -9,12 +9,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.types import Receive
 
+from tokenmill.engine.client import EngineClient
 from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.serving.deltas import DeltaTracker
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, close_all, start_requests
 from tokenmill.serving.metering import Meter, admit
 from tokenmill.serving.protocol import GenerationRequest
+from tokenmill.serving.sampling import completion_length
 from tokenmill.serving.state import ServingState
 from tokenmill.serving.streaming import SSEResponse, sse_stream
 
@@ -30,6 +32,30 @@ def json_response(body: BaseModel, headers: dict[str, str] | None = None, status
 
 def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def completion_budget(
+    state: ServingState,
+    engine: EngineClient,
+    model: str,
+    requested: int | None,
+    param: str,
+    num_prompt_tokens: int,
+    *,
+    openai_default: int | None,
+) -> int:
+    """The max_tokens one prompt runs with (`sampling.completion_length`), checked against the engine: a
+    request that could never run is a 400 here, before any rate limit or quota is consulted."""
+    max_tokens = completion_length(
+        requested,
+        param,
+        state.settings.limits_for(model),
+        num_prompt_tokens=num_prompt_tokens,
+        max_model_len=engine.max_model_len,
+        openai_default=openai_default,
+    )
+    engine.check_fits(num_prompt_tokens, max_tokens)
+    return max_tokens
 
 
 def include_usage(body: GenerationRequest) -> bool:

@@ -28,12 +28,13 @@ from tokenmill.serving.protocol import (
 )
 from tokenmill.serving.routes.common import (
     admit_and_start,
+    completion_budget,
     include_usage,
     json_response,
     response_id,
     streaming_response,
 )
-from tokenmill.serving.sampling import completion_length, sampling_params
+from tokenmill.serving.sampling import sampling_params
 from tokenmill.serving.settings import OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -121,15 +122,15 @@ async def create_completion(
     prompt_ids = [encode_prompt(engine.tokenizer, prompt) for prompt in prompts]
     params = []
     for ids in prompt_ids:
-        max_tokens = completion_length(
+        max_tokens = completion_budget(
+            state,
+            engine,
+            body.model,
             body.max_tokens,
             "max_tokens",
-            state.settings.limits_for(body.model),
-            num_prompt_tokens=len(ids),
-            max_model_len=engine.max_model_len,
+            len(ids),
             openai_default=OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS,
         )
-        engine.check_fits(len(ids), max_tokens)  # a request that can never run is a 400 before any limit
         params.append(
             sampling_params(
                 body, max_tokens=max_tokens, vocab_size=len(engine.tokenizer), logprobs=body.logprobs
