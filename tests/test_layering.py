@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).parents[1] / "src" / "tokenmill"
 FORBIDDEN = {
     "engine": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog"),
     "models": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog", "tokenmill.engine"),
-    "platform": ("tokenmill.serving",),
+    "platform": ("tokenmill.serving", "tokenmill.catalog"),
+    "catalog": ("tokenmill.serving",),
 }
 
 
@@ -31,3 +32,26 @@ def test_package_imports_respect_the_layering(package):
             if name.startswith(FORBIDDEN[package]):
                 offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_platform_reads_bottom_up():
+    """No module of the platform imports, even indirectly, one that imports it back."""
+    root = PACKAGE / "platform"
+    graph = {
+        path.stem: {
+            name.split(".")[2]
+            for name in imported_modules(path)
+            if name.startswith("tokenmill.platform.") and name.split(".")[2] != path.stem
+        }
+        for path in root.glob("*.py")
+    }
+
+    def reaches(start: str, node: str, seen: set[str]) -> bool:
+        for following in graph.get(node, ()):
+            if following == start or (
+                following not in seen and reaches(start, following, seen | {following})
+            ):
+                return True
+        return False
+
+    assert [module for module in sorted(graph) if reaches(module, module, {module})] == []

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS
+from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE
 from tokenmill.serving.settings import CompletionLimits, ModelSpec, ServerSettings
 
 if TYPE_CHECKING:
@@ -58,6 +60,12 @@ def _default_max_tokens(text: str) -> int | None:
     return int(text)
 
 
+def _fee_bps(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer from 0 to 10000")
+    return int(text)
+
+
 def model_spec(text: str) -> ModelSpec:
     try:
         return ModelSpec.parse(text)
@@ -75,6 +83,28 @@ def _specs(values: list[ModelSpec] | None, default: str) -> list[ModelSpec]:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="MODELS.YAML",
+        help="the models to serve and their listings (see examples/models.yaml); instead of --model and "
+        "--embedding-model",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        metavar="N",
+        help="requests that may wait per replica of a chat model once --max-num-seqs run; more get 503 at "
+        f"once (default: {DEFAULT_MAX_QUEUE}; models.yaml may set it per model)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        metavar="SIZE",
+        help="memory all chat models together may use (weights + KV cache), e.g. 6G; idle models are "
+        "unloaded to make room (default: 80%% of the memory free at start)",
+    )
     parser.add_argument(
         "--model",
         action="append",
@@ -137,6 +167,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="this gateway's name on its reservations; keep it stable across restarts (default: HOST:PORT)",
     )
     platform.add_argument(
+        "--platform-fee-bps",
+        type=_fee_bps,
+        default=DEFAULT_PLATFORM_FEE_BPS,
+        metavar="N",
+        help="the platform's share of each sale of a provider's model, in basis points "
+        f"(default: {DEFAULT_PLATFORM_FEE_BPS} = {DEFAULT_PLATFORM_FEE_BPS / 100:g}%%; a listing may set its own)",
+    )
+    platform.add_argument(
         "--no-auth",
         action="store_true",
         help="private single-user deployment: no API keys, no billing, no rate limits",
@@ -160,6 +198,7 @@ def _platform_settings(args: argparse.Namespace) -> PlatformSettings:
         database_url=args.database_url,
         redis_url=args.redis_url,
         gateway_id=args.gateway_id or f"{socket.gethostname()}:{args.port}",
+        platform_fee_bps=args.platform_fee_bps,
     )
 
 
@@ -177,12 +216,18 @@ def _serve(args: argparse.Namespace) -> int:
         no_auth=args.no_auth,
         completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),
     )
+    if args.config is not None and (args.model or args.embedding_model):
+        raise ConfigError("config: give the models either in --config or with --model flags, not both")
+    from_flags = args.config is None
     serve(
         settings,
         _platform_settings(args),
-        _specs(args.model, DEFAULT_CHAT_MODEL),
-        _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
+        _specs(args.model, DEFAULT_CHAT_MODEL) if from_flags else [],
+        _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL) if from_flags else [],
         _engine_kwargs(args),
+        config=args.config,
+        memory_budget_bytes=args.memory_budget,
+        max_queue=args.max_queue,
         log_level=args.log_level,
     )
     return 0
@@ -191,13 +236,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from tokenmill.terminal.doctor import run_doctor
 
-    return run_doctor(
-        _platform_settings(args),
-        _specs(args.model, DEFAULT_CHAT_MODEL),
-        _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL),
-        _engine_kwargs(args),
-        no_auth=args.no_auth,
-    )
+    chat = _specs(args.model, DEFAULT_CHAT_MODEL)
+    embedding = _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL)
+    if args.config is not None:  # the file's models (each checked with the server's engine flags)
+        from tokenmill.catalog.deployments import load_deployments
+
+        deployments = load_deployments(args.config).models
+        chat = [ModelSpec(d.source, d.id) for d in deployments if d.task == "chat"]
+        embedding = [ModelSpec(d.source, d.id) for d in deployments if d.task == "embedding"]
+    return run_doctor(_platform_settings(args), chat, embedding, _engine_kwargs(args), no_auth=args.no_auth)
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,7 @@ class Platform:
     def server(self, *flags: str, name: str = "serve") -> ServerProcess:
         args = [
             "--model", f"{MODEL}={self.model_dir}", "--embedding-model", "none", "--database-url", self.url,
-            "--kv-cache-memory", "4M", "--max-num-seqs", "64", *flags,
+            "--kv-cache-memory", "4M", "--max-num-seqs", "64", "--max-queue", "256", *flags,
         ]  # fmt: skip
         return ServerProcess(args, self.log_dir / f"{name}.log", data_dir=self.data_dir)
 

@@ -12,14 +12,17 @@ from tokenmill.platform.auth import authenticate
 from tokenmill.platform.billing import reserve, settle
 from tokenmill.platform.db import open_database
 from tokenmill.platform.ledger import append_charge, lock_organization
+from tokenmill.platform.listings import resolve_listing
 
 
 def main(url: str, raw_key: str, model: str, num_settled: int, num_open: int) -> None:
     db = open_database(url)
     principal = authenticate(db, raw_key)
+    listing = resolve_listing(db, principal.org_id, model)
+    fee_bps = listing.fee_bps(0)
     for _ in range(num_settled):
-        settle(db, reserve(db, principal, model, 10, 20), 10, 15, "ok", 0.05)
-    in_flight = [reserve(db, principal, model, 10, 20) for _ in range(num_open)]
+        settle(db, reserve(db, principal, listing, 10, 20, fee_bps=fee_bps), 10, 15, "ok", 0.05)
+    in_flight = [reserve(db, principal, listing, 10, 20, fee_bps=fee_bps) for _ in range(num_open)]
     print(json.dumps([r.id for r in in_flight]), flush=True)
     with db.write() as session:  # a settle that never commits: its charge must vanish
         lock_organization(session, principal.org_id)

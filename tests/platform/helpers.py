@@ -1,4 +1,5 @@
-"""Factories shared by the platform tests: accounts with money, priced models, a clock tests can move."""
+"""Factories shared by the platform tests: accounts with money, listed and priced models, reservations
+through the listing a caller resolves, a clock tests can move."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tokenmill.platform.accounts import OrgInfo, UserInfo, create_organization, create_user
-from tokenmill.platform.auth import KeyPrincipal, authenticate
+from tokenmill.platform.auth import authenticate
+from tokenmill.platform.billing import DEFAULT_OWNER, Reservation, reserve
 from tokenmill.platform.db import Database, open_database
 from tokenmill.platform.keys import CreatedKey, create_key
 from tokenmill.platform.ledger import top_up
-from tokenmill.platform.pricing import set_model_price
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingSpec, apply_listing, resolve_listing
+from tokenmill.platform.pricing import Price
+from tokenmill.platform.principal import KeyPrincipal
 
 
 def unique(prefix: str) -> str:
@@ -38,10 +42,34 @@ def make_account(
     return Account(org, user, key, authenticate(db, key.key))
 
 
-def priced_model(db: Database, input_micros_per_mtok: int, output_micros_per_mtok: int) -> str:
+def priced_model(db: Database, input_micros_per_mtok: int, output_micros_per_mtok: int, **spec: Any) -> str:
+    """A new model listed at this price (by the platform, public and published unless `spec` says else)."""
     model = unique("model")
-    set_model_price(db, model, input_micros_per_mtok, output_micros_per_mtok)
+    apply_listing(db, ListingSpec(model, price=Price(input_micros_per_mtok, output_micros_per_mtok), **spec))
     return model
+
+
+def reserve_model(
+    db: Database,
+    principal: KeyPrincipal,
+    model: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    *,
+    owner: str = DEFAULT_OWNER,
+    default_fee_bps: int = DEFAULT_PLATFORM_FEE_BPS,
+) -> Reservation:
+    """`billing.reserve` as admission calls it: on the listing the caller resolves, at its fee."""
+    listing = resolve_listing(db, principal.org_id, model)
+    return reserve(
+        db,
+        principal,
+        listing,
+        prompt_tokens,
+        max_tokens,
+        owner=owner,
+        fee_bps=listing.fee_bps(default_fee_bps),
+    )
 
 
 class FakeClock:

@@ -5,21 +5,27 @@ with exit status 2 and nothing written."""
 from __future__ import annotations
 
 import csv
+import getpass
 import io
+import os
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.platform.helpers import FakeClock, make_account, priced_model, unique
+from tests.platform.helpers import FakeClock, make_account, priced_model, reserve_model, unique
 from tokenmill import cli
+from tokenmill.platform.admin_actions import cli_actor
 from tokenmill.platform.admission import Admission, AdmissionControl
-from tokenmill.platform.auth import KeyPrincipal, authenticate, authenticate_admin
-from tokenmill.platform.billing import UsageStatus, reserve, settle
+from tokenmill.platform.auth import authenticate, authenticate_admin
+from tokenmill.platform.billing import UsageStatus, settle
 from tokenmill.platform.db import Database
-from tokenmill.platform.errors import RateLimited
+from tokenmill.platform.errors import ListingNotFound
 from tokenmill.platform.ledger import balance_micros
+from tokenmill.platform.listings import get_listing
 from tokenmill.platform.pricing import Price, get_model_price
+from tokenmill.platform.principal import KeyPrincipal
+from tokenmill.platform.ratelimit import RateLimited
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 from tokenmill.platform.tables import Reservation
 
@@ -143,7 +149,7 @@ def test_usage_report_as_table_and_exact_csv(admin: Admin, db: Database) -> None
     account = make_account(db, 1_000_000)
     model = priced_model(db, 1_000_000, 3_000_000)
     for completion in (5, 7):
-        settle(db, reserve(db, account.principal, model, 10, 10), 10, completion, UsageStatus.OK, 0.1)
+        settle(db, reserve_model(db, account.principal, model, 10, 10), 10, completion, UsageStatus.OK, 0.1)
     rows = list(csv.DictReader(io.StringIO(admin("usage", "--org", account.org.name, "--csv"))))
     assert [
         (r["model"], r["num_requests"], r["prompt_tokens"], r["completion_tokens"], r["cost_micros"])
@@ -157,7 +163,7 @@ def test_release_reservations_of_a_gone_gateway(admin: Admin, db: Database) -> N
     account = make_account(db, 1_000_000)
     model = priced_model(db, 1_000_000, 1_000_000)
     gone = unique("gw")
-    held = reserve(db, account.principal, model, 10, 10, owner=gone)
+    held = reserve_model(db, account.principal, model, 10, 10, owner=gone)
     assert (
         admin("release-reservations", "--gateway-id", gone)
         == "released 1 open reservation(s); nothing was charged for them"
@@ -215,7 +221,7 @@ def _num_admitted(db: Database, principal: KeyPrincipal, model: str, *, hold: bo
     try:
         for num_admitted in range(1_000):
             try:
-                admission = gate.admit(principal, model, 10, 10)
+                admission = gate.admit(principal, gate.resolve(principal, model), 10, 10)
             except RateLimited as refused:
                 assert refused.decision.reason == ("concurrency" if hold else "requests")
                 return num_admitted
@@ -257,3 +263,187 @@ def test_show_limits_is_what_admission_enforces(admin: Admin, db: Database) -> N
     assert _num_admitted(db, principal, paid, hold=True) == int(shown["paid", "concurrent"][0])
     assert _num_admitted(db, principal, free, hold=False) == int(shown["free", "rpm"][0])
     assert _num_admitted(db, principal, paid, hold=False) == int(shown["paid", "rpm"][0])
+
+
+# -- the model square ----------------------------------------------------------------------------------
+
+
+def test_listings_from_the_command_line(admin: Admin, db: Database) -> None:
+    provider, buyer = make_account(db).org, make_account(db).org
+    model = unique("model")
+    flags = ["--provider", provider.name, "--input", "0.1", "--output", "0.2", "--tag", "b", "--tag", "a"]
+    shown = admin(
+        "set-listing", model, *flags, "--license", "MIT", "--context-length", "4096", "--fee-bps", "250",
+        "--status", "draft", "--description", "a small model",
+    )  # fmt: skip
+    header, row = (line.split() for line in shown.splitlines())
+    assert header == [
+        "model",
+        "provider",
+        "task",
+        "status",
+        "visibility",
+        "input_per_1m",
+        "output_per_1m",
+        "fee",
+    ]
+    assert row == [model, provider.name, "chat", "draft", "public", "0.100000", "0.200000", "2.50%"]
+    listing = get_listing(db, model)
+    assert (listing.provider_org_id, listing.tags, listing.license, listing.context_length) == (
+        provider.id, ("b", "a"), "MIT", 4096,
+    )  # fmt: skip
+    assert listing.price == Price(100_000, 200_000) and listing.description == "a small model"
+
+    assert admin("publish-listing", model) == f"{model}: published"
+    assert any(
+        line.split()[:4] == [model, provider.name, "chat", "published"]
+        for line in admin("list-listings").splitlines()
+    )
+    assert admin("retire-listing", model).startswith(f"{model}: retired")
+
+    # Create or replace: the listing becomes what the flags say; a retired one stays retired.
+    admin(
+        "set-listing",
+        model,
+        "--free",
+        "--visibility",
+        "shared",
+        "--share-with",
+        buyer.name,
+        "--task",
+        "embedding",
+    )
+    replaced = get_listing(db, model)
+    assert (
+        replaced.price == Price(0, 0)
+        and replaced.shared_with == (buyer.id,)
+        and replaced.provider_org_id is None
+    )
+    assert (replaced.task, replaced.tags, replaced.license, replaced.status) == (
+        "embedding",
+        (),
+        "",
+        "retired",
+    )
+    line = next(line for line in admin("list-listings").splitlines() if line.startswith(model))
+    assert line.split()[1:] == [
+        "tokenmill",
+        "embedding",
+        "retired",
+        "shared",
+        "0.000000",
+        "0.000000",
+        "default",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("set-listing", "{model}", "--input", "1"), "output"),
+        (("set-listing", "{model}", "--output", "1"), "input"),
+        (("set-listing", "{model}", "--input", "1", "--output", "x"), "output"),
+        (("set-listing", "{model}", "--free", "--output", "1"), "output"),
+        (("set-listing", "{model}", "--visibility", "shared"), "shared_with"),
+        (("set-listing", "{model}", "--share-with", "{org}"), "shared_with"),
+        (("set-listing", "{model}", "--provider", "no-such-org"), "provider"),
+        (("publish-listing", "{model}"), "model"),
+        (("retire-listing", "{model}"), "model"),
+        (("earnings", "--provider", "no-such-org"), "organization"),
+        (("earnings", "--start-date", "2025-02-01", "--end-date", "2025-01-01"), "start"),
+        (("audit-log", "--action", " "), "action"),
+    ],
+)
+def test_bad_market_input_is_one_line_and_writes_nothing(
+    admin: Admin, db: Database, args: tuple[str, ...], field: str
+) -> None:
+    org, model = make_account(db).org.name, unique("model")
+    message = admin.fails(*(a.format(model=model, org=org) for a in args))
+    assert message.startswith("tokenmill admin: ") and f"{field}: " in message and "\n" not in message
+    with pytest.raises(ListingNotFound):
+        get_listing(db, model)
+
+
+def test_earnings_per_provider_as_table_and_exact_csv(admin: Admin, db: Database) -> None:
+    provider, buyer = make_account(db), make_account(db, 10_000_000)
+    model = priced_model(db, 1_000_000, 3_000_000, provider=provider.org.id, platform_fee_bps=2_500)
+    for completion in (5, 7):
+        settle(db, reserve_model(db, buyer.principal, model, 10, 10), 10, completion, UsageStatus.OK, 0.1)
+    csv_text = admin("earnings", "--provider", provider.org.name, "--csv")
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert [(r["provider_org_id"], r["model"], r["num_requests"]) for r in rows] == [
+        (provider.org.id, model, "2")
+    ]
+    # Each sale split on its own: 25 -> 18 + 7 and 31 -> 23 + 8 (the provider's share rounded down).
+    assert (rows[0]["sales_micros"], rows[0]["earnings_micros"], rows[0]["platform_fee_micros"]) == (
+        "56",
+        "41",
+        "15",
+    )
+    table = admin("earnings", "--provider", provider.org.name).splitlines()
+    assert table[0].split() == [
+        "day", "provider", "model", "requests", "prompt_tokens", "completion_tokens", "sales", "earnings", "fee",
+    ]  # fmt: skip
+    assert table[1].split()[1:] == [
+        provider.org.id,
+        model,
+        "2",
+        "20",
+        "12",
+        "0.000056",
+        "0.000041",
+        "0.000015",
+    ]
+    assert table[2].startswith("total 2 requests: sales 0.000056, earnings 0.000041, fee 0.000015 (")
+    assert balance_micros(db, provider.org.id) == 41
+
+
+# -- the audit log -------------------------------------------------------------------------------------
+
+
+def test_cli_changes_are_in_the_audit_log(admin: Admin, db: Database) -> None:
+    org = unique("audited")
+    org_id = admin("create-org", org)
+    admin("set-tier", org, "pro")
+    admin("top-up", org, "2", "--idempotency-key", f"{org}-pay")
+    admin("top-up", org, "2", "--idempotency-key", f"{org}-pay")  # a replay: no second row
+    admin("create-user", org, f"{org}@example.com")
+    key = admin("create-key", f"{org}@example.com")
+    key_id = authenticate(db, key).key_id
+    admin("revoke-key", key_id)
+    admin("revoke-key", key_id)  # changes nothing: no row
+
+    header, *lines = admin("audit-log", "--target", org_id).splitlines()
+    assert header.split() == ["id", "when", "actor", "action", "target", "change"]
+    assert [line.split()[4] for line in lines] == ["top_up", "set_org_tier", "create_org"]  # newest first
+    assert all(line.split()[3] == cli_actor() and line.split()[5] == org_id for line in lines)
+    assert "balance_micros: 0 -> 2000000" in lines[0] and "tier: default -> pro" in lines[1]
+    assert f"new: id={org_id}; name={org}; tier=default" in lines[2]
+
+    revoked = admin("audit-log", "--target", key_id)
+    assert [line.split()[4] for line in revoked.splitlines()[1:]] == ["revoke_key", "create_key"]
+    assert "revoked_at: null -> 20" in revoked
+    everything = admin("audit-log", "--limit", "1000")
+    assert key not in everything and key[len("sk-") + 6 :] not in everything
+
+    newest = admin("audit-log", "--limit", "1", "--action", "create_key").splitlines()
+    assert len(newest) == 2 and key_id in newest[1]
+    first_id = lines[-1].split()[0]
+    older = admin("audit-log", "--target", org_id, "--before-id", first_id)
+    assert older.splitlines() == ["id  when  actor  action  target  change"]
+
+
+def test_rotating_the_admin_key_from_the_cli_is_audited_without_the_key(admin: Admin) -> None:
+    key = admin("rotate-admin-key")
+    line = admin("audit-log", "--action", "rotate_admin_key", "--limit", "1").splitlines()[1]
+    assert key not in line and "active_key_ids" in line and line.split()[3] == cli_actor()
+
+
+def test_the_cli_actor_is_named_even_without_a_login_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_login() -> str:
+        raise OSError("No username set in the environment")
+
+    monkeypatch.setattr(getpass, "getuser", no_login)
+    assert cli_actor() == f"cli:uid-{os.getuid()}"
+    monkeypatch.setattr(getpass, "getuser", lambda: "  ops\udcff ")
+    assert cli_actor() == "cli:ops\ufffd"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from tests.platform.helpers import make_account, priced_model
-from tokenmill.platform.billing import UsageStatus, reserve, settle
+from tests.platform.helpers import make_account, priced_model, reserve_model
+from tokenmill.platform.billing import UsageStatus, settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InsufficientQuota
 from tokenmill.platform.ledger import balance_micros, list_entries
@@ -60,7 +60,7 @@ def test_concurrent_requests_never_overdraw_and_reconcile_exactly(db: Database) 
     def request(i: int) -> None:
         rng = random.Random(i)
         try:
-            held = reserve(db, account.principal, model, PROMPT_TOKENS, MAX_TOKENS)
+            held = reserve_model(db, account.principal, model, PROMPT_TOKENS, MAX_TOKENS)
         except InsufficientQuota:
             refused.append(i)  # refused at admission: no token would be generated
             return
@@ -110,7 +110,7 @@ def test_concurrent_requests_respect_the_key_spend_limit(db: Database) -> None:
 
     def request(_: int) -> None:
         try:
-            held = reserve(db, account.principal, model, PROMPT_TOKENS, MAX_TOKENS)
+            held = reserve_model(db, account.principal, model, PROMPT_TOKENS, MAX_TOKENS)
         except InsufficientQuota as exc:
             refused.append(exc.reason)
             return

@@ -31,6 +31,8 @@ TABLES = {
     "reservations",
     "usage_records",
     "rate_limit_tiers",
+    "listings",
+    "audit_log",
 }
 
 

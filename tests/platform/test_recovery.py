@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.platform.helpers import make_account, priced_model
-from tokenmill.platform.billing import Reservation, recover_open_reservations, reserve, settle
+from tests.platform.helpers import make_account, priced_model, reserve_model
+from tokenmill.platform.billing import Reservation, recover_open_reservations, settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import ReservationClosed
 from tokenmill.platform.ledger import balance_micros
@@ -78,6 +78,8 @@ def test_reservations_left_open_by_a_killed_process_are_released_once(db: Databa
         max_tokens=20,
         price=Price(1_000_000, 1_000_000),
         reserved_micros=30,
+        provider_org_id=None,
+        platform_fee_bps=10_000,
     )
     with pytest.raises(ReservationClosed):
         settle(db, late, 10, 20, "ok", 1.0)
@@ -87,8 +89,8 @@ def test_reservations_left_open_by_a_killed_process_are_released_once(db: Databa
 def test_recovery_can_spare_the_live_requests_of_other_gateways(db: Database) -> None:
     account = make_account(db, 1_000_000)
     model = priced_model(db, 1_000_000, 1_000_000)
-    mine = reserve(db, account.principal, model, 1, 1, owner="gateway-a")
-    theirs = reserve(db, account.principal, model, 1, 1, owner="gateway-b")
+    mine = reserve_model(db, account.principal, model, 1, 1, owner="gateway-a")
+    theirs = reserve_model(db, account.principal, model, 1, 1, owner="gateway-b")
     assert recover_open_reservations(db, owner="gateway-a") == [mine.id]
     assert recover_open_reservations(db, owner="gateway-b", opened_before=db.now() - timedelta(hours=1)) == []
     settle(db, theirs, 1, 1, "ok", 0.1)  # the peer's request completes normally

@@ -199,7 +199,8 @@ def test_a_dropped_stream_pays_for_what_was_generated(
 def test_embeddings_are_billed_by_their_tokens(
     fake_engine: FakeEngine, minilm: Embedder, gateway: Gateway, settings: ServerSettings
 ) -> None:
-    gateway.register_models(["fake-chat", "all-MiniLM-L6-v2"])
+    gateway.register_models(["fake-chat"])
+    gateway.register_models(["all-MiniLM-L6-v2"], task="embedding")
     set_model_price(gateway.db, "all-MiniLM-L6-v2", 7_000_000, 0)
     account = make_account(gateway.db, 1_000_000)
     app = create_app(

@@ -24,7 +24,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         models: list,
         embedding_models: list,
         engine_kwargs: dict,
-        log_level: str,
+        **options: Any,
     ) -> None:
         recorded.append(
             dict(
@@ -33,7 +33,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
                 models=models,
                 embedding_models=embedding_models,
                 engine_kwargs=engine_kwargs,
-                log_level=log_level,
+                **options,
             )
         )
 
@@ -56,6 +56,7 @@ def test_defaults_serve_the_builtin_models(
     assert call["settings"] == ServerSettings(host="127.0.0.1", port=8000)
     assert not call["settings"].no_auth  # keys are required unless the operator says otherwise
     assert call["engine_kwargs"] == {}
+    assert (call["config"], call["memory_budget_bytes"], call["max_queue"]) == (None, None, 64)
     platform = call["platform"]
     assert platform.data_dir == tmp_path and platform.resolved_database_url.endswith("/tokenmill.db")
     assert platform.redis_url is None and platform.gateway_id.endswith(":8000")
@@ -99,6 +100,12 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "--gateway-id",
         "gw-1",
         "--no-auth",
+        "--max-queue",
+        "5",
+        "--memory-budget",
+        "6G",
+        "--platform-fee-bps",
+        "1500",
     ]
     assert cli.main(argv) == 0
     (call,) = calls
@@ -107,7 +114,9 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         database_url="postgresql://tm@db/tm",
         redis_url="redis://cache:6379/0",
         gateway_id="gw-1",
+        platform_fee_bps=1500,
     )
+    assert (call["max_queue"], call["memory_budget_bytes"]) == (5, 6 * 1024**3)
     assert call["models"] == [ModelSpec("/models/qwen", "chat"), ModelSpec("/models/llama-3")]
     assert call["embedding_models"] == []
     assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2, no_auth=True)
@@ -120,6 +129,15 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "max_num_batched_tokens": 1024,
     }
     assert call["log_level"] == "debug"
+
+
+def test_a_models_file_replaces_the_model_flags(calls: list[dict[str, Any]], tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    assert cli.main(["serve", "--config", str(config)]) == 0
+    (call,) = calls
+    assert (call["config"], call["models"], call["embedding_models"]) == (config, [], [])
+    assert cli.main(["serve", "--config", str(config), "--model", "x"]) == 2  # one or the other
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize(

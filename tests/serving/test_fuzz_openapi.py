@@ -57,7 +57,8 @@ def _gateway(backend: str, tmp_path: Path) -> tuple[Gateway, EmptyDatabase]:
         PlatformSettings(data_dir=tmp_path / "data", database_url=empty.url, gateway_id="fuzz")
     )
     gateway.start()
-    gateway.register_models(["tiny", "all-MiniLM-L6-v2"])
+    gateway.register_models(["tiny"])
+    gateway.register_models(["all-MiniLM-L6-v2"], task="embedding")
     return gateway, empty
 
 

@@ -1,4 +1,5 @@
-"""Accounts, keys, pricing, ledger, reservations, usage, rate limits and their tiers over SQLAlchemy.
+"""Accounts, keys, listings, pricing, ledger, reservations, usage and revenue share, rate limits and their
+tiers over SQLAlchemy.
 No HTTP here: `serving/` and `cli.py` call these functions and map the typed errors of `errors.py`."""
 
 from tokenmill.platform.accounts import (
@@ -14,13 +15,7 @@ from tokenmill.platform.accounts import (
 )
 from tokenmill.platform.admin_key import admin_key_path, ensure_admin_key, rotate_admin_key
 from tokenmill.platform.admission import Admission, AdmissionControl
-from tokenmill.platform.auth import (
-    AdminPrincipal,
-    KeyPrincipal,
-    authenticate,
-    authenticate_admin,
-    authorize_model,
-)
+from tokenmill.platform.auth import authenticate, authenticate_admin, authorize_model
 from tokenmill.platform.billing import (
     Reservation,
     UsageInfo,
@@ -40,8 +35,32 @@ from tokenmill.platform.keys import (
     revoke_key,
 )
 from tokenmill.platform.ledger import CreditResult, adjust, balance_micros, refund, top_up
+from tokenmill.platform.listings import (
+    DEFAULT_PLATFORM_FEE_BPS,
+    PLATFORM_PROVIDER,
+    ListingChanges,
+    ListingInfo,
+    ListingSpec,
+    apply_listing,
+    callable_listings,
+    ensure_listing,
+    get_listing,
+    list_listings,
+    resolve_listing,
+    set_listing_status,
+    update_listing,
+    update_own_listing,
+)
 from tokenmill.platform.migrate import upgrade
-from tokenmill.platform.pricing import Price, cost_micros, get_model_price, list_model_prices, set_model_price
+from tokenmill.platform.pricing import (
+    Price,
+    cost_micros,
+    get_model_price,
+    list_model_prices,
+    revenue_split,
+    set_model_price,
+)
+from tokenmill.platform.principal import AdminPrincipal, KeyPrincipal
 from tokenmill.platform.ratelimit import (
     EffectiveLimits,
     RateLimitDecision,
@@ -53,9 +72,21 @@ from tokenmill.platform.ratelimit import (
 )
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 from tokenmill.platform.tiers import TierInfo, effective_limits, get_tier, list_tiers, set_tier_limits
-from tokenmill.platform.usage import USAGE_COLUMNS, AccountInfo, UsageRow, usage_report, user_info
+from tokenmill.platform.usage import (
+    EARNINGS_COLUMNS,
+    USAGE_COLUMNS,
+    AccountInfo,
+    EarningsRow,
+    UsageRow,
+    provider_earnings,
+    usage_report,
+    user_info,
+)
 
 __all__ = [
+    "DEFAULT_PLATFORM_FEE_BPS",
+    "EARNINGS_COLUMNS",
+    "PLATFORM_PROVIDER",
     "USAGE_COLUMNS",
     "AccountInfo",
     "AdminPrincipal",
@@ -64,10 +95,14 @@ __all__ = [
     "CreatedKey",
     "CreditResult",
     "Database",
+    "EarningsRow",
     "EffectiveLimits",
     "InMemoryRateLimiter",
     "KeyInfo",
     "KeyPrincipal",
+    "ListingChanges",
+    "ListingInfo",
+    "ListingSpec",
     "OrgInfo",
     "Price",
     "RateLimitDecision",
@@ -83,10 +118,12 @@ __all__ = [
     "UserInfo",
     "adjust",
     "admin_key_path",
+    "apply_listing",
     "authenticate",
     "authenticate_admin",
     "authorize_model",
     "balance_micros",
+    "callable_listings",
     "cost_micros",
     "create_key",
     "create_key_for_caller",
@@ -94,29 +131,38 @@ __all__ = [
     "create_user",
     "effective_limits",
     "ensure_admin_key",
+    "ensure_listing",
+    "get_listing",
     "get_model_price",
     "get_organization",
     "get_tier",
     "get_user",
     "list_keys",
+    "list_listings",
     "list_model_prices",
     "list_organizations",
     "list_tiers",
     "list_users",
     "open_database",
+    "provider_earnings",
     "recover_open_reservations",
     "refund",
     "release",
     "reserve",
+    "resolve_listing",
     "resolve_scope",
+    "revenue_split",
     "revoke_key",
     "rotate_admin_key",
+    "set_listing_status",
     "set_model_price",
     "set_organization_tier",
     "set_tier_limits",
     "settle",
     "sqlite_url",
     "top_up",
+    "update_listing",
+    "update_own_listing",
     "upgrade",
     "usage_report",
     "user_info",

@@ -1,55 +1,78 @@
 """The actions of `tokenmill admin`, one function each: parsed flags -> one platform call -> printed output
-(plain aligned tables, or CSV). `admin_cli.py` builds the parser that dispatches to them."""
+(plain aligned tables, or CSV). Changes go through `admin_ops`, as the HTTP admin API's do, so each one is in
+the audit log under `cli:<user>`. `admin_cli.py` builds the parser that dispatches to them; the model
+square's actions are in `admin_market_actions.py`."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import getpass
+import json
+import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from tokenmill.config import ConfigError
-from tokenmill.platform import accounts, admin_key, keys, ledger, pricing, tiers
+from tokenmill.platform import accounts, admin_ops, audit, keys, ledger, pricing, tiers
 from tokenmill.platform.auth import principal_of_key
-from tokenmill.platform.billing import recover_open_reservations
 from tokenmill.platform.db import Database
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.platform.ratelimit import LIMIT_FIELDS, RateLimits
 from tokenmill.platform.tables import TIER_LIMIT_COLUMNS
 from tokenmill.platform.usage import USAGE_COLUMNS, usage_report
+from tokenmill.text import printable
+
+MAX_ACTOR_USER_CHARS = 100
+"""Room for `cli:` and any login name within the audit log's actor column."""
+TIMESTAMP_FIELDS = ("created_at", "updated_at")
+"""audit-log: left out of a row's change, which its `when` column dates."""
+MAX_SHOWN_CHARS = 60
+"""audit-log: a value longer than this (a description, a long list) is cut, so each row stays one line."""
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+def cli_actor() -> str:
+    """The audit log's "who" for a change made here: `cli:` and the operating-system user. A process with no
+    login name (a container's bare uid) or an unprintable one is still named, never refused."""
+    try:
+        user = printable(getpass.getuser()).replace("\x00", "").strip()
+    except (OSError, KeyError, ImportError):  # getuser: no LOGNAME/USER and no passwd entry for the uid
+        user = ""
+    if not user and hasattr(os, "getuid"):
+        user = f"uid-{os.getuid()}"
+    return f"cli:{user[:MAX_ACTOR_USER_CHARS] or 'unknown'}"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def _when(moment: datetime | None) -> str:
+def format_when(moment: datetime | None) -> str:
     return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def create_org(db: Database, args: argparse.Namespace) -> None:
-    org = accounts.create_organization(db, args.name, tier=args.tier)
+    org = admin_ops.create_org(db, cli_actor(), args.name, tier=args.tier)
     print(org.id)
 
 
 def create_user(db: Database, args: argparse.Namespace) -> None:
-    org = accounts.get_organization(db, args.org)
-    user = accounts.create_user(db, org.id, args.email, name=args.name or "")
+    user = admin_ops.create_user(db, cli_actor(), args.org, args.email, name=args.name or "")
     print(user.id)
 
 
 def create_key(db: Database, args: argparse.Namespace) -> None:
-    user = accounts.get_user(db, args.user)
     expires_at = None
     if args.expires_in_days is not None:
         expires_at = db.now() + timedelta(days=args.expires_in_days)
-    created = keys.create_key(
+    created = admin_ops.create_key(
         db,
-        user.id,
+        cli_actor(),
+        args.user,
         name=args.name,
         allowed_models=args.model or None,
         spend_limit_micros=None if args.spend_limit is None else parse_units(args.spend_limit, "spend_limit"),
@@ -58,19 +81,22 @@ def create_key(db: Database, args: argparse.Namespace) -> None:
         tokens_per_minute=args.tpm,
         max_concurrent_requests=args.max_concurrent,
     )
+    user = accounts.get_user(db, created.info.user_id)
     print(created.key)
     print(f"key {created.info.id} for {user.email}: shown only this once, store it now", file=sys.stderr)
 
 
 def revoke_key(db: Database, args: argparse.Namespace) -> None:
-    info = keys.revoke_key(db, args.key_id)
-    print(f"revoked {info.id} ({info.prefix}...) at {_when(info.revoked_at)}")
+    info = admin_ops.revoke_key(db, cli_actor(), args.key_id)
+    print(f"revoked {info.id} ({info.prefix}...) at {format_when(info.revoked_at)}")
 
 
 def top_up(db: Database, args: argparse.Namespace) -> None:
-    org = accounts.get_organization(db, args.org)
     amount = parse_units(args.amount, "amount")
-    result = ledger.top_up(db, org.id, amount, idempotency_key=args.idempotency_key, note=args.note)
+    result = admin_ops.top_up(
+        db, cli_actor(), args.org, amount, idempotency_key=args.idempotency_key, note=args.note
+    )
+    org = accounts.get_organization(db, result.entry.org_id)
     done = "topped up" if result.created else "already applied (same idempotency key), nothing written:"
     print(
         f"{done} {org.name} +{format_micros(amount)}; balance {format_micros(ledger.balance_micros(db, org.id))}"
@@ -78,8 +104,9 @@ def top_up(db: Database, args: argparse.Namespace) -> None:
 
 
 def set_price(db: Database, args: argparse.Namespace) -> None:
-    price = pricing.set_model_price(
+    price = admin_ops.set_price(
         db,
+        cli_actor(),
         args.model,
         parse_units(args.input, "input", allow_zero=True),
         parse_units(args.output, "output", allow_zero=True),
@@ -91,7 +118,7 @@ def set_price(db: Database, args: argparse.Namespace) -> None:
 
 
 def set_tier(db: Database, args: argparse.Namespace) -> None:
-    org = accounts.set_organization_tier(db, accounts.get_organization(db, args.org).id, args.tier)
+    org = admin_ops.set_org_tier(db, cli_actor(), args.org, args.tier)
     print(f"{org.name}: tier {org.tier}")
 
 
@@ -124,13 +151,13 @@ def _tier_rows(infos: Sequence[tiers.TierInfo]) -> list[list[object]]:
 
 
 def list_tiers(db: Database, _: argparse.Namespace) -> None:
-    _table(TIER_HEADERS, _tier_rows(tiers.list_tiers(db)))
+    print_table(TIER_HEADERS, _tier_rows(tiers.list_tiers(db)))
 
 
 def set_tier_limits(db: Database, args: argparse.Namespace) -> None:
     changes = {field: getattr(args, field) for field in TIER_LIMIT_COLUMNS if hasattr(args, field)}
-    changed = tiers.set_tier_limits(db, args.tier, changes, copy_from=args.copy_from)
-    _table(TIER_HEADERS, _tier_rows([t for t in tiers.list_tiers(db) if t.limits.name == changed.name]))
+    changed = admin_ops.set_tier_limits(db, cli_actor(), args.tier, changes, copy_from=args.copy_from)
+    print_table(TIER_HEADERS, _tier_rows([t for t in tiers.list_tiers(db) if t.limits.name == changed.name]))
 
 
 def show_limits(db: Database, args: argparse.Namespace) -> None:
@@ -139,7 +166,7 @@ def show_limits(db: Database, args: argparse.Namespace) -> None:
     effective = tiers.effective_limits(db, principal)
     key = f"key {principal.key_id} ({principal.key_prefix}...)"
     print(f"{key}, organization {principal.org_id}, tier {principal.tier}")
-    _table(
+    print_table(
         ["models", "limit", "value", "from"],
         [
             (models, LIMIT_COLUMNS[name], _limit(getattr(scope.limits, name)), scope.source(name))
@@ -149,17 +176,27 @@ def show_limits(db: Database, args: argparse.Namespace) -> None:
     )
 
 
-def usage(db: Database, args: argparse.Namespace) -> None:
+def report_days(db: Database, args: argparse.Namespace) -> tuple[date, date]:
+    """--start-date/--end-date of a report, inclusive: by default the 30 UTC days ending today."""
     end = args.end_date or db.now().date()
-    start = args.start_date or end - timedelta(days=29)
+    return args.start_date or end - timedelta(days=29), end
+
+
+def print_csv(columns: Sequence[str], rows: Sequence[object]) -> None:
+    """One row per record, a column per attribute: exact integers (micros), for programs."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([getattr(row, column) for column in columns] for row in rows)
+
+
+def usage(db: Database, args: argparse.Namespace) -> None:
+    start, end = report_days(db, args)
     org_id = None if args.org is None else accounts.get_organization(db, args.org).id
     rows = usage_report(db, org_id, start, end)
     if args.csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(USAGE_COLUMNS)
-        writer.writerows([getattr(row, column) for column in USAGE_COLUMNS] for row in rows)
+        print_csv(USAGE_COLUMNS, rows)
         return
-    _table(
+    print_table(
         ["day", "org", "model", "requests", "prompt_tokens", "completion_tokens", "cost"],
         [
             (
@@ -178,10 +215,10 @@ def usage(db: Database, args: argparse.Namespace) -> None:
 
 
 def list_orgs(db: Database, _: argparse.Namespace) -> None:
-    _table(
+    print_table(
         ["id", "name", "tier", "balance", "created"],
         [
-            (o.id, o.name, o.tier, format_micros(ledger.balance_micros(db, o.id)), _when(o.created_at))
+            (o.id, o.name, o.tier, format_micros(ledger.balance_micros(db, o.id)), format_when(o.created_at))
             for o in accounts.list_organizations(db)
         ],
     )
@@ -189,9 +226,12 @@ def list_orgs(db: Database, _: argparse.Namespace) -> None:
 
 def list_users(db: Database, args: argparse.Namespace) -> None:
     org_id = None if args.org is None else accounts.get_organization(db, args.org).id
-    _table(
+    print_table(
         ["id", "org_id", "email", "name", "created"],
-        [(u.id, u.org_id, u.email, u.name, _when(u.created_at)) for u in accounts.list_users(db, org_id)],
+        [
+            (u.id, u.org_id, u.email, u.name, format_when(u.created_at))
+            for u in accounts.list_users(db, org_id)
+        ],
     )
 
 
@@ -211,19 +251,19 @@ def list_keys(db: Database, args: argparse.Namespace) -> None:
                     f"{k.prefix}...",
                     models,
                     limit,
-                    _when(k.created_at),
-                    _when(k.expires_at),
-                    _when(k.revoked_at),
+                    format_when(k.created_at),
+                    format_when(k.expires_at),
+                    format_when(k.revoked_at),
                 )
             )
-    _table(
+    print_table(
         ["id", "org", "user_id", "name", "prefix", "models", "spend_limit", "created", "expires", "revoked"],
         rows,
     )
 
 
 def list_prices(db: Database, _: argparse.Namespace) -> None:
-    _table(
+    print_table(
         ["model", "input_per_1m", "output_per_1m", "free"],
         [
             (
@@ -241,12 +281,65 @@ def release_reservations(db: Database, args: argparse.Namespace) -> None:
     """For a gateway that will not come back (its own restart releases its reservations by itself)."""
     if args.gateway_id is None and args.older_than_minutes is None:
         raise ConfigError("release-reservations: give --gateway-id and/or --older-than-minutes")
-    before = None
-    if args.older_than_minutes is not None:
-        before = datetime.now(UTC) - timedelta(minutes=args.older_than_minutes)
-    released = recover_open_reservations(db, owner=args.gateway_id, opened_before=before)
+    older_than = None if args.older_than_minutes is None else timedelta(minutes=args.older_than_minutes)
+    released = admin_ops.release_reservations(
+        db, cli_actor(), gateway_id=args.gateway_id, older_than=older_than
+    )
     print(f"released {len(released)} open reservation(s); nothing was charged for them")
 
 
 def rotate_admin_key(db: Database, args: argparse.Namespace) -> None:
-    print(admin_key.rotate_admin_key(db, args.data_dir))
+    print(admin_ops.rotate_admin_key(db, cli_actor(), args.data_dir))
+
+
+def audit_log(db: Database, args: argparse.Namespace) -> None:
+    entries = audit.list_audit(
+        db, limit=args.limit, before_id=args.before_id, action=args.action, target=args.target
+    )
+    print_table(
+        ["id", "when", "actor", "action", "target", "change"],
+        [
+            (e.id, format_when(e.created_at), e.actor, e.action, e.target, describe_change(e.before, e.after))
+            for e in entries
+        ],
+    )
+
+
+def describe_change(before: object, after: object) -> str:
+    """One line for a table cell: a creation as `new: field=value; ...`, a change as the fields that differ,
+    `field: before -> after` (a field only after it, as `field=value`). Nested records are flattened
+    (`paid.requests_per_minute`), and their own timestamps left out: the `when` column says it."""
+    if before is None and isinstance(after, dict):
+        return "new: " + "; ".join(f"{name}={_compact(value)}" for name, value in _fields(after).items())
+    if isinstance(before, dict) and isinstance(after, dict):
+        old, new = _fields(before), _fields(after)
+        changed = [
+            _difference(name, old, new)
+            for name in sorted(old.keys() | new.keys())
+            if name not in old or name not in new or old[name] != new[name]
+        ]
+        return "; ".join(changed) or "(no change)"
+    return f"{_compact(before)} -> {_compact(after)}"
+
+
+def _difference(name: str, old: dict[str, object], new: dict[str, object]) -> str:
+    if name not in old:
+        return f"{name}={_compact(new[name])}"
+    return f"{name}: {_compact(old[name])} -> {_compact(new.get(name))}"
+
+
+def _fields(record: dict[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for name, value in record.items():
+        if name in TIMESTAMP_FIELDS:
+            continue
+        if isinstance(value, dict):
+            flat |= _fields(value, f"{prefix}{name}.")
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _compact(value: object) -> str:
+    shown = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return shown if len(shown) <= MAX_SHOWN_CHARS else shown[: MAX_SHOWN_CHARS - 3] + "..."

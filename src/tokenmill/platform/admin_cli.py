@@ -1,7 +1,8 @@
 """`tokenmill admin <action>`: the operator's commands, run directly on the database `tokenmill serve` uses
 (same --data-dir / --database-url; the server may be running). This file is the parser: each action's flags
-and the `admin_actions` function it calls. Refusals are the platform's typed errors, shown by `cli.main` as
-one line, with nothing written. Amounts are typed in currency units ("10", "0.5") and stored as exact micros."""
+and the `admin_actions` (or `admin_market_actions`) function it calls; every change lands in `audit-log`.
+Refusals are the platform's typed errors, shown by `cli.main` as one line, with nothing written. Amounts are
+typed in currency units ("10", "0.5") and stored as exact micros."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 
 from tokenmill.config import default_data_dir, default_database_url
 from tokenmill.platform import admin_actions as do
+from tokenmill.platform import admin_market_actions as market
+from tokenmill.platform.audit import MAX_ID, MAX_PAGE
 from tokenmill.platform.db import Database
 from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
+from tokenmill.platform.pricing import BPS_PER_UNIT
+from tokenmill.platform.tables import LISTING_STATUSES, LISTING_TASKS, LISTING_VISIBILITIES
 from tokenmill.platform.validation import MAX_COUNT
 
 Action = Callable[[Database, argparse.Namespace], None]
@@ -56,6 +61,13 @@ def _positive(maximum: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def _bps(text: str) -> int:
+    """An argparse type: basis points from 0 to 10000 (250 = 2.5%)."""
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= BPS_PER_UNIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of basis points from 0 to {BPS_PER_UNIT}")
+    return int(text)
 
 
 def _limit(maximum: int) -> Callable[[str], int | None]:
@@ -188,3 +200,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--gateway-id")
     sub.add_argument("--older-than-minutes", type=_positive(MAX_DAYS * 24 * 60))
     action("rotate-admin-key", "revoke the admin key and print a new one", do.rotate_admin_key)
+    _add_market_actions(action)
+    sub = action(
+        "audit-log", "the operator's changes, newest first: who, when, what, before -> after", do.audit_log
+    )
+    sub.add_argument("--limit", type=_positive(MAX_PAGE), default=50, help="rows to show (default: 50)")
+    sub.add_argument("--before-id", type=_positive(MAX_ID), help="the next page: rows older than this id")
+    sub.add_argument("--action", help="only this action, e.g. create_key or set_price")
+    sub.add_argument("--target", help="only this target: an organization, user or key id, a model, a tier")
+
+
+def _add_market_actions(action: Callable[[str, str, Action], argparse.ArgumentParser]) -> None:
+    action(
+        "list-listings",
+        "the model square's listings, in every status, with their prices",
+        market.list_listings,
+    )
+    sub = action(
+        "set-listing",
+        "create or replace a model's listing: it becomes exactly what the flags say",
+        market.set_listing,
+    )
+    sub.add_argument("model")
+    sub.add_argument("--task", choices=LISTING_TASKS, help="default: chat")
+    sub.add_argument("--display-name", help="default: the model id")
+    sub.add_argument("--description")
+    sub.add_argument("--provider", metavar="ORG", help="the providing organization (default: the platform)")
+    sub.add_argument("--tag", action="append", help="repeatable")
+    sub.add_argument("--license")
+    sub.add_argument("--context-length", type=_positive(MAX_COUNT))
+    free_or_paid = sub.add_mutually_exclusive_group()
+    free_or_paid.add_argument("--input", metavar="AMOUNT", help="currency units per 1M prompt tokens")
+    free_or_paid.add_argument("--free", action="store_true", help="price 0 and 0")
+    sub.add_argument("--output", metavar="AMOUNT", help="currency units per 1M completion tokens")
+    sub.add_argument("--visibility", choices=LISTING_VISIBILITIES, help="default: public")
+    sub.add_argument(
+        "--share-with", metavar="ORG", action="append", help="for --visibility shared; repeatable"
+    )
+    sub.add_argument(
+        "--status", choices=LISTING_STATUSES, help="default: published (a retired listing stays retired)"
+    )
+    sub.add_argument(
+        "--fee-bps",
+        dest="platform_fee_bps",
+        type=_bps,
+        metavar="N",
+        help="the platform's share of each sale in basis points (default: the server's)",
+    )
+    sub = action("publish-listing", "publish a draft or retired listing", market.publish_listing)
+    sub.add_argument("model")
+    sub = action(
+        "retire-listing", "retire a listing: new requests for the model are refused", market.retire_listing
+    )
+    sub.add_argument("model")
+    sub = action(
+        "earnings",
+        "providers' sales per UTC day and model: their earnings and the platform's fee",
+        market.earnings,
+    )
+    sub.add_argument("--provider", metavar="ORG", help="one provider (default: all)")
+    sub.add_argument("--start-date", type=_day, help="YYYY-MM-DD (default: 29 days before the end date)")
+    sub.add_argument("--end-date", type=_day, help="YYYY-MM-DD, inclusive (default: today, UTC)")
+    sub.add_argument("--csv", action="store_true", help="CSV with exact integer micros instead of a table")

@@ -1,11 +1,13 @@
-"""The sequence `serving/` runs around one billed engine request: `admit` (model grant, rate limit,
-reserve) before any token is generated, then exactly one of `finish` (settle) or `abort` (release)."""
+"""The sequence `serving/` runs around one billed engine request: `resolve` (the key's model grant, then
+the listing this caller may call), `admit` (rate limit, reserve) before any token is generated, then exactly
+one of `finish` (settle) or `abort` (release). Resolution is apart so the caller can route the request (and
+answer 404 or 503) before anything is held."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.platform.auth import KeyPrincipal, authorize_model
+from tokenmill.platform.auth import authorize_model
 from tokenmill.platform.billing import (
     DEFAULT_OWNER,
     Reservation,
@@ -16,9 +18,11 @@ from tokenmill.platform.billing import (
     settle,
 )
 from tokenmill.platform.db import Database
-from tokenmill.platform.errors import RateLimited
-from tokenmill.platform.pricing import get_model_price
-from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimiter, resolve_scope
+from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingInfo, resolve_listing
+from tokenmill.platform.pricing import BPS_PER_UNIT
+from tokenmill.platform.principal import KeyPrincipal
+from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimited, RateLimiter, resolve_scope
 from tokenmill.platform.tiers import principal_tier
 
 
@@ -44,25 +48,46 @@ class AdmissionControl:
         limiter: RateLimiter,
         *,
         owner: str = DEFAULT_OWNER,
+        default_fee_bps: int = DEFAULT_PLATFORM_FEE_BPS,
     ) -> None:
+        if type(default_fee_bps) is not int or not 0 <= default_fee_bps <= BPS_PER_UNIT:
+            raise InvalidArgument(f"platform_fee_bps: must be an integer from 0 to {BPS_PER_UNIT}")
         self.db = db
         self.limiter = limiter
         self.owner = owner
         """This gateway's name on its reservations (see `recover_open_reservations`)."""
+        self.default_fee_bps = default_fee_bps
+        """The platform's share of a provider's sale when its listing sets none."""
 
-    def admit(self, principal: KeyPrincipal, model: str, prompt_tokens: int, max_tokens: int) -> Admission:
-        """Raises, in this order: ModelNotAllowed (403), ModelNotPriced (404), RateLimited (429 with
-        headers), InsufficientQuota (429 insufficient_quota). Nothing is held when it raises. `max_tokens` is
-        the request's whole completion budget (n x max_tokens)."""
+    def resolve(self, principal: KeyPrincipal, model: str) -> ListingInfo:
+        """The listing this request is for. Raises, in this order: ModelNotAllowed (403: the key's
+        allow-list), ModelNotFound (404, one message whatever the reason), ListingRetired (410, to the
+        provider's own keys only)."""
         authorize_model(principal, model)
-        price = get_model_price(self.db, model)
+        return resolve_listing(self.db, principal.org_id, model)
+
+    def admit(
+        self, principal: KeyPrincipal, listing: ListingInfo, prompt_tokens: int, max_tokens: int
+    ) -> Admission:
+        """Admit a request for `listing` (from `resolve`, at its price and terms as resolved: no second
+        read). Raises RateLimited (429 with headers), then InsufficientQuota (429 insufficient_quota);
+        nothing is held when it raises. `max_tokens` is the request's whole completion budget
+        (n x max_tokens)."""
         tier = principal_tier(self.db, principal)
-        scope = resolve_scope(principal.key_id, tier, principal.overrides, free_model=price.is_free)
+        scope = resolve_scope(principal.key_id, tier, principal.overrides, free_model=listing.price.is_free)
         decision = self.limiter.acquire(scope.bucket, scope.limits, prompt_tokens + max_tokens)
         if not decision.allowed or decision.lease is None:
             raise RateLimited(decision, scope, prompt_tokens=prompt_tokens)
         try:
-            reservation = reserve(self.db, principal, model, prompt_tokens, max_tokens, owner=self.owner)
+            reservation = reserve(
+                self.db,
+                principal,
+                listing,
+                prompt_tokens,
+                max_tokens,
+                owner=self.owner,
+                fee_bps=listing.fee_bps(self.default_fee_bps),
+            )
         except BaseException:
             self.limiter.release(decision.lease, unused_tokens=prompt_tokens + max_tokens)
             raise

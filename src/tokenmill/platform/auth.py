@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import Select, select
 
@@ -21,48 +19,12 @@ from tokenmill.platform.errors import (
     UnknownKey,
 )
 from tokenmill.platform.keys import hash_key
-from tokenmill.platform.ratelimit import RateLimits, TierLimits
+from tokenmill.platform.principal import AdminPrincipal, KeyPrincipal
 from tokenmill.platform.tables import AdminKey, ApiKey, Organization, RateLimitTier
 from tokenmill.platform.tiers import tier_limits
 
 ADMIN_KEY_PREFIX = "sk-admin-"
 _KEY_RE = re.compile(r"^sk-[A-Za-z0-9_-]{20,200}$")
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPrincipal:
-    """Who is calling, as of this request: the key, its user and organization, and its grants."""
-
-    key_id: str
-    key_prefix: str
-    org_id: str
-    user_id: str
-    tier: str
-    allowed_models: frozenset[str] | None
-    """None: any model."""
-    spend_limit_micros: int | None
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    max_concurrent_requests: int | None
-    expires_at: datetime | None
-    tier_limits: TierLimits | None = None
-    """The tier's row as of this request, joined in by `authenticate` so admission needs no query of its
-    own; None for a principal built otherwise (`tiers.effective_limits` then reads the tier)."""
-
-    def may_use(self, model: str) -> bool:
-        return self.allowed_models is None or model in self.allowed_models
-
-    @property
-    def overrides(self) -> RateLimits:
-        """The key's own rate limits; None in a dimension leaves the tier's."""
-        return RateLimits(self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminPrincipal:
-    key_id: str
-    key_prefix: str
-    name: str
 
 
 def parse_key(raw_key: str | None) -> str:

@@ -1,6 +1,7 @@
 """Per-request billing as a state machine on a reservation row: `reserve` (open) -> `settle` (charge the
-actual usage, write one usage record) | `release` (charge nothing). Every transition locks the
-organization first, so concurrent requests can never spend the same micro twice."""
+actual usage, credit the provider its share, write one usage record) | `release` (charge nothing). Every
+transition locks the buying organization first, so concurrent requests can never spend the same micro
+twice; the provider is credited by an insert and never locked (see `ledger.append_earning`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from enum import StrEnum
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from tokenmill.platform.auth import KeyPrincipal, authorize_model
+from tokenmill.platform.auth import authorize_model
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InsufficientQuota, InvalidArgument, NotFound, ReservationClosed
-from tokenmill.platform.ledger import append_charge, lock_organization, sum_balance
-from tokenmill.platform.pricing import Price, cost_micros, get_model_price
+from tokenmill.platform.ledger import append_charge, append_earning, lock_organization, sum_balance
+from tokenmill.platform.listings import ListingInfo
+from tokenmill.platform.pricing import BPS_PER_UNIT, Price, cost_micros, revenue_split
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.tables import ApiKey, UsageRecord, new_id
 from tokenmill.platform.tables import Reservation as ReservationRow
 
@@ -46,6 +49,10 @@ class Reservation:
     max_tokens: int
     price: Price
     reserved_micros: int
+    provider_org_id: str | None
+    """The listing's provider as of admission; None: the platform's own model."""
+    platform_fee_bps: int
+    """The platform's share of the sale, quoted at admission like the price."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,11 @@ class UsageInfo:
     prompt_tokens: int
     completion_tokens: int
     cost_micros: int
+    """What the buyer was charged: provider_micros + platform_fee_micros, exactly."""
+    provider_micros: int
+    """Credited to the provider (0 for the platform's own model)."""
+    platform_fee_micros: int
+    provider_org_id: str | None
     latency_ms: int
     status: str
     created_at: datetime
@@ -89,17 +101,22 @@ def key_committed_micros(session: Session, key_id: str) -> int:
 def reserve(
     db: Database,
     principal: KeyPrincipal,
-    model: str,
+    listing: ListingInfo,
     prompt_tokens: int,
     max_tokens: int,
     *,
     owner: str = DEFAULT_OWNER,
+    fee_bps: int,
 ) -> Reservation:
-    """Admission: hold the worst-case cost (prompt_tokens + max_tokens at today's price) or raise
-    `InsufficientQuota` having written nothing. Also raises `ModelNotAllowed` and `ModelNotPriced`."""
+    """Admission: hold the worst-case cost (prompt_tokens + max_tokens at the listing's price, as resolved
+    for this request) or raise `InsufficientQuota` having written nothing. The price, the provider and
+    `fee_bps` (the platform's share, `listing.fee_bps(server default)`) are quoted on the reservation: settle
+    bills and splits by them whatever changes meanwhile. Also raises `ModelNotAllowed`."""
     _check_tokens(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+    if type(fee_bps) is not int or not 0 <= fee_bps <= BPS_PER_UNIT:
+        raise InvalidArgument(f"fee_bps: must be an integer from 0 to {BPS_PER_UNIT}")
+    model, price = listing.model, listing.price
     authorize_model(principal, model)
-    price = get_model_price(db, model)
     cost = cost_micros(prompt_tokens, max_tokens, price)
     with db.write() as session:
         lock_organization(session, principal.org_id)
@@ -123,6 +140,8 @@ def reserve(
             reserved_micros=cost,
             state="open",
             owner=owner,
+            provider_org_id=listing.provider_org_id,
+            platform_fee_bps=fee_bps,
             created_at=db.now(),
             closed_at=None,
         )
@@ -136,6 +155,8 @@ def reserve(
         max_tokens=max_tokens,
         price=price,
         reserved_micros=cost,
+        provider_org_id=listing.provider_org_id,
+        platform_fee_bps=fee_bps,
     )
 
 
@@ -147,8 +168,9 @@ def settle(
     status: UsageStatus | str,
     latency_s: float,
 ) -> UsageInfo:
-    """Close the reservation, charge the actual usage at the quoted price (nothing for `error`) and write
-    its one usage record, all in one transaction. Token counts are the engine's, never estimates."""
+    """Close the reservation, charge the actual usage at the quoted price (nothing for `error`), credit the
+    provider its share at the quoted fee and write the one usage record, all in one transaction. Token
+    counts are the engine's, never estimates."""
     try:
         status = UsageStatus(status)
     except ValueError:
@@ -169,8 +191,11 @@ def settle(
                 cost,
                 row.reserved_micros,
             )
+        provider_micros, fee_micros = _split(cost, row)
         if cost > 0:
             append_charge(session, row.org_id, cost, row.id, now)
+        if provider_micros > 0 and row.provider_org_id is not None:
+            append_earning(session, row.provider_org_id, provider_micros, row.id, now)
         user_id = session.scalar(select(ApiKey.user_id).where(ApiKey.id == row.key_id))
         assert user_id is not None  # the foreign key guarantees it
         record = UsageRecord(
@@ -184,6 +209,9 @@ def settle(
             cost_micros=cost,
             latency_ms=round(latency_s * 1000),
             status=status.value,
+            provider_org_id=row.provider_org_id,
+            provider_micros=provider_micros,
+            platform_fee_micros=fee_micros,
             day=now.date(),
             created_at=now,
         )
@@ -198,6 +226,9 @@ def settle(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cost_micros=cost,
+        provider_micros=provider_micros,
+        platform_fee_micros=fee_micros,
+        provider_org_id=row.provider_org_id,
         latency_ms=record.latency_ms,
         status=status.value,
         created_at=now,
@@ -240,6 +271,14 @@ def recover_open_reservations(
     if ids:
         logger.warning("released %d reservation(s) left open by an earlier crash", len(ids))
     return ids
+
+
+def _split(cost: int, row: ReservationRow) -> tuple[int, int]:
+    """(provider_micros, platform_fee_micros) of the sale. The platform's own model (no provider, including
+    reservations opened before listings existed) keeps the whole sale."""
+    if row.provider_org_id is None:
+        return 0, cost
+    return revenue_split(cost, row.platform_fee_bps)
 
 
 def _open_row(session: Session, reservation: Reservation) -> ReservationRow:

@@ -3,11 +3,6 @@ the classes carry what that mapping needs and nothing that would leak whether a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tokenmill.platform.ratelimit import RateLimitDecision, RateLimitScope
-
 
 class PlatformError(ValueError):
     """Base of every error the platform raises on purpose."""
@@ -73,42 +68,6 @@ class InsufficientQuota(PlatformError):
         self.available_micros = available_micros
 
 
-class RateLimited(PlatformError):
-    """429 rate_limit_exceeded; `decision.headers()` carries the x-ratelimit-* values and Retry-After. A
-    request larger than the per-minute token limit (reason "request_too_large") can never be served: no
-    Retry-After, and the HTTP layer answers it with a 400. The message names the limit that refused, and
-    whether it is the key's own or its organization's tier's (`scope`)."""
-
-    def __init__(self, decision: RateLimitDecision, scope: RateLimitScope, *, prompt_tokens: int) -> None:
-        super().__init__(_rate_limit_message(decision, scope, prompt_tokens))
-        self.decision = decision
-        self.scope = scope
-
-
-def _rate_limit_message(decision: RateLimitDecision, scope: RateLimitScope, prompt_tokens: int) -> str:
-    asked = decision.asked_tokens
-    if decision.reason == "request_too_large":
-        limit = scope.limits.tokens_per_minute or 0
-        completion = asked - prompt_tokens
-        split = f" (prompt {prompt_tokens:,} + max_tokens {completion:,})" if completion else ""
-        cure = "lower max_tokens" if completion and prompt_tokens < limit else "shorten the input"
-        return (
-            f"This request needs {asked:,} tokens{split}, more than {scope.describe('tokens_per_minute')}; "
-            f"{cure} or ask for a higher limit."
-        )
-    if decision.reason == "tokens":
-        remaining = decision.remaining_tokens or 0
-        return (
-            f"Rate limit reached for tokens per minute: this request needs {asked:,} tokens and {remaining:,} "
-            f"remain this minute under {scope.describe('tokens_per_minute')}."
-        )
-    if decision.reason == "requests":
-        return f"Rate limit reached for requests per minute: {scope.describe('requests_per_minute')}."
-    if decision.reason == "concurrency":
-        return f"Too many concurrent requests: {scope.describe('max_concurrent_requests')}."
-    return "Rate limit reached."
-
-
 # --- bad input and missing things: 400 / 404 / 409 ------------------------------------------------
 
 
@@ -145,6 +104,33 @@ class ModelNotPriced(NotFound):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"model: {model!r} has no price; set one with `tokenmill admin set-price`")
+        self.model = model
+
+
+class ModelNotFound(NotFound):
+    """404 model_not_found for a caller. One message whether the model does not exist, is retired, is
+    another organization's private or draft listing, or is shared with others only: a caller cannot learn
+    which models exist beyond those it may call."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+        self.model = model
+
+
+class ListingNotFound(NotFound):
+    """The operator's view: no listing of that model, in any status."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model: no listing of {model!r}")
+        self.model = model
+
+
+class ListingRetired(PlatformError):
+    """410: the caller's own organization provides this model and retired it. Only the provider learns
+    this; everybody else gets `ModelNotFound`."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` was retired by its provider and no longer accepts requests.")
         self.model = model
 
 

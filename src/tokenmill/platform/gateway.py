@@ -1,7 +1,7 @@
 """What one gateway process (a `tokenmill serve`) holds of the platform: the database, the rate limiter (and
 the heartbeat keeping its leases) and admission control, opened from `PlatformSettings`, and the startup
 sequence that makes a restart safe (migrate, release what a crash left open, bootstrap the admin key, price
-the served models)."""
+and list the served models)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from sqlalchemy.exc import OperationalError
 
 from tokenmill.platform.admin_key import ensure_admin_key
 from tokenmill.platform.admission import AdmissionControl
-from tokenmill.platform.auth import KeyPrincipal, authenticate
+from tokenmill.platform.auth import authenticate
 from tokenmill.platform.billing import DEFAULT_OWNER, recover_open_reservations
 from tokenmill.platform.db import Database, open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingInfo, ensure_listing
 from tokenmill.platform.migrate import upgrade
-from tokenmill.platform.pricing import register_free_models
+from tokenmill.platform.pricing import BPS_PER_UNIT, register_free_models
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.ratelimit import LeaseHeartbeat, RateLimiter
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 
@@ -38,10 +40,16 @@ class PlatformSettings:
     """Names this gateway's reservations and rate-limit leases; at startup only those with this name are
     recovered, so it must be stable across restarts and distinct between gateways that share a database
     or a Redis."""
+    platform_fee_bps: int = DEFAULT_PLATFORM_FEE_BPS
+    """The platform's share of each sale of a provider's model, in basis points, unless its listing sets
+    its own. Quoted on each reservation at admission."""
 
     def __post_init__(self) -> None:
         if not self.gateway_id.strip() or len(self.gateway_id) > 200:
             raise InvalidArgument("gateway_id: must be a non-empty name of at most 200 characters")
+        fee = self.platform_fee_bps
+        if type(fee) is not int or not 0 <= fee <= BPS_PER_UNIT:
+            raise InvalidArgument(f"platform_fee_bps: must be an integer from 0 to {BPS_PER_UNIT}")
 
     @property
     def resolved_database_url(self) -> str:
@@ -99,7 +107,9 @@ class Gateway:
         self.settings = settings
         self.db = db
         self.limiter = limiter
-        self.admission = AdmissionControl(db, limiter, owner=settings.gateway_id)
+        self.admission = AdmissionControl(
+            db, limiter, owner=settings.gateway_id, default_fee_bps=settings.platform_fee_bps
+        )
         self.heartbeat = LeaseHeartbeat(limiter)
 
     @classmethod
@@ -133,14 +143,25 @@ class Gateway:
             num_released_leases=num_released_leases,
         )
 
-    def register_models(self, models: Iterable[str]) -> list[str]:
+    def register_models(self, models: Iterable[str], *, task: str = "chat") -> list[str]:
+        """The served models declared without a listing (`--model`): each one without a price becomes free,
+        and each one without a listing is listed as the platform's own, public and published. A price or
+        listing that exists is never touched. Returns the models registered as free by this call."""
+        models = list(models)
         registered = register_free_models(self.db, models)
         if registered:
             logger.info("no price set for %s: registered as free models", ", ".join(registered))
+        listed = [model for model in models if ensure_listing(self.db, model, task=task)]
+        if listed:
+            logger.info("listed %s publicly as the platform's own models", ", ".join(listed))
         return registered
 
     def authenticate(self, raw_key: str | None) -> KeyPrincipal:
         return authenticate(self.db, raw_key)
+
+    def resolve(self, principal: KeyPrincipal, model: str) -> ListingInfo:
+        """The listing a request is for (403, 404 or 410 when it may not call it): `admission.resolve`."""
+        return self.admission.resolve(principal, model)
 
     def close(self) -> None:
         self.heartbeat.stop()

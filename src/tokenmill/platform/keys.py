@@ -18,7 +18,7 @@ from tokenmill.platform.tables import ApiKey, User, new_id
 from tokenmill.platform.validation import MAX_COUNT, optional_int, text
 
 if TYPE_CHECKING:
-    from tokenmill.platform.auth import KeyPrincipal
+    from tokenmill.platform.principal import KeyPrincipal
 
 KEY_PREFIX = "sk-"
 SECRET_BYTES = 32

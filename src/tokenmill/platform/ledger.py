@@ -1,5 +1,6 @@
-"""The append-only balance ledger of each organization: top-ups, charges, refunds, adjustments.
-Balance = SUM(amount_micros). Credits are idempotent by a client-supplied key."""
+"""The append-only balance ledger of each organization: top-ups, charges, refunds, adjustments, and the
+earnings a provider is credited for each sale of its models. Balance = SUM(amount_micros). Credits are
+idempotent by a client-supplied key; charges and earnings by their reservation."""
 
 from __future__ import annotations
 
@@ -120,6 +121,27 @@ def append_charge(
             amount_micros=-amount_micros,
             idempotency_key=None,
             reservation_id=reservation_id,
+            note="",
+            created_at=now,
+        )
+    )
+
+
+def append_earning(
+    session: Session, provider_org_id: str, amount_micros: int, reservation_id: str, now: datetime
+) -> None:
+    """Billing's other write at settle: the provider's share of one sale, credited in the buyer's charge's
+    transaction. Keyed `earning:<reservation id>` (unique), so one sale is never credited twice. The provider
+    is not locked: this is an insert, and its foreign key takes only a key-share lock on the organization,
+    which never waits for `lock_organization` (two organizations buying each other's models cannot
+    deadlock)."""
+    session.add(
+        LedgerEntry(
+            org_id=provider_org_id,
+            kind="earning",
+            amount_micros=amount_micros,
+            idempotency_key=f"earning:{reservation_id}",
+            reservation_id=None,
             note="",
             created_at=now,
         )

@@ -1,16 +1,24 @@
-"""Model prices (integer micro-units per 1M tokens) and the one cost formula, `cost_micros`.
+"""Model prices (integer micro-units per 1M tokens), the one cost formula, `cost_micros`, and the one
+split of a sale between its provider and the platform, `revenue_split`.
 
-Rounding rule: the exact cost is the rational (prompt x input + completion x output) / 1,000,000 micros;
-a request is charged its ceiling, once, on the total. The platform never undercharges, and never by more
-than one micro per request."""
+Rounding rule of the cost: the exact cost is the rational (prompt x input + completion x output) / 1,000,000
+micros; a request is charged its ceiling, once, on the total. The platform never undercharges, and never by
+more than one micro per request.
+
+Rounding rule of the split: provider_micros = floor(cost x (10000 - fee_bps) / 10000) and
+platform_fee_micros = cost - provider_micros. The buyer's charge is the provider's credit plus the
+platform's fee exactly; the provider is never paid more than its exact share, and never less by a whole
+micro or more."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidAmount, InvalidArgument, ModelNotPriced
@@ -21,6 +29,8 @@ MICROS_PER_UNIT = 1_000_000
 """1 currency unit (e.g. 1 USD) = 1,000,000 micros."""
 TOKENS_PER_PRICE = 1_000_000
 """Prices are quoted per 1M tokens."""
+BPS_PER_UNIT = 10_000
+"""Basis points in the whole: a fee of 10,000 bps is all of the sale."""
 MAX_PRICE_MICROS_PER_MTOK = 10**12
 """A million currency units per 1M tokens: far above any real price, far below int64 overflow."""
 
@@ -55,6 +65,17 @@ def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int
     return -(-exact_numerator // TOKENS_PER_PRICE)
 
 
+def revenue_split(cost_micros: int, fee_bps: int) -> tuple[int, int]:
+    """(provider_micros, platform_fee_micros) of a sale of `cost_micros`, in integer arithmetic only; the two
+    always add up to the cost (see the module's rounding rule)."""
+    if type(cost_micros) is not int or cost_micros < 0:
+        raise InvalidArgument("cost_micros: must be a non-negative integer")
+    if type(fee_bps) is not int or not 0 <= fee_bps <= BPS_PER_UNIT:
+        raise InvalidArgument(f"fee_bps: must be an integer from 0 to {BPS_PER_UNIT}")
+    provider_micros = cost_micros * (BPS_PER_UNIT - fee_bps) // BPS_PER_UNIT
+    return provider_micros, cost_micros - provider_micros
+
+
 def set_model_price(
     db: Database, model: str, input_micros_per_mtok: int, output_micros_per_mtok: int
 ) -> Price:
@@ -62,21 +83,27 @@ def set_model_price(
     model = text("model", model, max_len=200)
     price = Price(input_micros_per_mtok, output_micros_per_mtok)
     with db.write() as session:
-        row = session.get(ModelPrice, model)
-        if row is None:
-            session.add(
-                ModelPrice(
-                    model=model,
-                    input_micros_per_mtok=price.input_micros_per_mtok,
-                    output_micros_per_mtok=price.output_micros_per_mtok,
-                    updated_at=db.now(),
-                )
-            )
-        else:
-            row.input_micros_per_mtok = price.input_micros_per_mtok
-            row.output_micros_per_mtok = price.output_micros_per_mtok
-            row.updated_at = db.now()
+        put_price(session, model, price, db.now())
     return price
+
+
+def put_price(session: Session, model: str, price: Price, now: datetime) -> None:
+    """Create or replace the price row inside the caller's transaction (a listing and its price change
+    together). `model` must already be validated."""
+    row = session.get(ModelPrice, model)
+    if row is None:
+        session.add(
+            ModelPrice(
+                model=model,
+                input_micros_per_mtok=price.input_micros_per_mtok,
+                output_micros_per_mtok=price.output_micros_per_mtok,
+                updated_at=now,
+            )
+        )
+    else:
+        row.input_micros_per_mtok = price.input_micros_per_mtok
+        row.output_micros_per_mtok = price.output_micros_per_mtok
+        row.updated_at = now
 
 
 def get_model_price(db: Database, model: str) -> Price:

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.errors import InvalidArgument, PlatformError
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +271,39 @@ def format_duration(seconds: float) -> str:
     minutes, rest_ms = divmod(ms, 60_000)
     secs = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class RateLimited(PlatformError):
+    """429 rate_limit_exceeded; `decision.headers()` carries the x-ratelimit-* values and Retry-After. A
+    request larger than the per-minute token limit (reason "request_too_large") can never be served: no
+    Retry-After, and the HTTP layer answers it with a 400. The message names the limit that refused, and
+    whether it is the key's own or its organization's tier's (`scope`)."""
+
+    def __init__(self, decision: RateLimitDecision, scope: RateLimitScope, *, prompt_tokens: int) -> None:
+        super().__init__(_rate_limit_message(decision, scope, prompt_tokens))
+        self.decision = decision
+        self.scope = scope
+
+
+def _rate_limit_message(decision: RateLimitDecision, scope: RateLimitScope, prompt_tokens: int) -> str:
+    asked = decision.asked_tokens
+    if decision.reason == "request_too_large":
+        limit = scope.limits.tokens_per_minute or 0
+        completion = asked - prompt_tokens
+        split = f" (prompt {prompt_tokens:,} + max_tokens {completion:,})" if completion else ""
+        cure = "lower max_tokens" if completion and prompt_tokens < limit else "shorten the input"
+        return (
+            f"This request needs {asked:,} tokens{split}, more than {scope.describe('tokens_per_minute')}; "
+            f"{cure} or ask for a higher limit."
+        )
+    if decision.reason == "tokens":
+        remaining = decision.remaining_tokens or 0
+        return (
+            f"Rate limit reached for tokens per minute: this request needs {asked:,} tokens and {remaining:,} "
+            f"remain this minute under {scope.describe('tokens_per_minute')}."
+        )
+    if decision.reason == "requests":
+        return f"Rate limit reached for requests per minute: {scope.describe('requests_per_minute')}."
+    if decision.reason == "concurrency":
+        return f"Too many concurrent requests: {scope.describe('max_concurrent_requests')}."
+    return "Rate limit reached."

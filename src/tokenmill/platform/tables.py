@@ -27,7 +27,10 @@ from tokenmill.text import invalid_text_reason, printable
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-LEDGER_KINDS = ("topup", "charge", "refund", "adjustment")
+LEDGER_KINDS = ("topup", "charge", "refund", "adjustment", "earning")
+LISTING_TASKS = ("chat", "embedding")
+LISTING_STATUSES = ("draft", "published", "retired")
+LISTING_VISIBILITIES = ("public", "private", "shared")
 RESERVATION_STATES = ("open", "settled", "released")
 USAGE_STATUSES = ("ok", "client_disconnected", "error")
 TIER_LIMIT_COLUMNS = (
@@ -189,7 +192,8 @@ class LedgerEntry(Base):
         CheckConstraint(_in("kind", LEDGER_KINDS), name="ck_ledger_kind"),
         CheckConstraint(
             "(kind = 'topup' AND amount_micros > 0) OR (kind = 'refund' AND amount_micros > 0)"
-            " OR (kind = 'charge' AND amount_micros < 0) OR (kind = 'adjustment' AND amount_micros <> 0)",
+            " OR (kind = 'charge' AND amount_micros < 0) OR (kind = 'adjustment' AND amount_micros <> 0)"
+            " OR (kind = 'earning' AND amount_micros > 0)",
             name="ck_ledger_sign",
         ),
     )
@@ -229,6 +233,10 @@ class Reservation(Base):
     state: Mapped[str] = mapped_column(String(16))
     owner: Mapped[str] = mapped_column(String(200))
     """The gateway instance that opened it; crash recovery can be limited to one instance's rows."""
+    provider_org_id: Mapped[str | None] = mapped_column(String(32))
+    """The listing's provider as of admission (None: the platform's own model), credited at settle."""
+    platform_fee_bps: Mapped[int] = mapped_column(server_default="0")
+    """The platform's share of the sale in basis points, quoted at admission like the prices."""
     created_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
 
@@ -242,6 +250,7 @@ class UsageRecord(Base):
         CheckConstraint("cost_micros >= 0", name="ck_usage_cost_nonneg"),
         Index("ix_usage_org_day", "org_id", "day"),
         Index("ix_usage_key", "key_id"),
+        Index("ix_usage_provider_day", "provider_org_id", "day"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -255,6 +264,60 @@ class UsageRecord(Base):
     cost_micros: Mapped[int]
     latency_ms: Mapped[int]
     status: Mapped[str] = mapped_column(String(24))
+    provider_org_id: Mapped[str | None] = mapped_column(String(32))
+    provider_micros: Mapped[int] = mapped_column(server_default="0")
+    """The provider's credit for this sale; cost_micros = provider_micros + platform_fee_micros, always."""
+    platform_fee_micros: Mapped[int] = mapped_column(server_default="0")
     day: Mapped[date] = mapped_column(Date)
     """UTC day of `created_at`, stored so per-day reports group identically on both backends."""
     created_at: Mapped[datetime]
+
+
+class Listing(Base):
+    """A model in the model square: who provides it, who may call it, on what terms. Its prices are the
+    `model_prices` row of the same model (billing's single source of prices)."""
+
+    __tablename__ = "listings"
+    __table_args__ = (
+        CheckConstraint(_in("task", LISTING_TASKS), name="ck_listing_task"),
+        CheckConstraint(_in("status", LISTING_STATUSES), name="ck_listing_status"),
+        CheckConstraint(_in("visibility", LISTING_VISIBILITIES), name="ck_listing_visibility"),
+        CheckConstraint(
+            "platform_fee_bps IS NULL OR (platform_fee_bps >= 0 AND platform_fee_bps <= 10000)",
+            name="ck_listing_fee",
+        ),
+    )
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    provider_org_id: Mapped[str | None] = mapped_column(ForeignKey("organizations.id"), index=True)
+    """None: the platform operator's own model (no revenue share)."""
+    display_name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(4000))
+    task: Mapped[str] = mapped_column(String(16))
+    tags: Mapped[list[str]] = mapped_column(TextList)
+    license: Mapped[str] = mapped_column(String(100))
+    context_length: Mapped[int | None]
+    status: Mapped[str] = mapped_column(String(16))
+    visibility: Mapped[str] = mapped_column(String(16))
+    shared_with: Mapped[list[str]] = mapped_column(TextList)
+    """Organization ids that may call a `shared` listing besides its provider."""
+    platform_fee_bps: Mapped[int | None]
+    """None: the server's default fee."""
+    config_digest: Mapped[str | None] = mapped_column(String(64))
+    """Digest of the models.yaml entry last applied: an unchanged file does not undo a provider's edits."""
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """One operator action: who, what, on what, when, and the target before and after. Append-only."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(300))
+    before: Mapped[Any | None] = mapped_column(JSON)
+    after: Mapped[Any | None] = mapped_column(JSON)

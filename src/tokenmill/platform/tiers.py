@@ -21,7 +21,7 @@ from tokenmill.platform.tables import TIER_LIMIT_COLUMNS, Organization, RateLimi
 from tokenmill.platform.validation import MAX_COUNT, optional_int
 
 if TYPE_CHECKING:
-    from tokenmill.platform.auth import KeyPrincipal
+    from tokenmill.platform.principal import KeyPrincipal
 
 DEFAULT_TIER = "default"
 """New organizations' tier, and the one a new tier copies its limits from unless told otherwise."""

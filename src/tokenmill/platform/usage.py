@@ -1,5 +1,5 @@
-"""Read models for the user API and the admin report: the caller's account summary (`user_info`) and
-usage per day and model (`usage_report`)."""
+"""Read models for the user API and the admin report: the caller's account summary (`user_info`), usage per
+day and model (`usage_report`), and a provider's sales and earnings per day and model (`provider_earnings`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from datetime import date
 
 from sqlalchemy import func, select
 
-from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.billing import held_micros, key_committed_micros
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, UnknownOrganization
 from tokenmill.platform.ledger import sum_balance
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.tables import Organization, UsageRecord, User
 
 
@@ -53,6 +53,27 @@ class UsageRow:
 
 
 USAGE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
+"""Column order for tables and CSV."""
+
+
+@dataclass(frozen=True, slots=True)
+class EarningsRow:
+    """One line of the earnings report: one provider, one of its models, one UTC day."""
+
+    day: date
+    provider_org_id: str
+    model: str
+    num_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    sales_micros: int
+    """What buyers were charged: earnings_micros + platform_fee_micros, exactly."""
+    earnings_micros: int
+    """Credited to the provider (its `earning` ledger entries)."""
+    platform_fee_micros: int
+
+
+EARNINGS_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(EarningsRow))
 """Column order for tables and CSV."""
 
 
@@ -120,4 +141,46 @@ def usage_report(db: Database, org_id: str | None, start_date: date, end_date: d
             cost_micros=int(cost),
         )
         for day, org, model, n, p, c, cost in rows
+    ]
+
+
+def provider_earnings(db: Database, provider_org_id: str | None, start: date, end: date) -> list[EarningsRow]:
+    """Sales of providers' models grouped by day, provider and model, both dates inclusive (UTC days).
+    `provider_org_id=None` reports every provider (the operator); a provider's own API passes its
+    organization. The platform's own models are not in it: they have no provider."""
+    if start > end:
+        raise InvalidArgument("start: must not be after end")
+    query = (
+        select(
+            UsageRecord.day,
+            UsageRecord.provider_org_id,
+            UsageRecord.model,
+            func.count(UsageRecord.id),
+            func.sum(UsageRecord.prompt_tokens),
+            func.sum(UsageRecord.completion_tokens),
+            func.sum(UsageRecord.cost_micros),
+            func.sum(UsageRecord.provider_micros),
+            func.sum(UsageRecord.platform_fee_micros),
+        )
+        .where(UsageRecord.day >= start, UsageRecord.day <= end, UsageRecord.provider_org_id.is_not(None))
+        .group_by(UsageRecord.day, UsageRecord.provider_org_id, UsageRecord.model)
+        .order_by(UsageRecord.day, UsageRecord.provider_org_id, UsageRecord.model)
+    )
+    if provider_org_id is not None:
+        query = query.where(UsageRecord.provider_org_id == provider_org_id)
+    with db.read() as session:
+        rows = session.execute(query).all()
+    return [
+        EarningsRow(
+            day=day,
+            provider_org_id=provider,
+            model=model,
+            num_requests=int(n),
+            prompt_tokens=int(p),
+            completion_tokens=int(c),
+            sales_micros=int(sales),
+            earnings_micros=int(earned),
+            platform_fee_micros=int(fee),
+        )
+        for day, provider, model, n, p, c, sales, earned, fee in rows
     ]

@@ -78,16 +78,24 @@ class UsageEntry(BaseModel):
     completion_tokens: int
     total_tokens: int
     cost_micros: int
+    """role=provider: what buyers were charged for the model (earnings + platform fee, exactly)."""
     cost: str
+    earnings_micros: int | None = None
+    """role=provider only: the organization's share, credited to its balance."""
+    earnings: str | None = None
+    platform_fee_micros: int | None = None
 
 
 class UsageList(BaseModel):
     object: Literal["list"] = "list"
+    role: Literal["buyer", "provider"] = "buyer"
     start_date: str
     end_date: str
     data: list[UsageEntry]
     total_cost_micros: int
     total_cost: str
+    total_earnings_micros: int | None = None
+    """role=provider only."""
 
 
 class CreateKeyRequest(BaseModel):

@@ -4,38 +4,55 @@ two apps in one process (as in tests) share nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from tokenmill.catalog.lifecycle import Fleet
 from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.embedder import Embedder
 from tokenmill.platform.gateway import Gateway
-from tokenmill.serving.deps import get_principal, require_valid_text
+from tokenmill.serving.deps import get_admin, get_principal, require_valid_text
 from tokenmill.serving.errors import install_error_handlers
 from tokenmill.serving.middleware import RequestContext
 from tokenmill.serving.openapi import openapi_schema
-from tokenmill.serving.routes import account, chat, completions, embeddings, health, keys, models
+from tokenmill.serving.routes import (
+    account,
+    admin,
+    admin_market,
+    admin_models,
+    catalog,
+    chat,
+    completions,
+    embeddings,
+    health,
+    keys,
+    models,
+)
+from tokenmill.serving.served import ServedModel
 from tokenmill.serving.settings import ServerSettings
-from tokenmill.serving.state import ServingState
+from tokenmill.serving.state import ServingState, fleet_of
 
-V1_ROUTES = (chat, completions, embeddings, models, account, keys)
+V1_ROUTES = (chat, completions, embeddings, models, catalog, account, keys)
 """Every /v1 route authenticates and refuses invalid text (router-level dependencies), so a new route cannot
 forget to."""
 
 
 def create_app(
-    engines: dict[str, EngineClient],
-    embedders: dict[str, Embedder],
+    chat_models: Fleet | Mapping[str, EngineClient],
+    embedders: Mapping[str, Embedder],
     settings: ServerSettings,
     gateway: Gateway | None = None,
+    served: Mapping[str, ServedModel] | None = None,
 ) -> FastAPI:
-    """`engines` and `embedders` are keyed by the model id clients send; the app starts them in the
-    background when it starts (so /health answers at once and /ready says 503 until they are loaded) and
-    shuts them down when it stops. `gateway` (accounts, billing, rate limits) is required unless
-    `settings.no_auth`; its owner opens and closes it, the app only uses it."""
+    """`chat_models` (a fleet under a memory budget, or engines already built, served pinned) and
+    `embedders` are keyed by the model id clients send; the app starts the pinned models and the embedders
+    in the background when it starts (so /health answers at once and /ready says 503 until they are
+    loaded) and drains and shuts them down when it stops. `served` describes the models before they load
+    (task, context length, models.yaml listing). `gateway` (accounts, billing, rate limits) is required
+    unless `settings.no_auth`; its owner opens and closes it, the app only uses it."""
     if gateway is None and not settings.no_auth:
         raise ConfigError(
             "gateway: authentication is on, so the app needs a platform Gateway "
@@ -43,7 +60,14 @@ def create_app(
         )
     if gateway is not None and settings.no_auth:
         raise ConfigError("gateway: no_auth serves without a platform; pass no gateway")
-    state = ServingState(dict(engines), dict(embedders), settings, gateway)
+    served = dict(served or {})
+    if isinstance(chat_models, Fleet):
+        fleet = chat_models
+    else:
+        fleet = fleet_of(chat_models)
+        for model_id, engine in chat_models.items():
+            served.setdefault(model_id, ServedModel(model_id, "chat", engine.max_model_len))
+    state = ServingState(fleet, dict(embedders), settings, gateway, served)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +89,12 @@ def create_app(
     install_error_handlers(app)
     for module in V1_ROUTES:
         app.include_router(module.router, dependencies=[Depends(get_principal), Depends(require_valid_text)])
+    for module in (
+        admin,
+        admin_market,
+        admin_models,
+    ):  # the operator's routes: the admin key, never a user key
+        app.include_router(module.router, dependencies=[Depends(get_admin), Depends(require_valid_text)])
     app.include_router(health.router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
     return app

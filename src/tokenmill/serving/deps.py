@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tokenmill.platform.auth import KeyPrincipal
-from tokenmill.platform.errors import MalformedKey
+from tokenmill.platform.auth import authenticate_admin
+from tokenmill.platform.errors import MalformedKey, UnknownKey
 from tokenmill.platform.gateway import Gateway
+from tokenmill.platform.principal import AdminPrincipal, KeyPrincipal
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.state import ServingState
 from tokenmill.text import first_invalid_in_json, may_hold_surrogates
@@ -95,3 +96,18 @@ StateDep = Annotated[ServingState, Depends(get_state)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[KeyPrincipal, Depends(get_principal)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def get_admin(request: Request) -> AdminPrincipal:
+    """For the operator's /v1/admin routes. Synchronous like `get_principal`. No key or a bad one is the
+    same 401 as everywhere; a valid user key is a 403, so an operator who pasted the wrong key learns why."""
+    gateway = get_gateway(request)
+    raw_key = bearer_key(request.headers.get("authorization"))
+    try:
+        return authenticate_admin(gateway.db, raw_key)
+    except UnknownKey:
+        gateway.authenticate(raw_key)  # not a user key either: its AuthenticationError becomes the 401
+    raise APIError(403, "This endpoint requires an admin key.", code="permission_denied")
+
+
+AdminDep = Annotated[AdminPrincipal, Depends(get_admin)]

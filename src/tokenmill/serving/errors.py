@@ -12,17 +12,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenmill.catalog.fleet_model import ModelUnavailable
+from tokenmill.catalog.router import ModelOverloaded
 from tokenmill.engine.sampling_params import InvalidRequestError
 from tokenmill.platform.errors import (
     AuthenticationError,
     Conflict,
     InsufficientQuota,
+    ListingRetired,
     ModelNotAllowed,
+    ModelNotFound,
     NotFound,
     PermissionDenied,
     PlatformError,
-    RateLimited,
 )
+from tokenmill.platform.ratelimit import RateLimited
 from tokenmill.text import printable
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ _ERROR_TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    410: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -62,7 +67,8 @@ class ClientDisconnected(Exception):
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    """The platform's `ModelNotFound` message, so no response tells an unknown model from a hidden one."""
+    return APIError(404, str(ModelNotFound(model)), param="model", code="model_not_found")
 
 
 def error_response(
@@ -104,6 +110,10 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
     param = field_match.group(1) if field_match else None
     message = str(exc)[field_match.end() :] if field_match else str(exc)
     message = message[:1].upper() + message[1:]
+    if isinstance(exc, ModelNotFound):
+        return error_response(404, str(exc), "model", "model_not_found")
+    if isinstance(exc, ListingRetired):
+        return error_response(410, str(exc), "model", "model_retired")
     if isinstance(exc, ModelNotAllowed):
         return error_response(
             403, f"This API key may not use the model `{exc.model}`.", "model", "model_not_allowed"
@@ -191,6 +201,21 @@ async def _platform_error(request: Request, exc: Exception) -> Response:
     return platform_error_response(exc)
 
 
+async def _model_overloaded(_: Request, exc: Exception) -> Response:
+    """Refused at once, before anything is reserved or charged: a queue that is full now is better
+    answered with a retry hint than with a request that times out."""
+    assert isinstance(exc, ModelOverloaded)
+    return error_response(
+        503, str(exc), "model", "model_overloaded", headers={"retry-after": str(exc.retry_after_s)}
+    )
+
+
+async def _model_unavailable(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ModelUnavailable)
+    headers = None if exc.retry_after_s is None else {"retry-after": str(exc.retry_after_s)}
+    return error_response(503, str(exc), "model", "model_unavailable", headers=headers)
+
+
 async def _request_validation(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return _validation_response(exc)
@@ -216,6 +241,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(InvalidRequestError, _invalid_request)
     app.add_exception_handler(PlatformError, _platform_error)
+    app.add_exception_handler(ModelOverloaded, _model_overloaded)
+    app.add_exception_handler(ModelUnavailable, _model_unavailable)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)

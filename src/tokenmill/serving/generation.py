@@ -110,6 +110,11 @@ async def collect_outputs(
 
     try:
         return await until_disconnected(receive, collect())
+    except ClientDisconnected:
+        raise
+    except Exception:
+        timer.failed()
+        raise
     finally:
         close_all(requests)
         timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)

@@ -21,9 +21,10 @@ from contextlib import aclosing, asynccontextmanager
 from starlette.concurrency import run_in_threadpool
 
 from tokenmill.platform.admission import Admission
-from tokenmill.platform.auth import KeyPrincipal
 from tokenmill.platform.billing import UsageStatus
 from tokenmill.platform.gateway import Gateway
+from tokenmill.platform.listings import ListingInfo
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.errors import ClientDisconnected
 from tokenmill.serving.generation import Spawn
 
@@ -156,17 +157,20 @@ async def admit(
     gateway: Gateway | None,
     spawn: Spawn,
     principal: KeyPrincipal,
-    model: str,
+    listing: ListingInfo,
     num_prompt_tokens: int,
     max_completion_tokens: int,
     request_id: str,
 ) -> Meter:
-    """Raises the platform's refusals (403, 429) having held nothing. The admission runs in a worker thread;
-    if this task is cancelled meanwhile, whatever the thread admits is released when it finishes."""
+    """Raises the platform's refusals (429) having held nothing. `listing` is what `resolve` found for this
+    caller: its price, provider and fee are quoted on the reservation. The admission runs in a worker
+    thread; if this task is cancelled meanwhile, whatever the thread admits is released when it finishes."""
     if gateway is None:
         return Meter(None, None, spawn, request_id)
     work = asyncio.ensure_future(
-        run_in_threadpool(gateway.admission.admit, principal, model, num_prompt_tokens, max_completion_tokens)
+        run_in_threadpool(
+            gateway.admission.admit, principal, listing, num_prompt_tokens, max_completion_tokens
+        )
     )
     try:
         admission = await asyncio.shield(work)

@@ -10,6 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tokenmill.catalog.fleet_model import ModelState
+from tokenmill.catalog.lifecycle import Fleet
+from tokenmill.catalog.live import LiveStats
 from tokenmill.engine.client import EngineStats
 
 StatsSource = Callable[[], Iterable[tuple[str, EngineStats]]]
@@ -68,8 +71,47 @@ class _EngineCollector(Collector):
         yield from counters.values()
 
 
+class _FleetCollector(Collector):
+    """The lifecycle as the operator watches it: each model's state, its cold starts, the memory budget."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "tokenmill_model_state",
+            "1 for the state each model is in, 0 for the others.",
+            labels=["model", "state"],
+        )
+        loads = CounterMetricFamily("tokenmill_model_loads", "Times each model was loaded.", labels=["model"])
+        load_seconds = GaugeMetricFamily(
+            "tokenmill_model_last_load_seconds", "How long the model's last load took.", labels=["model"]
+        )
+        in_flight = GaugeMetricFamily(
+            "tokenmill_model_requests_in_flight", "Requests holding the model.", labels=["model"]
+        )
+        for status in self._fleet.status():
+            for each in ModelState:
+                state.add_metric([status.model_id, each.value], float(status.state == each))
+            loads.add_metric([status.model_id], float(status.num_loads))
+            if status.last_load_s is not None:
+                load_seconds.add_metric([status.model_id], status.last_load_s)
+            in_flight.add_metric([status.model_id], float(status.in_flight))
+        used = GaugeMetricFamily("tokenmill_model_memory_used_bytes", "Memory booked by loaded models.")
+        used.add_metric([], float(self._fleet.memory_used_bytes))
+        yield from (state, loads, load_seconds, in_flight, used)
+        if self._fleet.memory_budget_bytes is not None:
+            budget = GaugeMetricFamily("tokenmill_model_memory_budget_bytes", "Memory all models may use.")
+            budget.add_metric([], float(self._fleet.memory_budget_bytes))
+            yield budget
+
+
 class ServingMetrics:
-    def __init__(self, engine_stats: StatsSource) -> None:
+    def __init__(self, engine_stats: StatsSource, fleet: Fleet, live: LiveStats) -> None:
+        self.live = live
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tokenmill_requests",
@@ -108,6 +150,7 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine_stats))
+        self.registry.register(_FleetCollector(fleet))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -120,15 +163,20 @@ class ServingMetrics:
 
 
 class RequestTimer:
-    """Latency bookkeeping of one generation request, fed as its outputs arrive."""
+    """Latency bookkeeping of one generation request, fed as its outputs arrive; at the end it also feeds
+    the model's live figures in the model square."""
 
-    __slots__ = ("_metrics", "_model", "_start", "_last")
+    __slots__ = ("_metrics", "_model", "_start", "_first", "_last", "_stream_tokens", "_failed")
 
     def __init__(self, metrics: ServingMetrics, model: str) -> None:
         self._metrics = metrics
         self._model = model
         self._start = time.perf_counter()
+        self._first: float | None = None
         self._last: float | None = None
+        self._stream_tokens = 0
+        """Tokens of the request's furthest sequence after its first: what one reader of a stream saw."""
+        self._failed = False
 
     def on_tokens(self, num_new_tokens: int) -> None:
         """`num_new_tokens`: the most any one sequence of the request advanced since the last call."""
@@ -136,12 +184,25 @@ class RequestTimer:
             return
         now = time.perf_counter()
         if self._last is None:
+            self._first = now
             self._metrics.time_to_first_token.labels(self._model).observe(now - self._start)
         else:
+            self._stream_tokens += num_new_tokens
             self._metrics.inter_token_latency.labels(self._model).observe((now - self._last) / num_new_tokens)
         self._last = now
+
+    def failed(self) -> None:
+        """The request ended in a server-side error (a client that left is not one)."""
+        self._failed = True
 
     def finish(self, num_prompt_tokens: int, num_generated_tokens: int) -> None:
         self._metrics.prompt_tokens.labels(self._model).inc(num_prompt_tokens)
         self._metrics.generation_tokens.labels(self._model).inc(num_generated_tokens)
         self._metrics.request_latency.labels(self._model).observe(time.perf_counter() - self._start)
+        ttft = None if self._first is None else self._first - self._start
+        speed = None
+        if self._first is not None and self._last is not None and self._last > self._first:
+            speed = self._stream_tokens / (self._last - self._first)
+        self._metrics.live.record_request(
+            self._model, ok=not self._failed, ttft_s=ttft, output_tokens_per_s=speed
+        )

@@ -19,15 +19,19 @@ ERROR_STATUSES: dict[int, str] = {
     401: "No valid API key: missing, malformed, unknown, revoked or expired.",
     403: "The API key may not do this (a model outside its allow-list, a grant it does not hold).",
     404: "No such model (or none this key may see), or no such object.",
+    409: "The change contradicts an existing row (a duplicate name, an idempotency key reused for "
+    "another amount); the message says which.",
+    410: "The caller's own organization retired this model (`model_retired`).",
     413: "The request body is larger than the server accepts.",
     429: "A rate limit (`rate_limit_exceeded`, with Retry-After) or the balance or spend limit "
     "(`insufficient_quota`) refused the request.",
     500: "The server failed; the message carries the request id to report.",
-    503: "The model is still loading; retry shortly.",
+    503: "The model is loading, stopped, failed or full (`model_overloaded`, with Retry-After); the "
+    "message says which.",
 }
 ALWAYS = (400, 401, 500)
 """What any /v1 route may answer: bad input (also invalid Unicode in a body), no key, a server fault."""
-GENERATION = (*ALWAYS, 403, 404, 413, 429, 503)
+GENERATION = (*ALWAYS, 403, 404, 410, 413, 429, 503)
 BEARER = "bearerAuth"
 STREAMED: tuple[type[BaseModel], ...] = (ChatCompletionChunk, Completion)
 """The objects SSE events carry; no route returns them as a body, so they are added to the components."""

@@ -1,48 +1,30 @@
-"""`tokenmill serve`: open the platform (unless --no-auth), load the models, build the app, run uvicorn until
-a stop signal."""
+"""`tokenmill serve`: open the platform (unless --no-auth), plan the models (memory, context, listings),
+build the app (which loads the pinned models), run uvicorn until a stop signal, which drains the models."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import uvicorn
 
-from tokenmill.config import ConfigError
-from tokenmill.engine.client import EngineClient
+from tokenmill.catalog.deployments import Deployment, load_deployments
 from tokenmill.engine.embedder import Embedder
 from tokenmill.platform.admin_key import admin_key_path
 from tokenmill.platform.gateway import Gateway, PlatformSettings
+from tokenmill.platform.listings import apply_listing
 from tokenmill.serving.app import create_app
+from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE, ServingPlan, deployments_from_flags, plan_serving
 from tokenmill.serving.settings import ModelSpec, ServerSettings
 
 logger = logging.getLogger(__name__)
 
 
-def _unique(model_id: str, taken: Mapping[str, object]) -> str:
-    if model_id in taken:
-        raise ConfigError(f"model: the id {model_id!r} is used twice; give one of them ID=PATH")
-    return model_id
-
-
-def load_engines(specs: list[ModelSpec], engine_kwargs: Mapping[str, object]) -> dict[str, EngineClient]:
-    from tokenmill.engine.async_engine import AsyncLLM  # imports torch: only when serving
-
-    engines: dict[str, EngineClient] = {}
-    for spec in specs:
-        logger.info("loading chat model %s", spec.source)
-        engine = AsyncLLM(spec.source, **engine_kwargs)
-        engines[_unique(spec.model_id or engine.model_id, engines)] = engine
-    return engines
-
-
-def load_embedders(specs: list[ModelSpec], taken: Mapping[str, object]) -> dict[str, Embedder]:
-    embedders: dict[str, Embedder] = {}
-    for spec in specs:
-        embedder = Embedder(spec.source, model_id=spec.model_id)
-        embedders[_unique(embedder.model_id, {**taken, **embedders})] = embedder
-    return embedders
+def load_embedders(deployments: Sequence[Deployment]) -> dict[str, Embedder]:
+    return {d.id: Embedder(d.source, model_id=d.id) for d in deployments if d.task == "embedding"}
 
 
 def open_gateway(platform: PlatformSettings) -> Gateway:
@@ -75,24 +57,52 @@ def open_gateway(platform: PlatformSettings) -> Gateway:
     return gateway
 
 
+def publish_listings(gateway: Gateway, plan: ServingPlan, *, declared: bool) -> None:
+    """models.yaml's listings are applied (creating provider organizations it names), except where the
+    file's entry is unchanged since it was last applied, so a provider's edits survive restarts; models
+    named by flags are listed by the platform unless listed already."""
+    if declared:
+        for spec, digest in plan.listings.values():
+            apply_listing(gateway.db, spec, digest=digest, create_provider=True)
+        return
+    for task in ("chat", "embedding"):
+        gateway.register_models([m for m, served in plan.served.items() if served.task == task], task=task)
+
+
 def serve(
     settings: ServerSettings,
     platform: PlatformSettings,
-    models: list[ModelSpec],
-    embedding_models: list[ModelSpec],
+    models: Sequence[ModelSpec],
+    embedding_models: Sequence[ModelSpec],
     engine_kwargs: Mapping[str, object],
+    *,
+    config: Path | None = None,
+    memory_budget_bytes: int | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
     log_level: str = "info",
 ) -> None:
+    """The models come from `config` (models.yaml, whose listings are applied) or else from the flags."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config is not None:
+        deployments = load_deployments(config).models
+    else:
+        deployments = deployments_from_flags(models, embedding_models)
     gateway = None if settings.no_auth else open_gateway(platform)  # a bad database fails before models load
     try:
-        engines = load_engines(models, engine_kwargs)
-        embedders = load_embedders(embedding_models, engines)
+        embedders = load_embedders(deployments)
+        plan = plan_serving(
+            deployments,
+            engine_kwargs,
+            settings.completion_limits,
+            memory_budget_bytes=memory_budget_bytes,
+            default_max_queue=max_queue,
+        )
+        settings = replace(settings, model_completion_limits=plan.completion_limits)
         if gateway is not None:
-            gateway.register_models([*engines, *embedders])
+            publish_listings(gateway, plan, declared=config is not None)
         else:
             logger.warning("--no-auth: no API keys, no billing, no rate limits; do not expose this server")
-        app = create_app(engines, embedders, settings, gateway)
+        app = create_app(plan.fleet, embedders, settings, gateway, plan.served)
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -104,7 +114,7 @@ def serve(
         logger.info(
             "tokenmill: OpenAI-compatible API at %s/v1 (models: %s)",
             settings.base_url,
-            ", ".join([*engines, *embedders]) or "none",
+            ", ".join(plan.served) or "none",
         )
         uvicorn.Server(config).run()
     finally:

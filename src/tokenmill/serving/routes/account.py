@@ -1,19 +1,21 @@
 """GET /v1/user/info (who the key belongs to, the organization's balance) and GET /v1/usage (per model and
-UTC day). Plain `def` routes: FastAPI runs them in its thread pool, so the database reads never block the
+UTC day, as a buyer or as a provider). Plain `def` routes: FastAPI runs them in its thread pool, so the database reads never block the
 event loop."""
 
 from __future__ import annotations
 
 from datetime import date, timedelta
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.gateway import Gateway
 from tokenmill.platform.money import format_micros
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.ratelimit import RateLimits
 from tokenmill.platform.tiers import effective_limits
-from tokenmill.platform.usage import usage_report, user_info
+from tokenmill.platform.usage import provider_earnings, usage_report, user_info
 from tokenmill.serving.account_protocol import (
     ApiKeyRef,
     KeyRateLimits,
@@ -97,11 +99,18 @@ def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
 
 @router.get("/v1/usage", response_model=None, responses=documented(UsageList, *ALWAYS))
 def get_usage(
-    principal: PrincipalDep, gateway: GatewayDep, start_date: date | None = None, end_date: date | None = None
+    principal: PrincipalDep,
+    gateway: GatewayDep,
+    start_date: date | None = None,
+    end_date: date | None = None,
+    role: Literal["buyer", "provider"] = "buyer",
 ) -> Response:
-    """Both dates inclusive; by default the last 30 UTC days. Only the caller's organization is reported."""
+    """Both dates inclusive; by default the last 30 UTC days. Only the caller's organization is reported:
+    what it bought (role=buyer), or what it sold as a provider and earned (role=provider)."""
     end = end_date or gateway.db.now().date()
     start = start_date or end - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+    if role == "provider":
+        return _earnings(gateway, principal.org_id, start, end)
     rows = usage_report(gateway.db, principal.org_id, start, end)
     entries = [
         UsageEntry(
@@ -124,5 +133,37 @@ def get_usage(
             data=entries,
             total_cost_micros=total,
             total_cost=format_micros(total),
+        )
+    )
+
+
+def _earnings(gateway: Gateway, org_id: str, start: date, end: date) -> Response:
+    rows = provider_earnings(gateway.db, org_id, start, end)
+    entries = [
+        UsageEntry(
+            date=row.day.isoformat(),
+            model=row.model,
+            num_requests=row.num_requests,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            total_tokens=row.prompt_tokens + row.completion_tokens,
+            cost_micros=row.sales_micros,
+            cost=format_micros(row.sales_micros),
+            earnings_micros=row.earnings_micros,
+            earnings=format_micros(row.earnings_micros),
+            platform_fee_micros=row.platform_fee_micros,
+        )
+        for row in rows
+    ]
+    sales = sum(row.sales_micros for row in rows)
+    return json_response(
+        UsageList(
+            role="provider",
+            start_date=start.isoformat(),
+            end_date=end.isoformat(),
+            data=entries,
+            total_cost_micros=sales,
+            total_cost=format_micros(sales),
+            total_earnings_micros=sum(row.earnings_micros for row in rows),
         )
     )

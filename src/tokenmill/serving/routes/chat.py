@@ -33,9 +33,12 @@ from tokenmill.serving.protocol import (
 )
 from tokenmill.serving.routes.common import (
     admit_and_start,
+    assign_replica,
+    check_room,
     completion_budget,
     include_usage,
     json_response,
+    released_on_error,
     response_id,
     streaming_response,
 )
@@ -117,6 +120,9 @@ async def _events(
                         yield chunk
         if response.include_usage:
             yield response.chunk([], usage=tracker.usage())
+    except Exception:
+        timer.failed()
+        raise
     finally:
         timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)
 
@@ -133,45 +139,56 @@ async def create_chat_completion(
     principal: PrincipalDep,
     request_id: RequestIdDep,
 ) -> Response:
-    engine = state.engine(body.model, principal)
+    listing = await state.resolve(body.model, principal)
     _check_supported(body)
-    prompt_ids = render_chat(engine.tokenizer, body.messages, body.model)
-    max_tokens = completion_budget(
-        state,
-        engine,
-        body.model,
-        body.max_completion_tokens or body.max_tokens,
-        "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
-        len(prompt_ids),
-        openai_default=None,  # OpenAI's chat runs until the context window is full
-    )
-    params = sampling_params(
-        body,
-        max_tokens=max_tokens,
-        vocab_size=len(engine.tokenizer),
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    )
-    response = _Response(body, state.token_texts(body.model), params)
-    requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
-    tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
-    logger.debug(
-        "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
-    )
-    meter = await admit_and_start(
-        state,
-        principal,
-        request.receive,
-        request_id,
-        body.model,
-        requests,
-        len(prompt_ids),
-        params.n * params.max_tokens,
-    )
+    ticket = await state.checkout(listing)
+    with released_on_error(ticket):
+        check_room(state, ticket, body.n)
+        prompt_ids = render_chat(ticket.tokenizer, body.messages, body.model)
+        max_tokens = completion_budget(
+            state,
+            ticket,
+            body.max_completion_tokens or body.max_tokens,
+            "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+            len(prompt_ids),
+            openai_default=None,  # OpenAI's chat runs until the context window is full
+        )
+        params = sampling_params(
+            body,
+            max_tokens=max_tokens,
+            vocab_size=len(ticket.tokenizer),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        )
+        engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
+        response = _Response(body, state.token_texts(ticket), params)
+        requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
+        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
+        logger.debug(
+            "request %s: %s, model %s, n=%d, stream=%s",
+            request_id,
+            response.id,
+            body.model,
+            body.n,
+            body.stream,
+        )
+        meter = await admit_and_start(
+            state,
+            principal,
+            request.receive,
+            request_id,
+            listing,
+            requests,
+            len(prompt_ids),
+            params.n * params.max_tokens,
+        )
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)
-        return streaming_response(meter, requests, events, tracker, request_id)
-    async with meter.running(tracker.token_counts):
-        (final,) = await collect_outputs(request.receive, requests, tracker, timer)
+        return streaming_response(meter, ticket, requests, events, tracker, request_id)
+    try:
+        async with meter.running(tracker.token_counts):
+            (final,) = await collect_outputs(request.receive, requests, tracker, timer)
+    finally:
+        ticket.release()
     choices = [
         ChatChoice(
             index=sample.index,

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.types import Receive
 
+from tokenmill.catalog.lifecycle import Ticket
+from tokenmill.catalog.router import ModelOverloaded
 from tokenmill.engine.client import EngineClient
-from tokenmill.platform.auth import KeyPrincipal
+from tokenmill.platform.listings import ListingInfo
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.deltas import DeltaTracker
 from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, close_all, start_requests
@@ -36,8 +40,7 @@ def response_id(prefix: str) -> str:
 
 def completion_budget(
     state: ServingState,
-    engine: EngineClient,
-    model: str,
+    ticket: Ticket,
     requested: int | None,
     param: str,
     num_prompt_tokens: int,
@@ -49,13 +52,45 @@ def completion_budget(
     max_tokens = completion_length(
         requested,
         param,
-        state.settings.limits_for(model),
+        state.settings.limits_for(ticket.model_id),
         num_prompt_tokens=num_prompt_tokens,
-        max_model_len=engine.max_model_len,
+        max_model_len=ticket.max_model_len,
         openai_default=openai_default,
     )
-    engine.check_fits(num_prompt_tokens, max_tokens)
+    ticket.check_fits(num_prompt_tokens, max_tokens)
     return max_tokens
+
+
+@contextmanager
+def released_on_error(ticket: Ticket) -> Iterator[None]:
+    """Until a response owns the ticket, any way out of the route must give the model back."""
+    try:
+        yield
+    except BaseException:
+        ticket.release()
+        raise
+
+
+@contextmanager
+def _refusals_counted(state: ServingState, model: str) -> Iterator[None]:
+    """A 503 for a full model counts against its availability in the model square."""
+    try:
+        yield
+    except ModelOverloaded:
+        state.live.record_refusal(model)
+        raise
+
+
+def check_room(state: ServingState, ticket: Ticket, num_seqs: int) -> None:
+    """Refuse a request for a full model before the work of preparing it."""
+    with _refusals_counted(state, ticket.model_id):
+        ticket.check_room(num_seqs)
+
+
+def assign_replica(state: ServingState, ticket: Ticket, work_tokens: int, num_seqs: int) -> EngineClient:
+    """The replica with the least outstanding work, or a 503 at once."""
+    with _refusals_counted(state, ticket.model_id):
+        return ticket.assign(work_tokens, num_seqs)
 
 
 def include_usage(body: GenerationRequest) -> bool:
@@ -74,7 +109,7 @@ async def admit_and_start(
     principal: KeyPrincipal,
     receive: Receive,
     request_id: str,
-    model: str,
+    listing: ListingInfo,
     requests: list[EngineRequest],
     num_prompt_tokens: int,
     max_completion_tokens: int,
@@ -82,7 +117,7 @@ async def admit_and_start(
     """Reserve the worst case (the prompts plus `max_completion_tokens`), then hand the requests to the
     engine; a submission the engine refuses releases the reservation."""
     meter = await admit(
-        state.gateway, state.spawn, principal, model, num_prompt_tokens, max_completion_tokens, request_id
+        state.gateway, state.spawn, principal, listing, num_prompt_tokens, max_completion_tokens, request_id
     )
     async with meter.submitting():
         await start_requests(receive, requests)
@@ -91,16 +126,19 @@ async def admit_and_start(
 
 def streaming_response(
     meter: Meter,
+    ticket: Ticket,
     requests: list[EngineRequest],
     events: AsyncGenerator[str, None],
     tracker: DeltaTracker,
     request_id: str,
 ) -> SSEResponse:
-    """SSE for `events`; closing the connection aborts the engine requests and settles what was generated."""
+    """SSE for `events`; closing the connection aborts the engine requests, settles what was generated and
+    gives the model back."""
 
     def on_close() -> None:
         close_all(requests)
         meter.close(tracker.token_counts)
+        ticket.release()
 
     return SSEResponse(
         sse_stream(meter.stream(events, tracker.token_counts), request_id),

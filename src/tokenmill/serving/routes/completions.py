@@ -28,9 +28,12 @@ from tokenmill.serving.protocol import (
 )
 from tokenmill.serving.routes.common import (
     admit_and_start,
+    assign_replica,
+    check_room,
     completion_budget,
     include_usage,
     json_response,
+    released_on_error,
     response_id,
     streaming_response,
 )
@@ -102,6 +105,9 @@ async def _events(
                         )
         if response.include_usage:
             yield response.chunk([], usage=tracker.usage())
+    except Exception:
+        timer.failed()
+        raise
     finally:
         timer.finish(tracker.num_prompt_tokens, tracker.num_completion_tokens)
 
@@ -116,55 +122,73 @@ async def create_completion(
     principal: PrincipalDep,
     request_id: RequestIdDep,
 ) -> Response:
-    engine = state.engine(body.model, principal)
+    listing = await state.resolve(body.model, principal)
     _check_supported(body)
     prompts = prompt_list(body.prompt, "prompt")
-    prompt_ids = [encode_prompt(engine.tokenizer, prompt) for prompt in prompts]
-    params = []
-    for ids in prompt_ids:
-        max_tokens = completion_budget(
-            state,
-            engine,
-            body.model,
-            body.max_tokens,
-            "max_tokens",
-            len(ids),
-            openai_default=OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS,
-        )
-        params.append(
-            sampling_params(
-                body, max_tokens=max_tokens, vocab_size=len(engine.tokenizer), logprobs=body.logprobs
+    ticket = await state.checkout(listing)
+    with released_on_error(ticket):
+        check_room(state, ticket, body.n * len(prompts))
+        tokenizer = ticket.tokenizer
+        prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+        params = []
+        for ids in prompt_ids:
+            max_tokens = completion_budget(
+                state,
+                ticket,
+                body.max_tokens,
+                "max_tokens",
+                len(ids),
+                openai_default=OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS,
             )
+            params.append(
+                sampling_params(
+                    body, max_tokens=max_tokens, vocab_size=len(tokenizer), logprobs=body.logprobs
+                )
+            )
+        echoes = [
+            (p if isinstance(p, str) else str(tokenizer.decode(p))) if body.echo else ""
+            for p in prompts
+            for _ in range(body.n)
+        ]
+        num_prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        max_completion_tokens = sum(p.n * p.max_tokens for p in params)
+        engine = assign_replica(
+            state, ticket, num_prompt_tokens + max_completion_tokens, sum(p.n for p in params)
         )
-    echoes = [
-        (p if isinstance(p, str) else str(engine.tokenizer.decode(p))) if body.echo else ""
-        for p in prompts
-        for _ in range(body.n)
-    ]
-    response = _Response(body, state.token_texts(body.model), echoes)
-    requests = [
-        EngineRequest(engine, ids, p, response.id if len(prompts) == 1 else f"{response.id}-{i}", state.spawn)
-        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
-    ]
-    tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
-    logger.debug(
-        "request %s: %s, model %s, n=%d, stream=%s", request_id, response.id, body.model, body.n, body.stream
-    )
-    meter = await admit_and_start(
-        state,
-        principal,
-        request.receive,
-        request_id,
-        body.model,
-        requests,
-        sum(len(ids) for ids in prompt_ids),
-        sum(p.n * p.max_tokens for p in params),
-    )
+        response = _Response(body, state.token_texts(ticket), echoes)
+        requests = [
+            EngineRequest(
+                engine, ids, p, response.id if len(prompts) == 1 else f"{response.id}-{i}", state.spawn
+            )
+            for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
+        ]
+        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
+        logger.debug(
+            "request %s: %s, model %s, n=%d, stream=%s",
+            request_id,
+            response.id,
+            body.model,
+            body.n,
+            body.stream,
+        )
+        meter = await admit_and_start(
+            state,
+            principal,
+            request.receive,
+            request_id,
+            listing,
+            requests,
+            num_prompt_tokens,
+            max_completion_tokens,
+        )
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)
-        return streaming_response(meter, requests, events, tracker, request_id)
-    async with meter.running(tracker.token_counts):
-        finals = await collect_outputs(request.receive, requests, tracker, timer)
+        return streaming_response(meter, ticket, requests, events, tracker, request_id)
+    try:
+        async with meter.running(tracker.token_counts):
+            finals = await collect_outputs(request.receive, requests, tracker, timer)
+    finally:
+        ticket.release()
     choices = [
         CompletionChoice(
             index=prompt_index * body.n + sample.index,

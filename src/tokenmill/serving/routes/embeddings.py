@@ -44,7 +44,8 @@ async def create_embeddings(
     principal: PrincipalDep,
     request_id: RequestIdDep,
 ) -> Response:
-    embedder = state.embedder(body.model, principal)
+    listing = await state.resolve(body.model, principal)
+    embedder = state.embedder(listing)
     if body.dimensions is not None and body.dimensions != embedder.dimensions:
         raise APIError(
             400,
@@ -56,7 +57,7 @@ async def create_embeddings(
     # the reservation is the exact token count.
     token_ids = await embedder.tokenize(_inputs(body.input))
     num_tokens = sum(len(ids) for ids in token_ids)
-    meter = await admit(state.gateway, state.spawn, principal, body.model, num_tokens, 0, request_id)
+    meter = await admit(state.gateway, state.spawn, principal, listing, num_tokens, 0, request_id)
     async with meter.running(lambda: (num_tokens, 0)):
         vectors = await until_disconnected(request.receive, embedder.embed(token_ids))
     state.metrics.prompt_tokens.labels(body.model).inc(num_tokens)

@@ -1,4 +1,4 @@
-"""Probes and metrics: GET /health (the process answers), /ready (every model loaded), /metrics."""
+"""Probes and metrics: GET /health (the process answers), /ready (the pinned models loaded), /metrics."""
 
 from __future__ import annotations
 
@@ -22,17 +22,19 @@ async def health() -> Response:
     response_model=None,
     responses={
         200: {"model": ReadyStatus, "description": "Every model is loaded."},
-        503: {"model": ReadyStatus, "description": "Models are still loading, or one failed to start."},
+        503: {"model": ReadyStatus, "description": "Models are still loading, or one failed to load."},
     },
 )
 async def ready(state: StateDep) -> Response:
-    models = [*state.engines, *state.embedders]
+    """Ready once the pinned models and the embedders are up; "failed" (still 503) while any model is failed,
+    with the reasons, though the other models serve."""
+    models = list(state.served)
+    failed = state.failed_models
+    if failed:
+        error = "; ".join(f"{model}: {reason}" for model, reason in sorted(failed.items()))
+        return json_response(ReadyStatus(status="failed", error=error, models=models), status_code=503)
     if state.ready:
         return json_response(ReadyStatus(status="ready", models=models))
-    if state.startup_error is not None:
-        return json_response(
-            ReadyStatus(status="failed", error=state.startup_error, models=models), status_code=503
-        )
     return json_response(ReadyStatus(status="loading", models=models), status_code=503)
 
 

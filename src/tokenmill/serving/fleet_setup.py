@@ -1,0 +1,149 @@
+"""From declared deployments (models.yaml, or the --model flags) to what the app serves, before any weight is
+read: each chat model's engine plan gives its memory (weights + KV cache) and context length, which make
+the fleet's budget checks and the catalog's figures; each deployment's listing becomes the platform's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from tokenmill.catalog.deployments import Deployment
+from tokenmill.catalog.fleet_model import ModelDeployment
+from tokenmill.catalog.lifecycle import Fleet
+from tokenmill.config import ConfigError, EngineConfig
+from tokenmill.platform.listings import ListingSpec
+from tokenmill.platform.pricing import Price
+from tokenmill.serving.served import ServedModel
+from tokenmill.serving.settings import CompletionLimits, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE = 64
+"""Requests waiting per replica beyond those running: as many again as the engine's default max_num_seqs."""
+MEMORY_BUDGET_SHARE = 0.8
+"""The default budget: this share of the memory free at start (the rest is for the server itself, the
+embedders, and what the estimate of weights + KV cache leaves out)."""
+
+
+def deployments_from_flags(chat: Sequence[ModelSpec], embedding: Sequence[ModelSpec]) -> list[Deployment]:
+    """The quick path: every model named on the command line is pinned (loaded at start, as always) and
+    listed by the platform with the defaults."""
+    from tokenmill.engine.embedder import resolve_embedding_model
+    from tokenmill.models.loader import resolve_model
+
+    declared = [
+        {"id": spec.model_id or resolve_model(spec.source).name, "source": spec.source, "pinned": True}
+        for spec in chat
+    ] + [
+        {
+            "id": spec.model_id or resolve_embedding_model(spec.source)[0],
+            "source": spec.source,
+            "task": "embedding",
+            "pinned": True,
+        }
+        for spec in embedding
+    ]
+    ids = [d["id"] for d in declared]
+    for model_id in ids:
+        if ids.count(model_id) > 1:
+            raise ConfigError(f"model: the id {model_id!r} is used twice; give one of them ID=PATH")
+    return [Deployment.model_validate(d) for d in declared]
+
+
+@dataclass(frozen=True, slots=True)
+class ServingPlan:
+    fleet: Fleet
+    served: dict[str, ServedModel]
+    completion_limits: dict[str, CompletionLimits]
+    listings: dict[str, tuple[ListingSpec, str]]
+    """Model id -> its declared listing and the digest of its declaration (see `listings.apply_listing`)."""
+
+
+def plan_serving(
+    deployments: Sequence[Deployment],
+    engine_kwargs: Mapping[str, object],
+    server_limits: CompletionLimits,
+    *,
+    memory_budget_bytes: int | None,
+    default_max_queue: int = DEFAULT_MAX_QUEUE,
+) -> ServingPlan:
+    """Raises ConfigError (naming the model and field) for settings that cannot work, before any load.
+    `memory_budget_bytes` None: `MEMORY_BUDGET_SHARE` of the memory free now."""
+    from tokenmill.engine.async_engine import AsyncLLM  # torch: only when serving
+    from tokenmill.engine.setup import plan_engine
+
+    fleet_models: list[ModelDeployment] = []
+    served: dict[str, ServedModel] = {}
+    limits: dict[str, CompletionLimits] = {}
+    device = None
+    for deployment in deployments:
+        listing = listing_spec(deployment)
+        if deployment.task == "embedding":
+            served[deployment.id] = ServedModel(deployment.id, "embedding", None, listing)
+            continue
+        kwargs = {**engine_kwargs, **deployment.engine_kwargs()}
+        config = EngineConfig.from_kwargs(deployment.source, **kwargs)
+        try:
+            plan = plan_engine(config)
+        except ConfigError as exc:
+            raise ConfigError(f"model {deployment.id!r}: {exc}") from None
+        device = plan.device
+        fleet_models.append(
+            ModelDeployment(
+                deployment.id,
+                plan.weight_bytes + plan.kv_cache_bytes,
+                partial(AsyncLLM, deployment.source, **kwargs),
+                pinned=deployment.pinned,
+                num_replicas=deployment.replicas,
+                max_running=config.scheduler.max_num_seqs,
+                max_queue=default_max_queue if deployment.max_queue is None else deployment.max_queue,
+            )
+        )
+        served[deployment.id] = ServedModel(deployment.id, "chat", plan.max_model_len, listing)
+        if deployment.limits is not None:
+            limits[deployment.id] = deployment.limits.apply_to(server_limits)
+    if memory_budget_bytes is None and device is not None:
+        from tokenmill.engine.hardware import free_memory_bytes
+
+        free = free_memory_bytes(device)
+        if free is not None:
+            memory_budget_bytes = int(free * MEMORY_BUDGET_SHARE)
+            logger.info(
+                "memory budget for chat models: %d MiB of %d MiB free", memory_budget_bytes >> 20, free >> 20
+            )
+    fleet = Fleet(fleet_models, memory_budget_bytes)
+    return ServingPlan(
+        fleet,
+        served,
+        limits,
+        {d.id: (served[d.id].listing, _digest(d)) for d in deployments},  # type: ignore[misc]
+    )
+
+
+def listing_spec(deployment: Deployment) -> ListingSpec:
+    declared = deployment.listing
+    price = declared.price_micros()
+    return ListingSpec(
+        model=deployment.id,
+        task=deployment.task,
+        display_name=declared.display_name,
+        description=declared.description,
+        provider=declared.provider,
+        tags=tuple(declared.tags),
+        license=declared.license,
+        price=None if price is None else Price(*price),
+        visibility=declared.visibility,
+        shared_with=tuple(declared.shared_with),
+        status=declared.status,
+        platform_fee_bps=declared.platform_fee_bps,
+    )
+
+
+def _digest(deployment: Deployment) -> str:
+    """Of the listing as declared, so an unchanged file leaves a provider's later edits alone."""
+    declared = {"task": deployment.task, **deployment.listing.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(declared, sort_keys=True).encode()).hexdigest()
