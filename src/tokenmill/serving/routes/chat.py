@@ -15,7 +15,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serving.deltas import ChoiceDelta, DeltaTracker
 from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
-from tokenmill.serving.generation import EngineRequest, collect_outputs, merged
+from tokenmill.serving.generation import EngineRequest, merged
 from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.openapi import GENERATION, documented
@@ -35,6 +35,7 @@ from tokenmill.serving.routes.common import (
     admit_and_start,
     assign_replica,
     check_room,
+    collect_and_release,
     completion_budget,
     include_usage,
     json_response,
@@ -184,11 +185,7 @@ async def create_chat_completion(
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)
         return streaming_response(meter, ticket, requests, events, tracker, request_id)
-    try:
-        async with meter.running(tracker.token_counts):
-            (final,) = await collect_outputs(request.receive, requests, tracker, timer)
-    finally:
-        ticket.release()
+    (final,) = await collect_and_release(meter, ticket, request.receive, requests, tracker, timer)
     choices = [
         ChatChoice(
             index=sample.index,

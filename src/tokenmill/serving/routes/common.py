@@ -13,12 +13,14 @@ from starlette.types import Receive
 from tokenmill.catalog.lifecycle import Ticket
 from tokenmill.catalog.router import ModelOverloaded
 from tokenmill.engine.client import EngineClient
+from tokenmill.engine.request import RequestOutput
 from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.deltas import DeltaTracker
 from tokenmill.serving.errors import APIError
-from tokenmill.serving.generation import EngineRequest, close_all, start_requests
+from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, start_requests
 from tokenmill.serving.metering import Meter, admit
+from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.protocol import GenerationRequest
 from tokenmill.serving.sampling import completion_length
 from tokenmill.serving.state import ServingState
@@ -122,6 +124,22 @@ async def admit_and_start(
     async with meter.submitting():
         await start_requests(receive, requests)
     return meter
+
+
+async def collect_and_release(
+    meter: Meter,
+    ticket: Ticket,
+    receive: Receive,
+    requests: list[EngineRequest],
+    tracker: DeltaTracker,
+    timer: RequestTimer,
+) -> list[RequestOutput]:
+    """A non-streaming response's work: run to the end, settle however it ends, give the model back."""
+    try:
+        async with meter.running(tracker.token_counts):
+            return await collect_outputs(receive, requests, tracker, timer)
+    finally:
+        ticket.release()
 
 
 def streaming_response(

@@ -14,7 +14,7 @@ from tokenmill.engine.request import TokenLogprob
 from tokenmill.serving.deltas import DeltaTracker
 from tokenmill.serving.deps import PrincipalDep, RequestIdDep, StateDep
 from tokenmill.serving.errors import APIError
-from tokenmill.serving.generation import EngineRequest, collect_outputs, merged
+from tokenmill.serving.generation import EngineRequest, merged
 from tokenmill.serving.logprobs import TokenTexts, completion_logprobs
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.openapi import GENERATION, documented
@@ -30,6 +30,7 @@ from tokenmill.serving.routes.common import (
     admit_and_start,
     assign_replica,
     check_room,
+    collect_and_release,
     completion_budget,
     include_usage,
     json_response,
@@ -184,11 +185,7 @@ async def create_completion(
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)
         return streaming_response(meter, ticket, requests, events, tracker, request_id)
-    try:
-        async with meter.running(tracker.token_counts):
-            finals = await collect_outputs(request.receive, requests, tracker, timer)
-    finally:
-        ticket.release()
+    finals = await collect_and_release(meter, ticket, request.receive, requests, tracker, timer)
     choices = [
         CompletionChoice(
             index=prompt_index * body.n + sample.index,
