@@ -43,6 +43,27 @@ def test_failed_start_is_reported_by_ready(fake_engine: FakeEngine) -> None:
         assert body["status"] == "failed" and "weights missing" in body["error"]
 
 
+def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
+    fake_engine: FakeEngine, smollm2_tokenizer: object
+) -> None:
+    broken = FakeEngine(smollm2_tokenizer, model_id="broken")
+
+    async def broken_start() -> None:
+        raise OSError("weights missing")
+
+    broken.start = broken_start  # type: ignore[method-assign]
+    app = create_app({"fake-chat": fake_engine, "broken": broken}, {}, ServerSettings(no_auth=True))
+    with TestClient(app) as client:
+        wait_ready(client)
+        body = client.get("/ready").json()
+        assert body["status"] == "ready" and body["error"] == "broken: OSError: weights missing"
+        failed = client.post("/v1/chat/completions", json={"model": "broken", "messages": USER})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "model_unavailable"
+        assert "weights missing" in failed.json()["error"]["message"]
+        served = client.post("/v1/chat/completions", json={"model": "fake-chat", "messages": USER})
+        assert served.status_code == 200
+
+
 def test_models_list_and_retrieve(client: TestClient, fake_engine: FakeEngine) -> None:
     body = client.get("/v1/models").json()
     assert body["object"] == "list"

@@ -262,4 +262,4 @@ class ReadyStatus(BaseModel):
     status: Literal["ready", "loading", "failed"]
     models: list[str]
     error: str | None = None
-    """Why a model failed to start (status "failed")."""
+    """Which models failed to load, and why."""

@@ -21,20 +21,24 @@ async def health() -> Response:
     "/ready",
     response_model=None,
     responses={
-        200: {"model": ReadyStatus, "description": "Every model is loaded."},
-        503: {"model": ReadyStatus, "description": "Models are still loading, or one failed to load."},
+        200: {
+            "model": ReadyStatus,
+            "description": "The pinned models are loaded (`error` names any that failed).",
+        },
+        503: {"model": ReadyStatus, "description": "Models are still loading, or every one failed to load."},
     },
 )
 async def ready(state: StateDep) -> Response:
-    """Ready once the pinned models and the embedders are up; "failed" (still 503) while any model is failed,
-    with the reasons, though the other models serve."""
+    """Ready once the pinned models and the embedders are up. A model that failed to load is named in
+    `error`, but the server stays ready while any model serves: a probe that took it out of rotation would
+    cut off the models that work. Only when every model failed is it "failed" (503)."""
     models = list(state.served)
     failed = state.failed_models
-    if failed:
-        error = "; ".join(f"{model}: {reason}" for model, reason in sorted(failed.items()))
+    error = "; ".join(f"{model}: {reason}" for model, reason in sorted(failed.items())) or None
+    if failed and len(failed) == len(models):
         return json_response(ReadyStatus(status="failed", error=error, models=models), status_code=503)
     if state.ready:
-        return json_response(ReadyStatus(status="ready", models=models))
+        return json_response(ReadyStatus(status="ready", error=error, models=models))
     return json_response(ReadyStatus(status="loading", models=models), status_code=503)
 
 
