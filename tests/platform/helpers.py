@@ -14,7 +14,8 @@ from tokenmill.platform.billing import DEFAULT_OWNER, Reservation, reserve
 from tokenmill.platform.db import Database, open_database
 from tokenmill.platform.keys import CreatedKey, create_key
 from tokenmill.platform.ledger import top_up
-from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingSpec, apply_listing, resolve_listing
+from tokenmill.platform.listing_terms import ListingSpec
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, apply_listing, resolve_listing
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.principal import KeyPrincipal
 

@@ -22,7 +22,8 @@ from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, NotFound, PlatformError
 from tokenmill.platform.keys import get_key, hash_key
 from tokenmill.platform.ledger import balance_micros
-from tokenmill.platform.listings import ListingChanges, ListingSpec, apply_listing, get_listing
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
+from tokenmill.platform.listings import apply_listing, get_listing
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.tables import AdminKey
 from tokenmill.platform.tiers import get_tier

@@ -14,13 +14,8 @@ from tests.platform.conftest import EmptyDatabase
 from tests.platform.helpers import make_account, priced_model, reserve_model
 from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.gateway import Gateway, PlatformSettings
-from tokenmill.platform.listings import (
-    PLATFORM_PROVIDER,
-    ListingSpec,
-    apply_listing,
-    get_listing,
-    set_listing_status,
-)
+from tokenmill.platform.listing_terms import ListingSpec
+from tokenmill.platform.listings import PLATFORM_PROVIDER, apply_listing, get_listing, set_listing_status
 from tokenmill.platform.pricing import FREE, Price, get_model_price, set_model_price
 from tokenmill.platform.tables import Reservation
 

@@ -22,12 +22,11 @@ from tokenmill.platform.errors import (
     NotFound,
     UnknownOrganization,
 )
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
 from tokenmill.platform.listings import (
     DEFAULT_PLATFORM_FEE_BPS,
     PLATFORM_PROVIDER,
-    ListingChanges,
     ListingInfo,
-    ListingSpec,
     apply_listing,
     callable_listings,
     ensure_listing,

@@ -22,7 +22,8 @@ from tokenmill.platform.billing import UsageInfo, UsageStatus, reserve, settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.ledger import balance_micros, list_entries
-from tokenmill.platform.listings import ListingInfo, ListingSpec, apply_listing, get_listing
+from tokenmill.platform.listing_terms import ListingSpec
+from tokenmill.platform.listings import ListingInfo, apply_listing, get_listing
 from tokenmill.platform.pricing import Price, revenue_split
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
 from tokenmill.platform.tables import LedgerEntry

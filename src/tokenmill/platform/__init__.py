@@ -35,12 +35,11 @@ from tokenmill.platform.keys import (
     revoke_key,
 )
 from tokenmill.platform.ledger import CreditResult, adjust, balance_micros, refund, top_up
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
 from tokenmill.platform.listings import (
     DEFAULT_PLATFORM_FEE_BPS,
     PLATFORM_PROVIDER,
-    ListingChanges,
     ListingInfo,
-    ListingSpec,
     apply_listing,
     callable_listings,
     ensure_listing,

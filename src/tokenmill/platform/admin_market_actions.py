@@ -10,7 +10,8 @@ from tokenmill.config import ConfigError
 from tokenmill.platform import accounts, admin_ops, listings
 from tokenmill.platform.admin_actions import cli_actor, print_csv, print_table, report_days
 from tokenmill.platform.db import Database
-from tokenmill.platform.listings import ListingInfo, ListingSpec
+from tokenmill.platform.listing_terms import ListingSpec
+from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.platform.pricing import FREE, Price
 from tokenmill.platform.usage import EARNINGS_COLUMNS, provider_earnings

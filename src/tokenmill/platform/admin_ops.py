@@ -20,7 +20,8 @@ from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, ListingNotFound, ModelNotPriced, UnknownTier
 from tokenmill.platform.keys import CreatedKey, KeyInfo
 from tokenmill.platform.ledger import CreditResult
-from tokenmill.platform.listings import ListingChanges, ListingInfo, ListingSpec
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
+from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.ratelimit import TierLimits
 from tokenmill.platform.tables import AdminKey

@@ -10,8 +10,8 @@ provider learns that its model was retired (`ListingRetired`)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -28,29 +28,32 @@ from tokenmill.platform.errors import (
     ModelNotFound,
     UnknownOrganization,
 )
+from tokenmill.platform.listing_terms import (
+    MAX_MODEL_CHARS,
+    ListingChanges,
+    ListingSpec,
+    check_sharing,
+    checked_changes,
+    checked_spec,
+    choice,
+    model_ref,
+)
 from tokenmill.platform.pricing import BPS_PER_UNIT, FREE, Price, put_price
 from tokenmill.platform.tables import (
     LISTING_STATUSES,
     LISTING_TASKS,
-    LISTING_VISIBILITIES,
     Listing,
     ModelPrice,
     Organization,
     new_id,
 )
 from tokenmill.platform.tiers import DEFAULT_TIER, require_tier
-from tokenmill.platform.validation import MAX_COUNT, optional_int, text
-from tokenmill.text import invalid_text_reason
+from tokenmill.platform.validation import text
 
 PLATFORM_PROVIDER = "tokenmill"
 """The provider shown for the platform's own models (`provider_org_id` None)."""
 DEFAULT_PLATFORM_FEE_BPS = 2000
 """The platform's share of a provider's sale when neither the server nor the listing sets one: 20%."""
-MAX_MODEL_CHARS = 200
-MAX_DESCRIPTION_CHARS = 4000
-MAX_TAGS = 32
-MAX_TAG_CHARS = 50
-MAX_SHARED_WITH = 1000
 _ORG_ID_RE = re.compile(r"^org_[0-9a-f]{16}$")
 _WRITE_ATTEMPTS = 5
 _T = TypeVar("_T")
@@ -99,42 +102,6 @@ class ListingInfo:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ListingSpec:
-    """A whole listing as models.yaml or the operator declares it."""
-
-    model: str
-    task: str = "chat"
-    display_name: str | None = None
-    """None: the model id."""
-    description: str = ""
-    provider: str | None = None
-    """An organization id or name; None: the platform itself."""
-    tags: tuple[str, ...] = ()
-    license: str = ""
-    context_length: int | None = None
-    price: Price | None = None
-    """None: keep the current price (free when the model has none yet)."""
-    visibility: str = "public"
-    shared_with: tuple[str, ...] = ()
-    """Organization ids or names; only (and then at least one) with visibility `shared`."""
-    status: str = "published"
-    platform_fee_bps: int | None = None
-    """None: the server's default fee."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListingChanges:
-    """What a provider may change about its own listing (and the operator about any); None: unchanged.
-    Changing the visibility away from `shared` drops `shared_with`."""
-
-    description: str | None = None
-    price: Price | None = None
-    visibility: str | None = None
-    shared_with: tuple[str, ...] | None = None
-    """Organization ids or names."""
-
-
 def apply_listing(
     db: Database, spec: ListingSpec, *, digest: str | None = None, create_provider: bool = False
 ) -> ListingInfo:
@@ -146,7 +113,7 @@ def apply_listing(
     `create_provider`: a provider organization that does not exist is created on the default tier; without
     it that is an `UnknownOrganization` naming `provider`. A retired listing stays retired: only
     `set_listing_status` brings it back."""
-    spec = _checked_spec(spec)
+    spec = checked_spec(spec)
     if digest is not None:
         digest = text("digest", digest, max_len=64)
 
@@ -184,7 +151,7 @@ def ensure_listing(db: Database, model: str, *, task: str = "chat") -> bool:
     no price yet), unless it is listed already, in whatever status. Returns whether it was created. Safe
     when several gateways start at once."""
     model = text("model", model, max_len=MAX_MODEL_CHARS)
-    task = _choice("task", task, LISTING_TASKS)
+    task = choice("task", task, LISTING_TASKS)
 
     def work(session: Session, now: datetime) -> bool:
         if session.get(Listing, model) is not None:
@@ -217,7 +184,7 @@ def ensure_listing(db: Database, model: str, *, task: str = "chat") -> bool:
 
 def get_listing(db: Database, model: str) -> ListingInfo:
     """The operator's view, any status; `ListingNotFound` when there is none."""
-    model = _model_ref(model)
+    model = model_ref(model)
     with db.read() as session:
         found = session.execute(_query().where(Listing.model == model)).first()
     if found is None:
@@ -242,7 +209,7 @@ def callable_listings(db: Database, org_id: str) -> list[ListingInfo]:
 def resolve_listing(db: Database, org_id: str, model: str) -> ListingInfo:
     """Per request: the listing `org_id` asks for, if it may call it. Raises `ModelNotFound` (one message for
     every reason) or, to the provider only, `ListingRetired`."""
-    model = _model_ref(model)
+    model = model_ref(model)
     with db.read() as session:
         found = session.execute(_query().where(Listing.model == model)).first()
     if found is None:
@@ -260,8 +227,8 @@ def update_own_listing(db: Database, org_id: str, model: str, changes: ListingCh
     is a `ModelNotFound`, as if it did not exist, and nothing is changed; a retired one is `ListingRetired`
     (only the operator brings it back). `shared_with` takes organization ids only here: names can be
     guessed, so accepting them would let any provider key probe which organizations exist."""
-    model = _model_ref(model)
-    changes = _checked_changes(changes)
+    model = model_ref(model)
+    changes = checked_changes(changes)
 
     def work(session: Session, now: datetime) -> ListingInfo:
         row = session.get(Listing, model, with_for_update=True)
@@ -277,8 +244,8 @@ def update_own_listing(db: Database, org_id: str, model: str, changes: ListingCh
 
 def update_listing(db: Database, model: str, changes: ListingChanges) -> ListingInfo:
     """The operator's edit of any listing; `ListingNotFound` when there is none."""
-    model = _model_ref(model)
-    changes = _checked_changes(changes)
+    model = model_ref(model)
+    changes = checked_changes(changes)
 
     def work(session: Session, now: datetime) -> ListingInfo:
         row = session.get(Listing, model, with_for_update=True)
@@ -293,8 +260,8 @@ def update_listing(db: Database, model: str, changes: ListingChanges) -> Listing
 def set_listing_status(db: Database, model: str, status: str) -> ListingInfo:
     """The operator's draft | published | retired. Retiring stops new requests only: those already admitted
     finish and are billed at the terms they were quoted."""
-    model = _model_ref(model)
-    status = _choice("status", status, LISTING_STATUSES)
+    model = model_ref(model)
+    status = choice("status", status, LISTING_STATUSES)
 
     def work(session: Session, now: datetime) -> ListingInfo:
         row = session.get(Listing, model, with_for_update=True)
@@ -373,7 +340,7 @@ def _change(
         shared_with = _org_ids(session, "shared_with", changes.shared_with, ids_only=ids_only)
     else:
         shared_with = list(row.shared_with) if visibility == "shared" else []
-    _check_sharing(visibility, shared_with)
+    check_sharing(visibility, shared_with)
     if changes.description is not None:
         row.description = changes.description
     if changes.price is not None:
@@ -423,105 +390,3 @@ def _org_ids(session: Session, field: str, refs: Iterable[str], *, ids_only: boo
         if org.id not in ids:
             ids.append(org.id)
     return ids
-
-
-# --- validation: before any transaction opens, so a refused call writes nothing ----------------------
-
-
-def _checked_spec(spec: ListingSpec) -> ListingSpec:
-    if not isinstance(spec, ListingSpec):
-        raise InvalidArgument("spec: must be a ListingSpec")
-    visibility = _choice("visibility", spec.visibility, LISTING_VISIBILITIES)
-    shared_with = _refs("shared_with", spec.shared_with)
-    _check_sharing(visibility, shared_with)
-    display_name = spec.display_name
-    return replace(
-        spec,
-        model=text("model", spec.model, max_len=MAX_MODEL_CHARS),
-        task=_choice("task", spec.task, LISTING_TASKS),
-        display_name=None if display_name is None else text("display_name", display_name, max_len=200),
-        description=text("description", spec.description, max_len=MAX_DESCRIPTION_CHARS, allow_empty=True),
-        provider=None if spec.provider is None else text("provider", spec.provider, max_len=200),
-        tags=_tags(spec.tags),
-        license=text("license", spec.license, max_len=100, allow_empty=True),
-        context_length=optional_int("context_length", spec.context_length, minimum=1, maximum=MAX_COUNT),
-        price=_price(spec.price),
-        visibility=visibility,
-        shared_with=shared_with,
-        status=_choice("status", spec.status, LISTING_STATUSES),
-        platform_fee_bps=_fee(spec.platform_fee_bps),
-    )
-
-
-def _checked_changes(changes: ListingChanges) -> ListingChanges:
-    if not isinstance(changes, ListingChanges):
-        raise InvalidArgument("changes: must be a ListingChanges")
-    description = changes.description
-    if description is not None:
-        description = text("description", description, max_len=MAX_DESCRIPTION_CHARS, allow_empty=True)
-    visibility = changes.visibility
-    if visibility is not None:
-        visibility = _choice("visibility", visibility, LISTING_VISIBILITIES)
-    shared_with = changes.shared_with
-    if shared_with is not None:
-        shared_with = _refs("shared_with", shared_with)
-    return ListingChanges(
-        description=description, price=_price(changes.price), visibility=visibility, shared_with=shared_with
-    )
-
-
-def _model_ref(model: object) -> str:
-    """A model id as a caller sends it, unstripped: it must match a listing exactly."""
-    if not isinstance(model, str):
-        raise InvalidArgument("model: must be a string")
-    reason = invalid_text_reason(model)
-    if reason is not None:
-        raise InvalidArgument(f"model: {reason}")
-    if "\x00" in model:
-        raise InvalidArgument("model: must not contain NUL characters")
-    return model
-
-
-def _choice(field: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise InvalidArgument(f"{field}: must be one of {', '.join(choices)}")
-    return value
-
-
-def _strings(field: str, value: object, max_items: int) -> list[object]:
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        raise InvalidArgument(f"{field}: must be a list of strings")
-    if len(value) > max_items:
-        raise InvalidArgument(f"{field}: at most {max_items} items")
-    return list(value)
-
-
-def _tags(value: object) -> tuple[str, ...]:
-    tags = (text("tags", tag, max_len=MAX_TAG_CHARS) for tag in _strings("tags", value, MAX_TAGS))
-    return tuple(dict.fromkeys(tags))
-
-
-def _refs(field: str, value: object) -> tuple[str, ...]:
-    refs = (text(field, ref, max_len=200) for ref in _strings(field, value, MAX_SHARED_WITH))
-    return tuple(dict.fromkeys(refs))
-
-
-def _check_sharing(visibility: str, shared_with: Sequence[str]) -> None:
-    if visibility == "shared" and not shared_with:
-        raise InvalidArgument("shared_with: must name at least one organization when visibility is shared")
-    if visibility != "shared" and shared_with:
-        raise InvalidArgument(f"shared_with: only with visibility shared (visibility is {visibility})")
-
-
-def _price(value: object) -> Price | None:
-    if value is None or isinstance(value, Price):
-        return value
-    raise InvalidArgument("price: must be a Price")
-
-
-def _fee(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= BPS_PER_UNIT:
-        return value
-    raise InvalidArgument(f"platform_fee_bps: must be an integer from 0 to {BPS_PER_UNIT}")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.platform.keys import LATEST_EXPIRY, MAX_ALLOWED_MODELS, MAX_SPEND_LIMIT_MICROS
 from tokenmill.platform.ledger import MAX_ENTRY_MICROS
-from tokenmill.platform.listings import (
+from tokenmill.platform.listing_terms import (
     MAX_DESCRIPTION_CHARS,
     MAX_MODEL_CHARS,
     MAX_SHARED_WITH,

@@ -15,7 +15,7 @@ from tokenmill.catalog.deployments import Deployment
 from tokenmill.catalog.fleet_model import ModelDeployment
 from tokenmill.catalog.lifecycle import Fleet
 from tokenmill.config import ConfigError, EngineConfig
-from tokenmill.platform.listings import ListingSpec
+from tokenmill.platform.listing_terms import ListingSpec
 from tokenmill.platform.pricing import Price
 from tokenmill.serving.served import ServedModel
 from tokenmill.serving.settings import CompletionLimits, ModelSpec

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from tokenmill.platform.listings import PLATFORM_PROVIDER, ListingInfo, ListingSpec
+from tokenmill.platform.listing_terms import ListingSpec
+from tokenmill.platform.listings import PLATFORM_PROVIDER, ListingInfo
 from tokenmill.platform.pricing import FREE
 
 

@@ -11,7 +11,8 @@ from fastapi.responses import Response
 
 from tokenmill.platform import accounts, admin_ops, listings
 from tokenmill.platform.db import Database
-from tokenmill.platform.listings import ListingChanges, ListingInfo, ListingSpec
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
+from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.money import format_micros
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.usage import provider_earnings, usage_report

@@ -11,7 +11,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from tokenmill.catalog.search import CatalogEntry, CatalogQuery, request_cost_micros, search
-from tokenmill.platform.listings import ListingChanges, ListingInfo, update_own_listing
+from tokenmill.platform.listing_terms import ListingChanges
+from tokenmill.platform.listings import ListingInfo, update_own_listing
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.principal import KeyPrincipal
