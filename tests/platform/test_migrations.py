@@ -33,6 +33,7 @@ TABLES = {
     "rate_limit_tiers",
     "listings",
     "audit_log",
+    "access_revision",
 }
 
 

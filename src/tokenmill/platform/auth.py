@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from datetime import datetime
 
 from sqlalchemy import Select, select
 
@@ -52,9 +53,14 @@ def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
     row, tier, tier_row = found
     if row.revoked_at is not None:
         raise RevokedKey(f"API key {row.prefix}... was revoked")
-    if row.expires_at is not None and db.now() >= row.expires_at:
-        raise ExpiredKey(f"API key {row.prefix}... expired")
-    return _principal(row, tier, tier_row)
+    return reject_expired(_principal(row, tier, tier_row), db.now())
+
+
+def reject_expired(principal: KeyPrincipal, now: datetime) -> KeyPrincipal:
+    """Expiry is a moment, not a commit: checked again whenever a remembered principal is used."""
+    if principal.expires_at is not None and now >= principal.expires_at:
+        raise ExpiredKey(f"API key {principal.key_prefix}... expired")
+    return principal
 
 
 def principal_of_key(db: Database, key_id: str) -> KeyPrincipal:

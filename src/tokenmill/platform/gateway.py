@@ -14,16 +14,18 @@ from sqlalchemy.exc import OperationalError
 
 from tokenmill.platform.admin_key import ensure_admin_key
 from tokenmill.platform.admission import AdmissionControl
-from tokenmill.platform.auth import authenticate
+from tokenmill.platform.auth import authenticate, authorize_model, parse_key, reject_expired
 from tokenmill.platform.billing import DEFAULT_OWNER, recover_open_reservations
 from tokenmill.platform.db import Database, open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
+from tokenmill.platform.keys import hash_key
 from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingInfo, ensure_listing
 from tokenmill.platform.migrate import upgrade
 from tokenmill.platform.pricing import BPS_PER_UNIT, register_free_models
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.ratelimit import LeaseHeartbeat, RateLimiter
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
+from tokenmill.platform.read_cache import ReadCache
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ def _limiter(redis_url: str | None, owner: str) -> RateLimiter:
 
 class Gateway:
     """The platform side of a serving process. Every method is synchronous (database and Redis I/O): the
-    HTTP layer calls them from a worker thread, never on the event loop."""
+    HTTP layer calls them from a worker thread, never on the event loop; only the `remembered_*` lookups,
+    which read nothing but `ReadCache.revision`, are for the event loop."""
 
     def __init__(self, settings: PlatformSettings, db: Database, limiter: RateLimiter) -> None:
         self.settings = settings
@@ -111,6 +114,7 @@ class Gateway:
             db, limiter, owner=settings.gateway_id, default_fee_bps=settings.platform_fee_bps
         )
         self.heartbeat = LeaseHeartbeat(limiter)
+        self.reads = ReadCache(db)
 
     @classmethod
     def open(cls, settings: PlatformSettings) -> Gateway:
@@ -157,14 +161,41 @@ class Gateway:
         return registered
 
     def authenticate(self, raw_key: str | None) -> KeyPrincipal:
-        return authenticate(self.db, raw_key)
+        """Who `raw_key` is; the AuthenticationError family when it is no one (`auth.authenticate`)."""
+        remembered = self.remembered_principal(raw_key)
+        if remembered is not None:
+            return remembered
+        revision = self.reads.revision()
+        principal = authenticate(self.db, raw_key)
+        self.reads.put(("key", hash_key(parse_key(raw_key))), principal, revision)
+        return principal
+
+    def remembered_principal(self, raw_key: str | None) -> KeyPrincipal | None:
+        """`authenticate`'s answer if it is remembered (see `ReadCache`), else None."""
+        principal = self.reads.get(("key", hash_key(parse_key(raw_key))))
+        assert principal is None or isinstance(principal, KeyPrincipal)
+        return None if principal is None else reject_expired(principal, self.db.now())
 
     def resolve(self, principal: KeyPrincipal, model: str) -> ListingInfo:
         """The listing a request is for (403, 404 or 410 when it may not call it): `admission.resolve`."""
-        return self.admission.resolve(principal, model)
+        remembered = self.remembered_listing(principal, model)
+        if remembered is not None:
+            return remembered
+        revision = self.reads.revision()
+        listing = self.admission.resolve(principal, model)
+        self.reads.put(("listing", principal.org_id, model), listing, revision)
+        return listing
+
+    def remembered_listing(self, principal: KeyPrincipal, model: str) -> ListingInfo | None:
+        """`resolve`'s answer if it is remembered, else None; a model outside the key's grant still raises."""
+        authorize_model(principal, model)
+        listing = self.reads.get(("listing", principal.org_id, model))
+        assert listing is None or isinstance(listing, ListingInfo)
+        return listing
 
     def close(self) -> None:
         self.heartbeat.stop()
+        self.reads.close()
         close = getattr(self.limiter, "close", None)
         if close is not None:
             close()

@@ -321,3 +321,14 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(300))
     before: Mapped[Any | None] = mapped_column(JSON)
     after: Mapped[Any | None] = mapped_column(JSON)
+
+
+class AccessRevision(Base):
+    """One row whose `value` the database's own triggers (migration 0004) bump in every transaction that
+    changes keys, organizations, tiers, listings or prices. No code writes it; `read_cache` reads it."""
+
+    __tablename__ = "access_revision"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_access_revision_one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from tokenmill.platform.auth import authenticate_admin
 from tokenmill.platform.errors import MalformedKey, UnknownKey
@@ -32,11 +33,19 @@ LOCAL_PRINCIPAL = KeyPrincipal(
 never rate-limited or billed. It exists in no database (there is none in that mode)."""
 
 
-def get_state(request: Request) -> ServingState:
+# The dependencies that do no I/O are `async def` with nothing to await: FastAPI runs a plain `def`
+# dependency in its thread pool, a hand-off between threads per request for a dictionary lookup.
+
+
+def state_of(request: Request) -> ServingState:
     return request.app.state.tokenmill
 
 
-def get_request_id(request: Request) -> str:
+async def get_state(request: Request) -> ServingState:
+    return state_of(request)
+
+
+async def get_request_id(request: Request) -> str:
     return request.state.request_id
 
 
@@ -50,13 +59,16 @@ def bearer_key(authorization: str | None) -> str | None:
     return key.strip()
 
 
-def get_principal(request: Request) -> KeyPrincipal:
-    """Synchronous on purpose: FastAPI runs it in its thread pool, so the key lookup never blocks the loop.
-    Raises the platform's AuthenticationError family, which errors.py turns into one identical 401."""
-    state = get_state(request)
-    if state.gateway is None:
+async def get_principal(request: Request) -> KeyPrincipal:
+    """A key seen since the database last changed is answered from memory on the loop; any other is
+    looked up in the thread pool, so the loop never waits on the database. Raises the platform's
+    AuthenticationError family, which errors.py turns into one identical 401."""
+    gateway = state_of(request).gateway
+    if gateway is None:
         return LOCAL_PRINCIPAL
-    return state.gateway.authenticate(bearer_key(request.headers.get("authorization")))
+    raw_key = bearer_key(request.headers.get("authorization"))
+    remembered = gateway.remembered_principal(raw_key)
+    return remembered or await run_in_threadpool(gateway.authenticate, raw_key)
 
 
 async def require_valid_text(request: Request) -> None:
@@ -80,9 +92,9 @@ async def require_valid_text(request: Request) -> None:
         )
 
 
-def get_gateway(request: Request) -> Gateway:
+def gateway_of(request: Request) -> Gateway:
     """For the account routes (keys, usage), which have nothing to show without a database."""
-    gateway = get_state(request).gateway
+    gateway = state_of(request).gateway
     if gateway is None:
         raise APIError(
             400,
@@ -92,6 +104,10 @@ def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
+async def get_gateway(request: Request) -> Gateway:
+    return gateway_of(request)
+
+
 StateDep = Annotated[ServingState, Depends(get_state)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[KeyPrincipal, Depends(get_principal)]
@@ -99,9 +115,10 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 def get_admin(request: Request) -> AdminPrincipal:
-    """For the operator's /v1/admin routes. Synchronous like `get_principal`. No key or a bad one is the
-    same 401 as everywhere; a valid user key is a 403, so an operator who pasted the wrong key learns why."""
-    gateway = get_gateway(request)
+    """For the operator's /v1/admin routes; a plain `def`, so FastAPI runs its database reads in the thread
+    pool. No key or a bad one is the same 401 as everywhere; a valid user key is a 403, so an operator who
+    pasted the wrong key learns why."""
+    gateway = gateway_of(request)
     raw_key = bearer_key(request.headers.get("authorization"))
     try:
         return authenticate_admin(gateway.db, raw_key)

@@ -3,6 +3,7 @@ build the app (which loads the pinned models), run uvicorn until a stop signal, 
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -116,6 +117,9 @@ def serve(
             settings.base_url,
             ", ".join(plan.served) or "none",
         )
+        # What startup built (models, tokenizers, libraries) lives as long as the process: out of the
+        # collector's sight, a full collection no longer walks it and stalls every request for ~0.3 s.
+        gc.freeze()
         uvicorn.Server(config).run()
     finally:
         if gateway is not None:

@@ -83,7 +83,10 @@ class ServingState:
             if served is None:
                 raise model_not_found(model)
             return local_listing(served)
-        listing = await run_in_threadpool(self.gateway.admission.resolve, principal, model)
+        gateway = self.gateway
+        listing = gateway.remembered_listing(principal, model) or await run_in_threadpool(
+            gateway.resolve, principal, model
+        )
         if model not in self.served:  # listed in the shared database, but served by another gateway
             raise model_not_found(model)
         return listing
