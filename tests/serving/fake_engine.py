@@ -14,7 +14,7 @@ from typing import Any
 
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.request import CompletionOutput, RequestOutput, TokenLogprob
-from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 
 REPLIES = (
     "The capital of France is Paris.",
@@ -110,6 +110,12 @@ class FakeEngine:
                 param="messages",
                 code="context_length_exceeded",
             )
+
+    def check_guidance(self, guidance: Guidance) -> None:
+        """Its canned replies follow no grammar: refusing is the only honest answer."""
+        raise InvalidRequestError(
+            f"{guidance.param}: the fake engine cannot constrain its output", param=guidance.param
+        )
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import openai
 import pytest
+from pydantic import BaseModel
 
 from tests.conftest import smollm2_installed
 from tests.serving.server_process import ServerProcess
@@ -71,3 +72,29 @@ def test_embedding_similarity(client: openai.OpenAI) -> None:
         [d.embedding for d in client.embeddings.create(model="all-MiniLM-L6-v2", input=texts).data]
     )
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+class Capital(BaseModel):
+    country: str
+    city: str
+
+
+def test_the_sdk_parses_a_structured_answer(client: openai.OpenAI) -> None:
+    question = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    parsed = client.chat.completions.parse(
+        model="smollm2", messages=question, response_format=Capital, temperature=0, max_tokens=60
+    )
+    answer = parsed.choices[0].message.parsed
+    assert isinstance(answer, Capital) and "Paris" in answer.city, parsed
+
+
+def test_langchain_structured_output_with_a_json_schema(server: ServerProcess) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="smollm2", base_url=f"{server.url}/v1", api_key="not-needed", temperature=0, max_retries=0
+    )
+    answer = llm.with_structured_output(Capital, method="json_schema").invoke(
+        "What is the capital of France? Answer in JSON."
+    )
+    assert isinstance(answer, Capital) and "Paris" in answer.city

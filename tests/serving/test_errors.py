@@ -70,8 +70,16 @@ def _error(response: Any, status: int) -> dict[str, Any]:
             "tools",
         ),
         (
-            {"model": "fake-chat", "messages": USER, "response_format": {"type": "json_object"}},
+            {"model": "fake-chat", "messages": USER, "response_format": {"type": "xml"}},
             "response_format",
+        ),
+        (
+            {"model": "fake-chat", "messages": USER, "guided_regex": "[0-9]+", "guided_choice": ["a", "b"]},
+            "guided_choice",
+        ),
+        (
+            {"model": "fake-chat", "messages": USER, "guided_json": "{not json"},
+            "guided_json",
         ),
         (
             {"model": "fake-chat", "messages": USER, "stream_options": {"include_usage": True}},

@@ -3,6 +3,9 @@
 The baseline is `generate` used the way a Python user would: static batches (default 32) left-padded to
 the longest prompt, each batch run to its longest requested output; only requested tokens count as useful.
 tokenmill gets the same requests, each with its own SamplingParams, and batches them continuously.
+
+`--guided-fraction F` also runs tokenmill on the same requests with a fraction F of them constrained to a
+JSON schema (structured output) and reports the throughput ratio: the cost of the grammar masks.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling_params import Guidance, SamplingParams
 
 if TYPE_CHECKING:  # torch and the engine load in `run`, so `tokenmill --help` stays fast
     import torch
@@ -70,6 +73,35 @@ def make_workload(
             )
         )
     return Workload(prompts, lengths, params)
+
+
+ENDLESS_RECORDS = Guidance.json_schema(
+    {
+        "type": "array",
+        "minItems": 100_000,
+        "items": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "name": {"type": "string", "maxLength": 24},
+                "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+            },
+            "required": ["id", "name", "tags"],
+            "additionalProperties": False,
+        },
+    }
+)
+"""A schema no request can complete within its max_tokens: constrained requests produce exactly as many
+tokens as their unconstrained twins, so the two runs' throughputs compare like for like."""
+
+
+def guided_workload(workload: Workload, fraction: float) -> Workload:
+    """The same requests with `fraction` of them, spread evenly, constrained to `ENDLESS_RECORDS`."""
+    params = [
+        replace(p, guidance=ENDLESS_RECORDS) if int((i + 1) * fraction) > int(i * fraction) else p
+        for i, p in enumerate(workload.params)
+    ]
+    return replace(workload, params=params)
 
 
 def run_tokenmill(llm: LLM, workload: Workload) -> tuple[float, int]:
@@ -138,6 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per engine; the best counts")
+    parser.add_argument(
+        "--guided-fraction",
+        type=float,
+        default=0.0,
+        help="also run tokenmill with this fraction of the requests constrained to a JSON schema",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results/offline.json"))
 
 
@@ -167,6 +205,9 @@ def run(args: argparse.Namespace) -> dict:
     engines: dict[str, Callable[[Workload], tuple[float, int]]] = {
         "tokenmill": lambda w: run_tokenmill(llm, w)
     }
+    if args.guided_fraction > 0:
+        guided = guided_workload(workload, args.guided_fraction)
+        engines["tokenmill-guided"] = lambda w: run_tokenmill(llm, guided if w is workload else w)
     if not args.skip_transformers:
         reference = load_reference(args.model, getattr(torch, args.dtype))
         engines["transformers"] = lambda w: run_transformers(reference, w, args.hf_batch_size, pad_id=0)
@@ -198,6 +239,15 @@ def run(args: argparse.Namespace) -> dict:
             "tokens_per_s": tokens / seconds,
             "all_seconds": [s for s, _ in measured],
         }
+    if "tokenmill-guided" in result:
+        result["guided_fraction"] = args.guided_fraction
+        result["guided_throughput_ratio"] = (
+            result["tokenmill-guided"]["tokens_per_s"] / result["tokenmill"]["tokens_per_s"]
+        )
+        print(
+            f"with {args.guided_fraction:.0%} of the requests constrained: "
+            f"{result['guided_throughput_ratio']:.3f}x the unconstrained throughput"
+        )
     if "transformers" in result:
         result["transformers"]["batch_size"] = args.hf_batch_size
         result["speedup"] = result["tokenmill"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]

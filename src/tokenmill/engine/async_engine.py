@@ -14,7 +14,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.request import RequestOutput
-from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,20 @@ class AsyncLLM:
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         self.engine.scheduler.check_fits(num_prompt_tokens, max_tokens)
 
+    def check_guidance(self, guidance: Guidance) -> None:
+        """Compiles (and caches) the grammar; raises InvalidRequestError (code invalid_grammar, naming
+        guidance.param). Thread-safe: meant to be called from a worker thread while the engine runs."""
+        self.engine.check_guidance(guidance)
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         if self._thread is None:
             raise EngineError("the engine is not running; call start() first")
+        if params.guidance is not None:
+            # Compiling a large schema takes a while: not on the event loop (usually it is a cache hit).
+            # Before the checks below, so no await separates the request_id check from the registration.
+            await asyncio.to_thread(self.check_guidance, params.guidance)
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
         prompt_ids = self.engine.encode(prompt)

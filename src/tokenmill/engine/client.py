@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tokenmill.engine.request import RequestOutput
-from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling_params import Guidance, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,6 +47,13 @@ class EngineClient(Protocol):
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raises `InvalidRequestError` (code context_length_exceeded) for a request that could never run to
         completion here; `generate` checks the same, this lets a caller refuse it before anything else."""
+        ...
+
+    def check_guidance(self, guidance: Guidance) -> None:
+        """Compiles (and caches) the grammar; raises InvalidRequestError(f"{guidance.param}: <reason>",
+        param=guidance.param, code="invalid_grammar") for an invalid JSON schema, an unsupported schema
+        feature, a bad regex. Thread-safe: the HTTP layer calls it from a worker thread while the engine
+        thread runs; `generate` checks the same."""
         ...
 
     def generate(

@@ -12,11 +12,12 @@ from transformers import PreTrainedTokenizerBase
 from tokenmill.config import EngineConfig
 from tokenmill.engine.block_pool import BlockPool
 from tokenmill.engine.client import EngineStats
+from tokenmill.engine.guidance import GuidedDecoder
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import RequestOutput, RequestStatus, Sequence
 from tokenmill.engine.sampler import Sampler, SamplingRow
-from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.setup import LoadedModel, load_model
 
@@ -44,6 +45,7 @@ class LLMEngine:
         self.sampler = Sampler(
             self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=plan.device
         )
+        self.guided = GuidedDecoder(self.tokenizer, self.vocab_size, loaded.eos_token_ids, plan.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -61,6 +63,18 @@ class LLMEngine:
             )
         return list(prompt)
 
+    def check_guidance(self, guidance: Guidance) -> None:
+        """Compiles (and caches) the grammar; raises InvalidRequestError (code invalid_grammar, naming
+        guidance.param) for an invalid JSON schema, an unsupported schema feature or a bad regex.
+        Thread-safe: the HTTP layer calls it from a worker thread while the engine thread runs."""
+        self.guided.check(guidance)
+
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Everything that can refuse a request, checked before any of it is queued."""
+        self.scheduler.check_fits(num_prompt_tokens, params.max_tokens)
+        if params.guidance is not None:
+            self.check_guidance(params.guidance)
+
     def add_request(
         self,
         request_id: str,
@@ -72,7 +86,7 @@ class LLMEngine:
         """Validate and queue; raises InvalidRequestError (naming the field) before anything is queued."""
         if request_id in self.outputs.groups:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
-        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        self.check_request(len(prompt_token_ids), params)
         seqs = [
             Sequence(
                 seq_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -84,6 +98,9 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        if params.guidance is not None:
+            for seq in seqs:
+                self.guided.start(seq.seq_id, params.guidance)
         self.outputs.add(request_id, prompt, seqs, stream)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -94,7 +111,7 @@ class LLMEngine:
         if group is None:
             return None
         for seq in self.scheduler.abort(seq.seq_id for seq in group.seqs):
-            self.sampler.free(seq.seq_id)
+            self._free(seq)
         return self.outputs.abort(request_id)
 
     @property
@@ -108,17 +125,24 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.execute(batch)
-        sampling = batch.sampling_items
-        samples = self.sampler(logits, [_row(item.seq) for item in sampling])
-        for item, (_, logprob) in zip(sampling, samples, strict=True):
+        seqs = [item.seq for item in batch.sampling_items]
+        seq_ids = [seq.seq_id for seq in seqs]
+        # Only constrained rows cost anything: their masks in one batched call, then one token each.
+        grammar = self.guided.masks(enumerate(seq_ids)) if self.guided.active else None
+        samples = self.sampler(logits, [_row(seq) for seq in seqs], grammar)
+        for seq, (_, logprob) in zip(seqs, samples, strict=True):
             if logprob is not None:
-                item.seq.logprobs.append(logprob)
-        appended = self.scheduler.update(batch, [token_id for token_id, _ in samples])
+                seq.logprobs.append(logprob)
+        token_ids = [token_id for token_id, _ in samples]
+        complete = set()
+        if grammar is not None:
+            complete = self.guided.advance(zip(seq_ids, token_ids, strict=True))
+        appended = self.scheduler.update(batch, token_ids, complete)
         self.num_generated_tokens += len(appended)
         outputs = self.outputs.process(appended, self._stop)
         for seq in appended:
             if seq.finished:
-                self.sampler.free(seq.seq_id)
+                self._free(seq)
         return outputs
 
     def stats(self) -> EngineStats:
@@ -133,6 +157,11 @@ class LLMEngine:
         )
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _free(self, seq: Sequence) -> None:
+        """Drop a finished sequence's per-sequence state (random generator, grammar matcher)."""
+        self.sampler.free(seq.seq_id)
+        self.guided.free(seq.seq_id)
 
     def _stop(self, seq: Sequence, stop_string: str) -> None:
         self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED, stop_string)
@@ -171,7 +200,7 @@ class LLM:
             raise InvalidRequestError("sampling_params: need one per prompt", param="sampling_params")
         encoded = [self.engine.encode(prompt) for prompt in prompt_list]
         for prompt_ids, p in zip(encoded, params_list, strict=True):
-            self.engine.scheduler.check_fits(len(prompt_ids), p.max_tokens)
+            self.engine.check_request(len(prompt_ids), p)
         request_ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
         for request_id, prompt, prompt_ids, p in zip(
             request_ids, prompt_list, encoded, params_list, strict=True

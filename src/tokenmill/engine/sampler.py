@@ -1,5 +1,6 @@
 """One batched sampling pass per engine step: logits plus per-row parameters -> next token ids (and raw
-logprobs), with logit bias, min_tokens, penalties, temperature/top-k/top-p/min-p and per-request seeds."""
+logprobs), with grammar masks, logit bias, min_tokens, penalties, temperature/top-k/top-p/min-p and
+per-request seeds."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ class SamplingRow:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class GrammarMasks:
+    """The tokens each constrained row's grammar forbids next (structured output)."""
+
+    rows: list[int]
+    """Row indices into the step's logits, in the order of `forbidden`'s rows."""
+    forbidden: torch.Tensor
+    """bool [len(rows), vocab_size]: True = the grammar forbids the token. (Forbidden rather than allowed:
+    that is what masked_fill_ takes, and it saves negating a [rows, vocab] tensor every step.)"""
+
+
 class Sampler:
     """Stateless per step except for the random generators: the sampler's own (shared by unseeded rows)
     and one per seeded sequence, created on first sight and kept until `free(seq_id)`."""
@@ -73,9 +85,11 @@ class Sampler:
         self._seq_generators: dict[str, torch.Generator] = {}
 
     def __call__(
-        self, logits: torch.Tensor, rows: list[SamplingRow]
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None = None
     ) -> list[tuple[int, TokenLogprob | None]]:
-        """logits: [len(rows), V'] with V' >= vocab_size; columns past vocab_size (padding) are ignored."""
+        """logits: [len(rows), V'] with V' >= vocab_size; columns past vocab_size (padding) are ignored.
+        `grammar`: a constrained row only ever yields a token its grammar allows, whatever its other
+        settings (the mask comes first: bias and penalties cannot revive a forbidden token)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows x vocab {self.vocab_size}"
@@ -83,10 +97,10 @@ class Sampler:
         if not rows:
             return []
         raw = logits[:, : self.vocab_size].float()
-        if all(row.plain_greedy for row in rows):
+        if grammar is None and all(row.plain_greedy for row in rows):
             return [(token_id, None) for token_id in raw.argmax(dim=-1).tolist()]
 
-        processed = self._process(raw, rows)
+        processed = self._process(raw, rows, grammar)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, row in enumerate(rows) if row.greedy]
         sampled = [i for i, row in enumerate(rows) if not row.greedy]
@@ -104,18 +118,22 @@ class Sampler:
         """Forget a finished sequence's generator."""
         self._seq_generators.pop(seq_id, None)
 
-    # -- logits processing (bias, min_tokens, penalties), on a float32 copy --------------------------
+    # -- logits processing (grammar, bias, min_tokens, penalties), on a float32 copy -----------------
 
-    def _process(self, raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _process(
+        self, raw: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None
+    ) -> torch.Tensor:
         biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
         blocked = [i for i, row in enumerate(rows) if row.masks_stop_tokens]
         repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
         counted = [
             i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty
         ]
-        if not (biased or blocked or repeated or counted):
+        if grammar is None and not (biased or blocked or repeated or counted):
             return raw
         x = raw.clone()
+        if grammar is not None:
+            self._apply_grammar(x, grammar)
         if biased:
             self._apply_logit_bias(x, [(i, rows[i].params.logit_bias or {}) for i in biased])
         if blocked:
@@ -125,6 +143,15 @@ class Sampler:
         if counted:
             self._apply_presence_frequency(x, [rows[i] for i in counted], counted)
         return x
+
+    def _apply_grammar(self, x: torch.Tensor, grammar: GrammarMasks) -> None:
+        """-inf for what the grammar forbids: no later step (bias, penalties, temperature) can undo it."""
+        forbidden = grammar.forbidden[:, : self.vocab_size]
+        if grammar.rows == list(range(x.shape[0])):
+            x.masked_fill_(forbidden, float("-inf"))
+        else:
+            idx = self._index(grammar.rows)
+            x[idx] = x[idx].masked_fill_(forbidden, float("-inf"))
 
     def _apply_logit_bias(self, x: torch.Tensor, biases: list[tuple[int, dict[int, float]]]) -> None:
         # Ids past the vocabulary cannot be sampled anyway; serving rejects them against the tokenizer.

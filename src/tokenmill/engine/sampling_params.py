@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -18,6 +19,65 @@ class InvalidRequestError(ValueError):
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{param}: {message}", param=param)
+
+
+GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True, slots=True)
+class Guidance:
+    """What the output must match, enforced token by token: a constrained sequence can only sample tokens
+    that keep its text a prefix of a match, and it ends ("stop") as soon as the match is complete.
+
+    `spec` is plain text so that equal constraints compare (and cache) equal whatever their origin; the
+    grammar itself is compiled by the engine (`check_guidance`), which knows the tokenizer.
+    """
+
+    kind: str
+    """One of GUIDANCE_KINDS."""
+    spec: str
+    """json_schema: the schema as canonical JSON text; json_object: ""; regex: the pattern; choice: a JSON
+    array of the allowed strings."""
+    param: str = field(default="response_format", compare=False)
+    """The API field the constraint came from, named in errors."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in GUIDANCE_KINDS, self.param, f"unknown guidance kind {self.kind!r}")
+        _check(isinstance(self.spec, str), self.param, "the guidance spec must be text")
+
+    @classmethod
+    def json_schema(cls, schema: dict, param: str = "response_format") -> Guidance:
+        """Compact JSON text, so equal schemas share one compiled grammar. Keys keep their order: the
+        order of "properties" is the order the fields are generated in (a "reasoning" field placed
+        before "answer" must come first), so schemas that differ only in it are different constraints."""
+        _check(isinstance(schema, dict), param, "the JSON schema must be a JSON object")
+        try:
+            spec = json.dumps(schema, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise InvalidRequestError(
+                f"{param}: the JSON schema is not valid JSON ({error})", param=param, code="invalid_grammar"
+            ) from error
+        return cls("json_schema", spec, param)
+
+    @classmethod
+    def json_object(cls, param: str = "response_format") -> Guidance:
+        return cls("json_object", "", param)
+
+    @classmethod
+    def regex(cls, pattern: str, param: str) -> Guidance:
+        _check(isinstance(pattern, str), param, "the regular expression must be a string")
+        return cls("regex", pattern, param)
+
+    @classmethod
+    def choice(cls, options: list[str], param: str) -> Guidance:
+        _check(
+            isinstance(options, list | tuple)
+            and len(options) > 0
+            and all(isinstance(option, str) and option for option in options),
+            param,
+            "must be a non-empty list of non-empty strings",
+        )
+        return cls("choice", json.dumps(list(options), ensure_ascii=False), param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +106,8 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely tokens."""
     skip_special_tokens: bool = True
+    guidance: Guidance | None = None
+    """Constrain the output to a JSON schema, a regex or a choice (structured output)."""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
     """Free-form caller data that travels with the request (never read by the engine)."""
 
@@ -80,6 +142,12 @@ class SamplingParams:
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
             "logprobs",
             "must be an integer from 0 to 20",
+        )
+        _check(
+            self.guidance is None
+            or (isinstance(self.guidance, Guidance) and self.guidance.kind in GUIDANCE_KINDS),
+            "guidance",
+            f"must be a Guidance of one of the kinds {', '.join(GUIDANCE_KINDS)}",
         )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         if self.logit_bias:

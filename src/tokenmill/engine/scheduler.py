@@ -9,7 +9,7 @@ budget; a preempted sequence simply restarts from 0 (minus whatever the prefix c
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
 from tokenmill.engine.block_pool import BlockPool, hash_block
@@ -116,9 +116,12 @@ class Scheduler:
             budget -= num_new
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update(
+        self, batch: ScheduledBatch, sampled_token_ids: list[int], complete: Collection[str] = ()
+    ) -> list[Sequence]:
         """Advance the computed counts, append one sampled token per sampling item (in batch order) and
-        finish the sequences that stop on a token or a length. Returns the sequences that got a token."""
+        finish the sequences that stop on a token, on a complete grammar (`complete`: seq ids whose
+        structured output is finished) or on a length. Returns the sequences that got a token."""
         sampled_iter = iter(sampled_token_ids)
         appended = []
         for item in batch.items:
@@ -132,7 +135,7 @@ class Scheduler:
                 continue  # aborted while the step ran
             seq.token_ids.append(token_id)
             appended.append(seq)
-            self._check_stop(seq, token_id)
+            self._check_stop(seq, token_id, seq.seq_id in complete)
         return appended
 
     def finish(self, seq: Sequence, status: RequestStatus, stop_reason: str | int | None = None) -> None:
@@ -197,7 +200,7 @@ class Scheduler:
         for i in range(start // self.block_size, num_full):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
 
-    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+    def _check_stop(self, seq: Sequence, token_id: int, grammar_complete: bool = False) -> None:
         params = seq.params
         if seq.num_output_tokens >= params.min_tokens:
             if token_id in self.eos_token_ids and not params.ignore_eos:
@@ -205,6 +208,10 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 seq.stop_reason = token_id
                 return self._finish(seq, RequestStatus.FINISHED_STOPPED)
+        # Nothing more can follow a complete grammar, so neither min_tokens nor ignore_eos can extend it;
+        # and a grammar completed by the last allowed token is a complete output, not a truncated one.
+        if grammar_complete:
+            return self._finish(seq, RequestStatus.FINISHED_STOPPED)
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, RequestStatus.FINISHED_LENGTH)
 

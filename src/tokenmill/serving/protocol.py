@@ -42,9 +42,39 @@ class ChatMessage(OpenAIRequest):
     name: str | None = None
 
 
+class JSONSchemaFormat(OpenAIRequest):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """None: any JSON object."""
+    strict: bool | None = None
+    """Accepted for OpenAI's clients; the output always matches the schema, strict or not."""
+
+
+class TextFormat(OpenAIRequest):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(OpenAIRequest):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(OpenAIRequest):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
+
+MAX_GUIDE_CHARS = 100_000
+"""Bounds a regex or a choice; a JSON schema's size is bounded by the request body limit."""
+
+
 class GenerationRequest(OpenAIRequest):
     """The fields chat and completions share, including the engine's extra knobs (top_k, min_p,
-    repetition_penalty) that OpenAI clients send as extra body fields."""
+    repetition_penalty) and vLLM's `guided_*` fields that OpenAI clients send as extra body fields."""
 
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -62,6 +92,13 @@ class GenerationRequest(OpenAIRequest):
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    """A JSON schema (as an object or as JSON text) the output must match."""
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1, max_length=MAX_GUIDE_CHARS)]] | None = Field(
+        None, min_length=1, max_length=1024
+    )
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -71,7 +108,6 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(GenerationRequest):

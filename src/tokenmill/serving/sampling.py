@@ -3,8 +3,11 @@ the engine's own rules by SamplingParams itself, which names the field in its er
 
 from __future__ import annotations
 
-from tokenmill.engine.sampling_params import InvalidRequestError, SamplingParams
-from tokenmill.serving.protocol import GenerationRequest
+import json
+from typing import Any
+
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
+from tokenmill.serving.protocol import GenerationRequest, JSONObjectFormat, JSONSchemaResponseFormat
 from tokenmill.serving.settings import CompletionLimits
 
 _SMALLEST_TOP_P = 1e-8  # OpenAI accepts top_p=0 ("only the most likely token"); the engine wants (0, 1]
@@ -76,4 +79,48 @@ def sampling_params(
         max_tokens=max_tokens,
         stop=tuple(stop),
         logprobs=logprobs,
+        guidance=guidance(request),
     )
+
+
+def guidance(request: GenerationRequest) -> Guidance | None:
+    """What the output must match: OpenAI's `response_format`, or one of vLLM's `guided_*` fields."""
+    asked = [
+        param
+        for param, value in (
+            ("response_format", request.response_format and request.response_format.type != "text"),
+            ("guided_json", request.guided_json is not None),
+            ("guided_regex", request.guided_regex is not None),
+            ("guided_choice", request.guided_choice is not None),
+        )
+        if value
+    ]
+    if len(asked) > 1:
+        raise InvalidRequestError(
+            f"{asked[1]}: cannot be combined with {asked[0]}; ask for one output format.", param=asked[1]
+        )
+    response_format = request.response_format
+    if isinstance(response_format, JSONSchemaResponseFormat):
+        schema = response_format.json_schema.schema_
+        return Guidance.json_object() if schema is None else Guidance.json_schema(schema)
+    if isinstance(response_format, JSONObjectFormat):
+        return Guidance.json_object()
+    if request.guided_json is not None:
+        return Guidance.json_schema(_schema_object(request.guided_json), param="guided_json")
+    if request.guided_regex is not None:
+        return Guidance.regex(request.guided_regex, param="guided_regex")
+    if request.guided_choice is not None:
+        return Guidance.choice(request.guided_choice, param="guided_choice")
+    return None
+
+
+def _schema_object(schema: dict[str, Any] | str) -> dict[str, Any]:
+    if isinstance(schema, dict):
+        return schema
+    try:
+        parsed = json.loads(schema)
+    except ValueError as exc:
+        raise InvalidRequestError(f"guided_json: not valid JSON ({exc})", param="guided_json") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError("guided_json: must be a JSON schema object", param="guided_json")
+    return parsed

@@ -34,6 +34,7 @@ from tokenmill.serving.protocol import (
 from tokenmill.serving.routes.common import (
     admit_and_start,
     assign_replica,
+    check_guidance,
     check_room,
     collect_and_release,
     completion_budget,
@@ -55,8 +56,6 @@ def _check_supported(body: ChatCompletionRequest) -> None:
         raise APIError(
             400, "Tool and function calling are not supported.", param="tools" if body.tools else "functions"
         )
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "Only response_format {'type': 'text'} is supported.", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
 
@@ -161,6 +160,7 @@ async def create_chat_completion(
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         )
         engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
+        await check_guidance(engine, params)
         response = _Response(body, state.token_texts(ticket), params)
         requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
         tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)

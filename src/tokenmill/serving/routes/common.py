@@ -8,12 +8,14 @@ from contextlib import contextmanager
 
 from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive
 
 from tokenmill.catalog.lifecycle import Ticket
 from tokenmill.catalog.router import ModelOverloaded
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.request import RequestOutput
+from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.deltas import DeltaTracker
@@ -93,6 +95,13 @@ def assign_replica(state: ServingState, ticket: Ticket, work_tokens: int, num_se
     """The replica with the least outstanding work, or a 503 at once."""
     with _refusals_counted(state, ticket.model_id):
         return ticket.assign(work_tokens, num_seqs)
+
+
+async def check_guidance(engine: EngineClient, params: SamplingParams) -> None:
+    """A bad JSON schema or regex is a 400 before anything is admitted or charged. Compiling runs off the
+    loop: a model's first grammar also indexes its tokenizer (about a second)."""
+    if params.guidance is not None:
+        await run_in_threadpool(engine.check_guidance, params.guidance)
 
 
 def include_usage(body: GenerationRequest) -> bool:

@@ -29,6 +29,7 @@ from tokenmill.serving.protocol import (
 from tokenmill.serving.routes.common import (
     admit_and_start,
     assign_replica,
+    check_guidance,
     check_room,
     collect_and_release,
     completion_budget,
@@ -156,6 +157,7 @@ async def create_completion(
         engine = assign_replica(
             state, ticket, num_prompt_tokens + max_completion_tokens, sum(p.n for p in params)
         )
+        await check_guidance(engine, params[0])  # every prompt's params carry the same guidance
         response = _Response(body, state.token_texts(ticket), echoes)
         requests = [
             EngineRequest(
