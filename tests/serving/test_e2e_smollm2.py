@@ -98,3 +98,28 @@ def test_langchain_structured_output_with_a_json_schema(server: ServerProcess) -
         "What is the capital of France? Answer in JSON."
     )
     assert isinstance(answer, Capital) and "Paris" in answer.city
+
+
+def test_langchain_binds_tools_and_gets_structured_output_by_function_calling(server: ServerProcess) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(
+        model="smollm2", base_url=f"{server.url}/v1", api_key="not-needed", temperature=0, max_retries=0
+    )
+    message = llm.bind_tools([get_weather], tool_choice="any").invoke("What is the weather in Paris?")
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str), call
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+    # ChatOpenAI's own default is method="json_schema" (tested above); this is BaseChatOpenAI's default.
+    answer = llm.with_structured_output(Capital, method="function_calling").invoke(
+        "What is the capital of France?"
+    )
+    assert isinstance(answer, Capital), answer

@@ -58,16 +58,37 @@ def _error(response: Any, status: int) -> dict[str, Any]:
             "messages[0].content[0].type",
         ),
         (
-            {"model": "fake-chat", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            {"model": "fake-chat", "messages": [{"role": "function", "content": "x", "name": "f"}]},
             "messages[0].role",
+        ),
+        ({"model": "fake-chat", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"model": "fake-chat", "messages": USER, "functions": [{"name": "f"}]}, "functions"),
+        (
+            {
+                "model": "fake-chat",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "a b"}}],
+            },
+            "tools[0].function.name",
         ),
         (
             {
                 "model": "fake-chat",
                 "messages": USER,
                 "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
             },
-            "tools",
+            "tool_choice",
+        ),
+        ({"model": "fake-chat", "messages": USER, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "model": "fake-chat",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
         ),
         (
             {"model": "fake-chat", "messages": USER, "response_format": {"type": "xml"}},

@@ -102,7 +102,7 @@ def target(
 
 SERVED = {"/v1/chat/completions": "tiny", "/v1/completions": "tiny", "/v1/embeddings": "all-MiniLM-L6-v2"}
 UNSUPPORTED = (
-    *("tools", "functions", "suffix", "best_of", "echo", "dimensions"),
+    *("tools", "tool_choice", "parallel_tool_calls", "functions", "suffix", "best_of", "echo", "dimensions"),
     *("response_format", "guided_json", "guided_regex", "guided_choice"),
 )
 """Fields the server refuses by a rule the schema cannot state, or whose random values (schemas, regexes)

@@ -122,6 +122,8 @@ def grammar_text(guidance: Guidance) -> str:
         return LLMatcher.grammar_from_regex(guidance.spec)
     if guidance.kind == "choice":
         return LLMatcher.grammar_from_lark(_choice_lark(json.loads(guidance.spec)))
+    if guidance.kind == "lark":
+        return LLMatcher.grammar_from_lark(guidance.spec)
     raise ValueError(f"unknown guidance kind {guidance.kind!r}")
 
 

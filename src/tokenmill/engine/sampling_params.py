@@ -21,7 +21,7 @@ def _check(ok: bool, param: str, message: str) -> None:
         raise InvalidRequestError(f"{param}: {message}", param=param)
 
 
-GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "choice")
+GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Guidance:
     """One of GUIDANCE_KINDS."""
     spec: str
     """json_schema: the schema as canonical JSON text; json_object: ""; regex: the pattern; choice: a JSON
-    array of the allowed strings."""
+    array of the allowed strings; lark: a grammar in llguidance's Lark dialect."""
     param: str = field(default="response_format", compare=False)
     """The API field the constraint came from, named in errors."""
 
@@ -78,6 +78,17 @@ class Guidance:
             "must be a non-empty list of non-empty strings",
         )
         return cls("choice", json.dumps(list(options), ensure_ascii=False), param)
+
+    @classmethod
+    def lark(cls, grammar: str, param: str) -> Guidance:
+        """A whole grammar, for constraints no schema can say: tool calling is free text that must turn
+        into a schema-checked call once the model writes the call tag (tokenmill.serving.tool_format)."""
+        _check(
+            isinstance(grammar, str) and bool(grammar.strip()),
+            param,
+            "the grammar must be a non-empty string",
+        )
+        return cls("lark", grammar, param)
 
 
 @dataclass(frozen=True, slots=True)

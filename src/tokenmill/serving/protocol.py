@@ -36,10 +36,55 @@ class ContentPart(OpenAIRequest):
     text: str | None = None
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+"""OpenAI's rule for function names; it also keeps them safe inside prompts and grammars."""
+
+
+class FunctionCall(OpenAIRequest):
+    name: str
+    arguments: str
+    """The arguments object as JSON text, as the model wrote it."""
+
+
+class ToolCall(OpenAIRequest):
+    """A call an earlier assistant turn made, sent back in the conversation history."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """Assistant messages only: the calls that turn made (its content is then usually null)."""
+    tool_call_id: str | None = None
+    """Tool messages only (and required there): which call this message answers."""
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema for the arguments object; None: a function without arguments."""
+    strict: bool | None = None
+    """Accepted for OpenAI's clients; the arguments always match the schema, strict or not."""
+
+
+class ChatTool(OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequest):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequest):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(OpenAIRequest):
@@ -106,8 +151,13 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """None: "auto" when tools are given, else "none"."""
+    parallel_tool_calls: bool | None = None
+    """None: true, as OpenAI."""
     functions: list[dict[str, Any]] | None = None
+    """OpenAI's legacy function calling: refused (use `tools`)."""
 
 
 class CompletionRequest(GenerationRequest):
@@ -157,10 +207,29 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments object as compact JSON text (the client parses it)."""
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    """None when the answer is tool calls and nothing else."""
     refusal: None = None
+    tool_calls: list[ResponseToolCall] | None = Field(None, exclude_if=_is_none)
+    """Omitted when the model called no tool, as OpenAI does."""
 
 
 class ChatChoice(BaseModel):
@@ -180,9 +249,25 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str | None = Field(None, exclude_if=_is_none)
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of one tool call: the first carries `id`, `type` and the name (with arguments ""), the
+    following ones only argument fragments; a client joins them by `index`."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -7,8 +7,14 @@ import json
 from typing import Any
 
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
-from tokenmill.serving.protocol import GenerationRequest, JSONObjectFormat, JSONSchemaResponseFormat
+from tokenmill.serving.protocol import (
+    ChatCompletionRequest,
+    GenerationRequest,
+    JSONObjectFormat,
+    JSONSchemaResponseFormat,
+)
 from tokenmill.serving.settings import CompletionLimits
+from tokenmill.serving.tools import tool_use
 
 _SMALLEST_TOP_P = 1e-8  # OpenAI accepts top_p=0 ("only the most likely token"); the engine wants (0, 1]
 
@@ -84,10 +90,13 @@ def sampling_params(
 
 
 def guidance(request: GenerationRequest) -> Guidance | None:
-    """What the output must match: OpenAI's `response_format`, or one of vLLM's `guided_*` fields."""
+    """What the output must match: tool calls (chat `tools`), OpenAI's `response_format`, or one of vLLM's
+    `guided_*` fields. One grammar constrains a sequence, so these exclude each other."""
+    tools = tool_use(request) if isinstance(request, ChatCompletionRequest) else None
     asked = [
         param
         for param, value in (
+            ("tools", tools is not None),
             ("response_format", request.response_format and request.response_format.type != "text"),
             ("guided_json", request.guided_json is not None),
             ("guided_regex", request.guided_regex is not None),
@@ -99,6 +108,8 @@ def guidance(request: GenerationRequest) -> Guidance | None:
         raise InvalidRequestError(
             f"{asked[1]}: cannot be combined with {asked[0]}; ask for one output format.", param=asked[1]
         )
+    if tools is not None:
+        return tools.guidance()
     response_format = request.response_format
     if isinstance(response_format, JSONSchemaResponseFormat):
         schema = response_format.json_schema.schema_

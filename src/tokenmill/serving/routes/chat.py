@@ -29,6 +29,10 @@ from tokenmill.serving.protocol import (
     ChatCompletionRequest,
     ChatLogprobs,
     Delta,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    ResponseFunctionCall,
+    ResponseToolCall,
     Usage,
 )
 from tokenmill.serving.routes.common import (
@@ -45,6 +49,8 @@ from tokenmill.serving.routes.common import (
     streaming_response,
 )
 from tokenmill.serving.sampling import sampling_params
+from tokenmill.serving.tool_format import CallStart, ContentDelta, ToolCallStream, parse_tool_calls
+from tokenmill.serving.tools import new_call_id, tool_use
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -52,24 +58,47 @@ router = APIRouter()
 
 def _check_supported(body: ChatCompletionRequest) -> None:
     """Silently ignoring these would return an answer to a question the caller did not ask."""
-    if body.tools or body.functions:
-        raise APIError(
-            400, "Tool and function calling are not supported.", param="tools" if body.tools else "functions"
-        )
+    if body.functions:
+        raise APIError(400, "Legacy function calling is not supported; use tools instead.", param="functions")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+
+
+def _message(text: str, finish_reason: str | None, tools: bool) -> tuple[AssistantMessage, str | None]:
+    """The answer as OpenAI shapes it: with tools, the calls are taken out of the text, and a finished
+    answer that made calls says "tool_calls" (one cut by max_tokens still says "length")."""
+    if not tools:
+        return AssistantMessage(content=text), finish_reason
+    content, calls = parse_tool_calls(text)
+    if not calls:
+        return AssistantMessage(content=content or ""), finish_reason
+    tool_calls = [
+        ResponseToolCall(id=new_call_id(), function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+    return AssistantMessage(content=content, tool_calls=tool_calls), _finish_with_calls(finish_reason)
+
+
+def _finish_with_calls(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 class _Response:
     """What every chunk of one response shares."""
 
-    def __init__(self, body: ChatCompletionRequest, texts: TokenTexts, params: SamplingParams) -> None:
+    def __init__(
+        self, body: ChatCompletionRequest, texts: TokenTexts, params: SamplingParams, tools: bool
+    ) -> None:
         self.id = response_id("chatcmpl")
         self.created = int(time.time())
         self.model = body.model
         self.texts = texts
         self.num_top_logprobs = params.logprobs
         self.include_usage = include_usage(body)
+        self.tools = tools
+        self._streams: dict[int, ToolCallStream] = {}
+        """Per choice, when the answer may be tool calls: the parser its text deltas go through."""
+        self._called: set[int] = set()
 
     def logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if self.num_top_logprobs is None:
@@ -83,6 +112,8 @@ class _Response:
         return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
 
     def delta_chunks(self, delta: ChoiceDelta) -> list[str]:
+        if self.tools:
+            return self._tool_delta_chunks(delta)
         chunks = []
         if delta.text or delta.logprobs:
             chunks.append(
@@ -101,6 +132,53 @@ class _Response:
                 self.chunk(
                     [ChatChunkChoice(index=delta.index, delta=Delta(), finish_reason=delta.finish_reason)]
                 )
+            )
+        return chunks
+
+    def _tool_delta_chunks(self, delta: ChoiceDelta) -> list[str]:
+        """One chunk per parser event, as OpenAI streams calls: the first piece of a call brings its id,
+        type and name (arguments ""), the next ones argument fragments. The delta's logprobs ride on its
+        first chunk (or on an empty delta when the parser holds all of its text back)."""
+        stream = self._streams.setdefault(delta.index, ToolCallStream())
+        events = stream.feed(delta.text)
+        if delta.finish_reason is not None:
+            events += stream.finish()
+        deltas = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                deltas.append(Delta(content=event.text))
+                continue
+            if isinstance(event, CallStart):
+                self._called.add(delta.index)
+                piece = DeltaToolCall(
+                    index=event.index,
+                    id=new_call_id(),
+                    type="function",
+                    function=DeltaFunctionCall(name=event.name, arguments=""),
+                )
+            else:
+                piece = DeltaToolCall(index=event.index, function=DeltaFunctionCall(arguments=event.fragment))
+            deltas.append(Delta(tool_calls=[piece]))
+        if not deltas and delta.logprobs:
+            deltas.append(Delta())
+        chunks = [
+            self.chunk(
+                [
+                    ChatChunkChoice(
+                        index=delta.index,
+                        delta=piece,
+                        logprobs=self.logprobs(delta.logprobs) if n == 0 and delta.logprobs else None,
+                    )
+                ]
+            )
+            for n, piece in enumerate(deltas)
+        ]
+        if delta.finish_reason is not None:
+            reason = delta.finish_reason
+            if delta.index in self._called:
+                reason = _finish_with_calls(reason)
+            chunks.append(
+                self.chunk([ChatChunkChoice(index=delta.index, delta=Delta(), finish_reason=reason)])
             )
         return chunks
 
@@ -141,10 +219,13 @@ async def create_chat_completion(
 ) -> Response:
     listing = await state.resolve(body.model, principal)
     _check_supported(body)
+    tools = tool_use(body)
     ticket = await state.checkout(listing)
     with released_on_error(ticket):
         check_room(state, ticket, body.n)
-        prompt_ids = render_chat(ticket.tokenizer, body.messages, body.model)
+        prompt_ids = render_chat(
+            ticket.tokenizer, body.messages, body.model, tools.specs if tools is not None else None
+        )
         max_tokens = completion_budget(
             state,
             ticket,
@@ -161,7 +242,7 @@ async def create_chat_completion(
         )
         engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
         await check_guidance(engine, params)
-        response = _Response(body, state.token_texts(ticket), params)
+        response = _Response(body, state.token_texts(ticket), params, tools=tools is not None)
         requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
         tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
         logger.debug(
@@ -186,15 +267,17 @@ async def create_chat_completion(
         events = _events(response, requests, body.n, tracker, timer)
         return streaming_response(meter, ticket, requests, events, tracker, request_id)
     (final,) = await collect_and_release(meter, ticket, request.receive, requests, tracker, timer)
-    choices = [
-        ChatChoice(
-            index=sample.index,
-            message=AssistantMessage(content=sample.text),
-            logprobs=response.logprobs(sample.logprobs or []),
-            finish_reason=sample.finish_reason,
+    choices = []
+    for sample in sorted(final.outputs, key=lambda s: s.index):
+        message, finish_reason = _message(sample.text, sample.finish_reason, tools is not None)
+        choices.append(
+            ChatChoice(
+                index=sample.index,
+                message=message,
+                logprobs=response.logprobs(sample.logprobs or []),
+                finish_reason=finish_reason,
+            )
         )
-        for sample in sorted(final.outputs, key=lambda s: s.index)
-    ]
     return json_response(
         ChatCompletion(
             id=response.id, created=response.created, model=body.model, choices=choices, usage=tracker.usage()
