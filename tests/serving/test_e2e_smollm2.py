@@ -3,7 +3,9 @@ real questions through the openai SDK and langchain-openai, as the README promis
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import openai
@@ -123,3 +125,37 @@ def test_langchain_binds_tools_and_gets_structured_output_by_function_calling(se
         "What is the capital of France?"
     )
     assert isinstance(answer, Capital), answer
+
+
+def test_streamed_tool_call_deltas_reassemble_to_the_whole_answer(client: openai.OpenAI) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    fields: dict[str, Any] = dict(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the weather in Paris and in Rome?"}],
+        tools=[weather],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=120,
+    )
+    whole = client.chat.completions.create(**fields).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
+    calls: dict[int, list[str]] = {}
+    for chunk in client.chat.completions.create(**fields, stream=True):
+        for piece in chunk.choices[0].delta.tool_calls or []:
+            if piece.id is not None:
+                calls[piece.index] = [piece.function.name, ""]
+            calls[piece.index][1] += piece.function.arguments
+    expected = [[call.function.name, call.function.arguments] for call in whole.message.tool_calls]
+    assert [calls[index] for index in sorted(calls)] == expected
+    assert all(json.loads(arguments)["city"] for _, arguments in expected)
