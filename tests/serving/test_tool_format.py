@@ -13,17 +13,14 @@ from llguidance import LLMatcher, LLTokenizer
 
 from tokenmill.engine.guidance import grammar_text
 from tokenmill.engine.sampling_params import Guidance
-from tokenmill.serving.tool_format import (
+from tokenmill.serving.tool_format import ParsedCall, ToolSpec, tool_grammar, tool_prompt
+from tokenmill.serving.tool_parser import (
     ArgumentsDelta,
     CallStart,
     ContentDelta,
-    ParsedCall,
     StreamEvent,
     ToolCallStream,
-    ToolSpec,
     parse_tool_calls,
-    tool_grammar,
-    tool_prompt,
 )
 
 WEATHER = ToolSpec(

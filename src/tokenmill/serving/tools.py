@@ -1,5 +1,5 @@
 """OpenAI's `tools` / `tool_choice` / `parallel_tool_calls` -> what the prompt, the grammar and the answer's
-parser need (the format itself is tool_format's). Refusals name the field, before anything is queued."""
+parser need (the format itself is tool_format's, the parser tool_parser's). Refusals name the field, before anything is queued."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ from tokenmill.serving.routes.common import (
     streaming_response,
 )
 from tokenmill.serving.sampling import sampling_params
-from tokenmill.serving.tool_format import CallStart, ContentDelta, ToolCallStream, parse_tool_calls
+from tokenmill.serving.tool_parser import CallStart, ContentDelta, ToolCallStream, parse_tool_calls
 from tokenmill.serving.tools import new_call_id, tool_use
 
 logger = logging.getLogger(__name__)
