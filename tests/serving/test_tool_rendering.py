@@ -57,6 +57,11 @@ def _request(**fields: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "m", "messages": HISTORY, **fields})
 
 
+def _guidance(request: ChatCompletionRequest) -> object:
+    """As the chat route builds it: the request's tools read once, then the one grammar."""
+    return guidance(request, tool_use(request))
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest) -> str:
     use = tool_use(body)
     ids = render_chat(tokenizer, body.messages, "m", use.specs if use is not None else None)
@@ -125,7 +130,7 @@ def test_tool_choice_and_parallel_calls_become_the_grammar_choice() -> None:
     named = {"type": "function", "function": {"name": "get_time"}}
     one = tool_use(_request(tools=[WEATHER, CLOCK], tool_choice=named, parallel_tool_calls=False))
     assert one is not None and (one.choice, one.parallel) == ("get_time", False)
-    constraint = guidance(_request(tools=[WEATHER], tool_choice="required"))
+    constraint = _guidance(_request(tools=[WEATHER], tool_choice="required"))
     assert constraint is not None and constraint.kind == "lark" and constraint.param == "tools"
 
 
@@ -141,7 +146,7 @@ def test_tool_choice_and_parallel_calls_become_the_grammar_choice() -> None:
 )  # fmt: skip
 def test_conflicting_tool_fields_name_the_field(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as raised:
-        guidance(_request(**fields))
+        _guidance(_request(**fields))
     assert raised.value.param == param
 
 
@@ -218,7 +223,7 @@ def test_the_grammar_closes_objects_only_where_that_keeps_every_answer_valid() -
         "additionalProperties": False,
     }
     assert closed({"type": "object"}) == {"type": "object"}
-    constraint = guidance(_request(tools=[CLOCK], tool_choice="required"))
+    constraint = _guidance(_request(tools=[CLOCK], tool_choice="required"))
     assert (
         constraint is not None
         and '"arguments":{"type":"object","properties":{},"additionalProperties":false}' in constraint.spec

@@ -8,13 +8,12 @@ from typing import Any
 
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 from tokenmill.serving.protocol import (
-    ChatCompletionRequest,
     GenerationRequest,
     JSONObjectFormat,
     JSONSchemaResponseFormat,
 )
 from tokenmill.serving.settings import CompletionLimits
-from tokenmill.serving.tools import tool_use
+from tokenmill.serving.tools import ToolUse
 
 _SMALLEST_TOP_P = 1e-8  # OpenAI accepts top_p=0 ("only the most likely token"); the engine wants (0, 1]
 
@@ -67,8 +66,14 @@ def completion_length(
 
 
 def sampling_params(
-    request: GenerationRequest, *, max_tokens: int, vocab_size: int, logprobs: int | None
+    request: GenerationRequest,
+    *,
+    max_tokens: int,
+    vocab_size: int,
+    logprobs: int | None,
+    tools: ToolUse | None = None,
 ) -> SamplingParams:
+    """`tools`: the chat request's `tool_use`, which the route has already read for the prompt."""
     top_p = 1.0 if request.top_p is None else max(request.top_p, _SMALLEST_TOP_P)
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     return SamplingParams(
@@ -85,14 +90,13 @@ def sampling_params(
         max_tokens=max_tokens,
         stop=tuple(stop),
         logprobs=logprobs,
-        guidance=guidance(request),
+        guidance=guidance(request, tools),
     )
 
 
-def guidance(request: GenerationRequest) -> Guidance | None:
-    """What the output must match: tool calls (chat `tools`), OpenAI's `response_format`, or one of vLLM's
-    `guided_*` fields. One grammar constrains a sequence, so these exclude each other."""
-    tools = tool_use(request) if isinstance(request, ChatCompletionRequest) else None
+def guidance(request: GenerationRequest, tools: ToolUse | None) -> Guidance | None:
+    """What the output must match: tool calls (`tools`, from `tool_use`), OpenAI's `response_format`, or
+    one of vLLM's `guided_*` fields. One grammar constrains a sequence, so these exclude each other."""
     asked = [
         param
         for param, value in (

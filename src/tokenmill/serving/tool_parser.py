@@ -7,11 +7,9 @@ how the text was cut into deltas: the only difference is when a call is committe
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass
 
+from tokenmill.serving.json_normaliser import JSON_WS, JsonNormaliser, Malformed, StringDecoder
 from tokenmill.serving.tool_format import CALL_CLOSE, CALL_OPEN, ParsedCall
 
 _CONTENT, _START, _ARGS = range(3)
@@ -91,218 +89,6 @@ class ToolCallStream:
         return self._scanner.finish()
 
 
-class _Malformed(Exception):
-    """The call being read is not well-formed (internal control flow, never escapes this module)."""
-
-
-_JSON_WS = frozenset(" \t\n\r")
-_HEX = frozenset("0123456789abcdefABCDEF")
-_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_ENCODED = {chr(code): json.dumps(chr(code))[1:-1] for code in range(0x20)} | {'"': '\\"', "\\": "\\\\"}
-"""How json.dumps(..., ensure_ascii=False) writes the characters it escapes; any other one is written as is,
-so a string can be re-encoded a character at a time."""
-_NUMBER_CHARS = frozenset("0123456789+-.eE")
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_LITERALS = {"t": "true", "f": "false", "n": "null"}
-
-
-def _encode_string(text: str) -> str:
-    return '"' + "".join(_ENCODED.get(ch, ch) for ch in text) + '"'
-
-
-def _normalise_number(token: str) -> str:
-    """As json.dumps(json.loads(token)) writes it; a number json.loads refuses (too many digits) or that
-    overflows to infinity (not JSON) is malformed."""
-    if not _NUMBER.fullmatch(token):
-        raise _Malformed
-    try:
-        value = json.loads(token)
-    except ValueError as error:
-        raise _Malformed from error
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _Malformed
-    return json.dumps(value)
-
-
-class _StringDecoder:
-    """A JSON string's body (after its opening quote), decoded as strictly as json.loads does (no raw
-    control characters, JSON escapes only), and with surrogate escapes only in pairs: a lone surrogate
-    could not be sent as UTF-8."""
-
-    __slots__ = ("closed", "_state", "_hex", "_high")
-
-    def __init__(self) -> None:
-        self.closed = False
-        self._state = 0  # 0 plain, 1 after "\", 2 in \uXXXX, 3/4 expecting the "\" / "u" of a low surrogate
-        self._hex = ""
-        self._high = 0
-
-    def feed(self, c: str) -> str:
-        """The decoded character(s) that `c` completes ("" for none); sets `closed` at the closing quote."""
-        state = self._state
-        if state == 0:
-            if c == '"':
-                self.closed = True
-                return ""
-            if c == "\\":
-                self._state = 1
-                return ""
-            if c < " ":
-                raise _Malformed
-            return c
-        if state == 1:
-            if c == "u":
-                self._state, self._hex = 2, ""
-                return ""
-            decoded = _SIMPLE_ESCAPES.get(c)
-            if decoded is None:
-                raise _Malformed
-            self._state = 0
-            return decoded
-        if state == 2:
-            if c not in _HEX:
-                raise _Malformed
-            self._hex += c
-            if len(self._hex) < 4:
-                return ""
-            code = int(self._hex, 16)
-            if self._high:
-                high, self._high = self._high, 0
-                if not 0xDC00 <= code <= 0xDFFF:
-                    raise _Malformed
-                self._state = 0
-                return chr(0x10000 + ((high - 0xD800) << 10) + (code - 0xDC00))
-            if 0xD800 <= code <= 0xDBFF:
-                self._high, self._state = code, 3
-                return ""
-            if 0xDC00 <= code <= 0xDFFF:
-                raise _Malformed
-            self._state = 0
-            return chr(code)
-        if c != ("\\" if state == 3 else "u"):
-            raise _Malformed
-        self._state, self._hex = (4, "") if state == 3 else (2, "")
-        return ""
-
-
-# _JsonNormaliser states
-_VALUE, _OBJ_KEY, _OBJ_FIRST, _COLON, _ARR_FIRST, _AFTER, _STRING, _KEY, _NUMBER_TOKEN, _LITERAL, _DONE = (
-    range(11)
-)
-
-
-class _JsonNormaliser:
-    """One JSON object, a character at a time -> the text json.dumps(json.loads(it), separators=(",", ":"),
-    ensure_ascii=False) writes, each piece appended to `out` as soon as it is final. Duplicate keys are
-    malformed: json.loads would keep the last value at the first key's place, which cannot be streamed."""
-
-    __slots__ = ("done", "_state", "_stack", "_string", "_key", "_token", "_literal")
-
-    def __init__(self) -> None:
-        self.done = False
-        self._state = _VALUE
-        self._stack: list[set[str] | None] = []  # per open container: an object's keys, None for an array
-        self._string = _StringDecoder()
-        self._key: list[str] = []
-        self._token = ""
-        self._literal = ""
-
-    def feed(self, c: str, out: list[str]) -> None:
-        state = self._state
-        if state == _STRING:
-            decoded = self._string.feed(c)
-            if self._string.closed:
-                out.append('"')
-                self._state = _AFTER
-            elif decoded:
-                out.append(_ENCODED.get(decoded, decoded))
-            return
-        if state == _KEY:
-            decoded = self._string.feed(c)
-            if not self._string.closed:
-                self._key.append(decoded)
-                return
-            key, keys = "".join(self._key), self._stack[-1]
-            if keys is None or key in keys:
-                raise _Malformed
-            keys.add(key)
-            out.append(_encode_string(key))
-            self._state = _COLON
-            return
-        if state == _LITERAL:
-            self._token += c
-            if not self._literal.startswith(self._token):
-                raise _Malformed
-            if self._token == self._literal:
-                out.append(self._literal)
-                self._state = _AFTER
-            return
-        if state == _NUMBER_TOKEN:
-            if c in _NUMBER_CHARS:
-                self._token += c
-                return
-            out.append(_normalise_number(self._token))
-            state = self._state = _AFTER
-        if c in _JSON_WS:
-            return
-        if state == _VALUE:
-            self._value(c, out)
-        elif state == _AFTER:
-            top = self._stack[-1]
-            if c == ",":
-                out.append(",")
-                self._state = _OBJ_KEY if top is not None else _VALUE
-            elif c == ("}" if top is not None else "]"):
-                self._close(out)
-            else:
-                raise _Malformed
-        elif state in (_OBJ_KEY, _OBJ_FIRST):
-            if c == '"':
-                self._string, self._key, self._state = _StringDecoder(), [], _KEY
-            elif c == "}" and state == _OBJ_FIRST:
-                self._close(out)
-            else:
-                raise _Malformed
-        elif state == _COLON:
-            if c != ":":
-                raise _Malformed
-            out.append(":")
-            self._state = _VALUE
-        elif state == _ARR_FIRST:
-            if c == "]":
-                self._close(out)
-            else:
-                self._value(c, out)
-        else:  # _DONE: the caller stops feeding at `done`
-            raise _Malformed
-
-    def _value(self, c: str, out: list[str]) -> None:
-        if c == "{":
-            out.append("{")
-            self._stack.append(set())
-            self._state = _OBJ_FIRST
-        elif c == "[":
-            out.append("[")
-            self._stack.append(None)
-            self._state = _ARR_FIRST
-        elif c == '"':
-            out.append('"')
-            self._string, self._state = _StringDecoder(), _STRING
-        elif c == "-" or "0" <= c <= "9":
-            self._token, self._state = c, _NUMBER_TOKEN
-        elif c in _LITERALS:
-            self._token, self._literal, self._state = c, _LITERALS[c], _LITERAL
-        else:
-            raise _Malformed
-
-    def _close(self, out: list[str]) -> None:
-        out.append("}" if self._stack.pop() is not None else "]")
-        if self._stack:
-            self._state = _AFTER
-        else:
-            self._state, self.done = _DONE, True
-
-
 # _CallParser states
 _C_OPEN, _C_KEY_START, _C_KEY, _C_COLON, _C_VALUE, _C_NAME, _C_ARGS, _C_AFTER, _C_POST, _C_CLOSE, _C_DONE = (
     range(11)
@@ -321,11 +107,11 @@ class _CallParser:
         self.done = False
         self.out: list[str] = []
         self._state = _C_OPEN
-        self._string = _StringDecoder()
+        self._string = StringDecoder()
         self._chars: list[str] = []
         self._key = ""
         self._seen: set[str] = set()
-        self._args = _JsonNormaliser()
+        self._args = JsonNormaliser()
         self._closed = 0
 
     def feed(self, c: str) -> None:
@@ -343,60 +129,60 @@ class _CallParser:
             text = "".join(self._chars)
             if state == _C_NAME:
                 if not text:
-                    raise _Malformed
+                    raise Malformed
                 self.name, self._state = text, _C_AFTER
             else:
                 if text not in ("name", "arguments") or text in self._seen:
-                    raise _Malformed
+                    raise Malformed
                 self._seen.add(text)
                 self._key, self._state = text, _C_COLON
             return
         if state == _C_CLOSE:
             if c != CALL_CLOSE[self._closed]:
-                raise _Malformed
+                raise Malformed
             self._closed += 1
             if self._closed == len(CALL_CLOSE):
                 self._state, self.done = _C_DONE, True
             return
-        if c in _JSON_WS:
+        if c in JSON_WS:
             return
         if state == _C_OPEN:
             if c != "{":
-                raise _Malformed
+                raise Malformed
             self._state = _C_KEY_START
         elif state == _C_KEY_START:
             if c != '"':
-                raise _Malformed
-            self._string, self._chars, self._state = _StringDecoder(), [], _C_KEY
+                raise Malformed
+            self._string, self._chars, self._state = StringDecoder(), [], _C_KEY
         elif state == _C_COLON:
             if c != ":":
-                raise _Malformed
+                raise Malformed
             self._state = _C_VALUE
         elif state == _C_VALUE:
             if self._key == "name" and c == '"':
-                self._string, self._chars, self._state = _StringDecoder(), [], _C_NAME
+                self._string, self._chars, self._state = StringDecoder(), [], _C_NAME
             elif self._key == "arguments" and c == "{":
                 self._args.feed(c, self.out)
                 self._state = _C_ARGS
             else:
-                raise _Malformed
+                raise Malformed
         elif state == _C_AFTER:
             if c == ",":
                 self._state = _C_KEY_START
             elif c == "}":
                 if self.name is None:
-                    raise _Malformed
+                    raise Malformed
                 if "arguments" not in self._seen:
                     self.out.append("{}")
                 self._state = _C_POST
             else:
-                raise _Malformed
+                raise Malformed
         elif state == _C_POST:
             if c != CALL_CLOSE[0]:
-                raise _Malformed
+                raise Malformed
             self._closed, self._state = 1, _C_CLOSE
         else:  # _C_DONE: the caller stops feeding at `done`
-            raise _Malformed
+            raise Malformed
 
 
 class _Scanner:
@@ -448,7 +234,7 @@ class _Scanner:
             self._raw.append(c)
             try:
                 call.feed(c)
-            except _Malformed:
+            except Malformed:
                 if self._committed:  # too late to take it back: go on from the character that broke it
                     if call.out:  # a number that ended right there is final
                         self._call_part(_ARGS, "".join(call.out))
