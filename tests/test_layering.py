@@ -11,6 +11,8 @@ FORBIDDEN = {
     "models": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog", "tokenmill.engine"),
     "platform": ("tokenmill.serving", "tokenmill.catalog"),
     "catalog": ("tokenmill.serving",),
+    # The console is pages over the public HTTP API: it imports nothing of the server's parts.
+    "console": tuple(f"tokenmill.{name}" for name in ("serving", "platform", "catalog", "engine", "models")),
 }
 
 

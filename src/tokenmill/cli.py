@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
 from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS
 from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE
-from tokenmill.serving.settings import CompletionLimits, ModelSpec, ServerSettings
+from tokenmill.serving.settings import SIGNUP_MODES, CompletionLimits, ModelSpec, ServerSettings
 
 if TYPE_CHECKING:
     from tokenmill.platform.gateway import PlatformSettings
@@ -175,6 +175,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_PLATFORM_FEE_BPS} = {DEFAULT_PLATFORM_FEE_BPS / 100:g}%%; a listing may set its own)",
     )
     platform.add_argument(
+        "--signup",
+        choices=SIGNUP_MODES,
+        default=defaults.signup,
+        help=f"who may sign up in the web console (default: {defaults.signup}; invite codes: tokenmill admin "
+        "create-invite)",
+    )
+    platform.add_argument(
         "--no-auth",
         action="store_true",
         help="private single-user deployment: no API keys, no billing, no rate limits",
@@ -214,6 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_body_bytes=args.max_body_bytes,
         no_auth=args.no_auth,
+        signup=args.signup,
         completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),
     )
     if args.config is not None and (args.model or args.embedding_model):

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import bindparam, inspect, text
 
 from tests.platform.conftest import EmptyDatabase
-from tokenmill.platform.accounts import create_user, set_organization_tier
+from tokenmill.platform.accounts import set_organization_tier
 from tokenmill.platform.auth import authenticate
-from tokenmill.platform.db import open_database, sqlite_url
+from tokenmill.platform.db import Database, open_database, sqlite_url
 from tokenmill.platform.errors import InvalidArgument
-from tokenmill.platform.keys import create_key
+from tokenmill.platform.keys import generate_key, hash_key, list_keys, revoke_key, visible_prefix
 from tokenmill.platform.migrate import MIGRATIONS_DIR, current_revision, head_revision, upgrade
 from tokenmill.platform.ratelimit import RateLimits
-from tokenmill.platform.tables import Base, Organization, new_id
+from tokenmill.platform.tables import Base, UTCDateTime, new_id
 from tokenmill.platform.tiers import effective_limits, list_tiers
 
 TABLES = {
@@ -34,6 +34,8 @@ TABLES = {
     "listings",
     "audit_log",
     "access_revision",
+    "invites",
+    "login_failures",
 }
 
 
@@ -68,10 +70,7 @@ def test_upgrading_gives_every_tier_in_use_its_row_and_keeps_its_keys_working(
         # "gold": a name the operator made up, which had no limits of its own (it got default's).
         for tier in ("default", "pro", "gold", "gold"):
             org_id = new_id("org")
-            with db.write() as session:
-                session.add(Organization(id=org_id, name=org_id, tier=tier, created_at=db.now()))
-            user = create_user(db, org_id, f"{org_id}@example.com")
-            keys[org_id] = create_key(db, user.id, max_concurrent_requests=3 if tier == "pro" else None).key
+            keys[org_id] = _old_account(db, org_id, tier, max_concurrent=3 if tier == "pro" else None)
 
         upgrade(db)
         tiers = {info.limits.name: info for info in list_tiers(db)}
@@ -80,6 +79,7 @@ def test_upgrading_gives_every_tier_in_use_its_row_and_keeps_its_keys_working(
             "pro": 1,
             "gold": 2,
             "unlimited": 0,
+            "free": 0,
         }
         default, pro = tiers["default"].limits, tiers["pro"].limits
         assert (default.paid, default.free) == (RateLimits(600, 1_000_000, 32), RateLimits(120, 200_000, 16))
@@ -103,6 +103,64 @@ def test_upgrading_gives_every_tier_in_use_its_row_and_keeps_its_keys_working(
         assert set_organization_tier(db, next(iter(keys)), "gold").tier == "gold"
     finally:
         db.close()
+
+
+def test_upgrading_to_people_keeps_every_key_an_api_key_and_key_changes_still_counted(
+    empty_database: EmptyDatabase,
+) -> None:
+    upgrade(empty_database.url, "0004")  # before session keys
+    db = open_database(empty_database.url)
+    try:
+        org_id = new_id("org")
+        key = _old_account(db, org_id, "default", max_concurrent=None)
+        upgrade(db)
+        principal = authenticate(db, key)
+        assert [info.id for info in list_keys(db, org_id)] == [principal.key_id]
+
+        def revision() -> int:
+            with db.read() as session:
+                return session.execute(text("SELECT value FROM access_revision")).scalar_one()
+
+        before = revision()
+        revoke_key(db, principal.key_id)  # the triggers of 0004 survived the new column
+        assert revision() > before
+    finally:
+        db.close()
+
+
+def _old_account(db: Database, org_id: str, tier: str, *, max_concurrent: int | None) -> str:
+    """An organization, a user and a key written as release 0001 wrote them (the models of today have
+    columns that schema lacks); returns the key."""
+    raw, now, user_id = generate_key(), db.now(), new_id("user")
+    stamp = bindparam("created_at", type_=UTCDateTime())  # written as the platform writes datetimes
+    with db.write() as session:
+        session.execute(
+            text("INSERT INTO organizations VALUES (:id, :id, :tier, :created_at)").bindparams(stamp),
+            {"id": org_id, "tier": tier, "created_at": now},
+        )
+        session.execute(
+            text(
+                "INSERT INTO users (id, org_id, email, name, created_at) VALUES (:id, :org, :email, :email, "
+                ":created_at)"
+            ).bindparams(stamp),
+            {"id": user_id, "org": org_id, "email": f"{org_id}@example.com", "created_at": now},
+        )
+        session.execute(
+            text(
+                "INSERT INTO api_keys (id, org_id, user_id, name, prefix, key_hash, max_concurrent_requests, "
+                "created_at) VALUES (:id, :org, :user, '', :prefix, :hash, :concurrent, :created_at)"
+            ).bindparams(stamp),
+            {
+                "id": new_id("key"),
+                "org": org_id,
+                "user": user_id,
+                "prefix": visible_prefix(raw),
+                "hash": hash_key(raw),
+                "concurrent": max_concurrent,
+                "created_at": now,
+            },
+        )
+    return raw
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tokenmill.config import default_data_dir, default_database_url
 from tokenmill.platform import admin_actions as do
+from tokenmill.platform import admin_invite_actions as invites
 from tokenmill.platform import admin_market_actions as market
 from tokenmill.platform.audit import MAX_ID, MAX_PAGE
 from tokenmill.platform.db import Database
 from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
+from tokenmill.platform.invites import MAX_USES
 from tokenmill.platform.pricing import BPS_PER_UNIT
 from tokenmill.platform.tables import LISTING_STATUSES, LISTING_TASKS, LISTING_VISIBILITIES
 from tokenmill.platform.validation import MAX_COUNT
@@ -201,6 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--older-than-minutes", type=_positive(MAX_DAYS * 24 * 60))
     action("rotate-admin-key", "revoke the admin key and print a new one", do.rotate_admin_key)
     _add_market_actions(action)
+    _add_invite_actions(action)
     sub = action(
         "audit-log", "the operator's changes, newest first: who, when, what, before -> after", do.audit_log
     )
@@ -208,6 +211,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--before-id", type=_positive(MAX_ID), help="the next page: rows older than this id")
     sub.add_argument("--action", help="only this action, e.g. create_key or set_price")
     sub.add_argument("--target", help="only this target: an organization, user or key id, a model, a tier")
+
+
+def _add_invite_actions(action: Callable[[str, str, Action], argparse.ArgumentParser]) -> None:
+    sub = action(
+        "create-invite",
+        "make an invite code for sign-up (serve --signup invite); prints it",
+        invites.create_invite,
+    )
+    sub.add_argument(
+        "--max-uses", type=_positive(MAX_USES), default=1, help="sign-ups it admits (default: 1)"
+    )
+    sub.add_argument("--expires-in-days", type=_positive(365), help="default: never (until revoked)")
+    sub.add_argument("--note", default="", help="who it is for, say")
+    action("list-invites", "invite codes, newest first, with their uses", invites.list_invites)
+    sub = action("revoke-invite", "revoke an invite code: no more sign-ups with it", invites.revoke_invite)
+    sub.add_argument("invite_id")
 
 
 def _add_market_actions(action: Callable[[str, str, Action], argparse.ArgumentParser]) -> None:

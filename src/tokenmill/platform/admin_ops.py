@@ -12,12 +12,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from tokenmill.platform import accounts, admin_key, audit, keys, ledger, listings, pricing, tiers
+from tokenmill.platform import accounts, admin_key, audit, invites, keys, ledger, listings, pricing, tiers
 from tokenmill.platform.accounts import OrgInfo, UserInfo
 from tokenmill.platform.auth import authenticate_admin
 from tokenmill.platform.billing import recover_open_reservations
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, ListingNotFound, ModelNotPriced, UnknownTier
+from tokenmill.platform.invites import InviteInfo
 from tokenmill.platform.keys import CreatedKey, KeyInfo
 from tokenmill.platform.ledger import CreditResult
 from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
@@ -28,6 +29,7 @@ from tokenmill.platform.tables import AdminKey
 from tokenmill.platform.tiers import DEFAULT_TIER
 from tokenmill.platform.validation import text
 
+MAX_INVITE_DAYS = 365
 ANY_GATEWAY = "*"
 """The target of a `release_reservations` not limited to one gateway."""
 ADMIN_KEY_TARGET = "admin_key"
@@ -98,6 +100,31 @@ def revoke_key(db: Database, actor: str, key_id: str) -> KeyInfo:
     before = keys.get_key(db, text("key_id", key_id, max_len=200))
     after = keys.revoke_key(db, before.id)
     _log(db, actor, "revoke_key", after.id, before, after)
+    return after
+
+
+def create_invite(
+    db: Database, actor: str, *, note: str = "", max_uses: int = 1, expires_in_days: int | None = None
+) -> InviteInfo:
+    """A code for `max_uses` sign-ups (while sign-up is by invitation), valid for `expires_in_days` days
+    (1 to 365) or until revoked. The row holds the code: whoever reads the log may hand it out anyway."""
+    actor = audit.actor_name(actor)
+    expires_at = None
+    if expires_in_days is not None:
+        if type(expires_in_days) is not int or not 1 <= expires_in_days <= MAX_INVITE_DAYS:
+            raise InvalidArgument(f"expires_in_days: must be an integer from 1 to {MAX_INVITE_DAYS}")
+        expires_at = db.now() + timedelta(days=expires_in_days)
+    invite = invites.create_invite(db, actor, note=note, max_uses=max_uses, expires_at=expires_at)
+    _log(db, actor, "create_invite", invite.id, None, invite)
+    return invite
+
+
+def revoke_invite(db: Database, actor: str, invite_id: str) -> InviteInfo:
+    """Revoking a revoked invite changes nothing and writes no row."""
+    actor = audit.actor_name(actor)
+    before = invites.get_invite(db, invite_id)
+    after = invites.revoke_invite(db, before.id)
+    _log(db, actor, "revoke_invite", after.id, before, after)
     return after
 
 

@@ -37,6 +37,34 @@ class ExpiredKey(AuthenticationError):
     pass
 
 
+# --- people signing in and up (`people.py`) -------------------------------------------------------
+
+
+class InvalidCredentials(PlatformError):
+    """A wrong password or an email nobody has: one message for both, so sign-in tells no one which
+    emails have accounts."""
+
+    public_message = "Incorrect email or password."
+
+
+class LoginThrottled(PlatformError):
+    """Too many failed sign-ins for this email: the next try is allowed `retry_after_s` seconds from now,
+    whatever the password."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"Too many failed sign-in attempts; try again in {retry_after_s} seconds.")
+        self.retry_after_s = retry_after_s
+
+
+class SignupClosed(PlatformError):
+    """The server takes no sign-ups (`tokenmill serve --signup closed`)."""
+
+
+class InviteInvalid(PlatformError):
+    """Sign-up is by invitation, and the code given is missing, unknown, revoked, expired or used up (one
+    message for all: codes cannot be probed)."""
+
+
 # --- authorization: 403 ---------------------------------------------------------------------------
 
 
@@ -99,6 +127,10 @@ class UnknownTier(NotFound):
     pass
 
 
+class InviteNotFound(NotFound):
+    pass
+
+
 class ModelNotPriced(NotFound):
     """Requests for a model without a price are refused rather than served for free by accident."""
 
@@ -139,6 +171,14 @@ class Conflict(PlatformError):
 
 
 class DuplicateName(Conflict):
+    pass
+
+
+class EmailTaken(Conflict):
+    pass
+
+
+class OrganizationTaken(Conflict):
     pass
 
 

@@ -1,5 +1,7 @@
 """User API keys: `sk-` + a random secret, shown once, stored only as its sha256 plus a visible prefix.
-Creation, listing and revocation, each scoped to one organization when the caller is a user."""
+Creation, listing and revocation, each scoped to one organization when the caller is a user. The keys of
+console sign-ins (kind `session`) are `people.py`'s: here they do not exist, so no list shows them and no
+one revokes them by id."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument, KeyNotFound, PermissionDenied, UnknownUser
-from tokenmill.platform.tables import ApiKey, User, new_id
+from tokenmill.platform.tables import ApiKey, UsageRecord, User, new_id
 from tokenmill.platform.validation import MAX_COUNT, optional_int, text
 
 if TYPE_CHECKING:
@@ -153,6 +155,7 @@ def create_key(
             created_at=db.now(),
             expires_at=expires_at,
             revoked_at=None,
+            kind="api",
         )
         session.add(row)
         session.flush()
@@ -195,16 +198,23 @@ def create_key_for_caller(
     )
 
 
+def _visible(row: ApiKey | None, key_id: str, org_id: str | None) -> ApiKey:
+    if row is None or row.kind != "api" or (org_id is not None and row.org_id != org_id):
+        raise KeyNotFound(f"key_id: no key {key_id!r}")
+    return row
+
+
 def get_key(db: Database, key_id: str, *, org_id: str | None = None) -> KeyInfo:
     with db.read() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None or (org_id is not None and row.org_id != org_id):
-            raise KeyNotFound(f"key_id: no key {key_id!r}")
-        return key_info(row)
+        return key_info(_visible(session.get(ApiKey, key_id), key_id, org_id))
 
 
 def list_keys(db: Database, org_id: str, *, include_revoked: bool = True) -> list[KeyInfo]:
-    query = select(ApiKey).where(ApiKey.org_id == org_id).order_by(ApiKey.created_at, ApiKey.id)
+    query = (
+        select(ApiKey)
+        .where(ApiKey.org_id == org_id, ApiKey.kind == "api")
+        .order_by(ApiKey.created_at, ApiKey.id)
+    )
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
     with db.read() as session:
@@ -215,9 +225,22 @@ def revoke_key(db: Database, key_id: str, *, org_id: str | None = None) -> KeyIn
     """Revoke now; the next `authenticate` with it fails. `org_id` scopes the call to the caller's
     organization: a key of another organization is reported as not found. Revoking twice is a no-op."""
     with db.write() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None or (org_id is not None and row.org_id != org_id):
-            raise KeyNotFound(f"key_id: no key {key_id!r}")
+        row = _visible(session.get(ApiKey, key_id), key_id, org_id)
         if row.revoked_at is None:
             row.revoked_at = db.now()
         return key_info(row)
+
+
+def last_used(db: Database, key_ids: Iterable[str]) -> dict[str, datetime]:
+    """When each key last made a request that was billed (its newest usage record), for the key lists:
+    one grouped query over the usage index on key_id. A key never used is absent."""
+    key_ids = list(key_ids)
+    if not key_ids:
+        return {}
+    query = (
+        select(UsageRecord.key_id, func.max(UsageRecord.created_at))
+        .where(UsageRecord.key_id.in_(key_ids))
+        .group_by(UsageRecord.key_id)
+    )
+    with db.read() as session:
+        return {key_id: moment for key_id, moment in session.execute(query).all()}

@@ -3,29 +3,14 @@ migrations in `migrations/versions/`; a change here needs a new migration."""
 
 from __future__ import annotations
 
-import secrets
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    CheckConstraint,
-    Date,
-    DateTime,
-    Dialect,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    TypeDecorator,
-)
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Date, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from tokenmill.text import invalid_text_reason, printable
-
-# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
+from tokenmill.platform.column_types import BigId, TextList, UTCDateTime, one_of
+from tokenmill.platform.column_types import new_id as new_id  # where every module has imported it from
 
 LEDGER_KINDS = ("topup", "charge", "refund", "adjustment", "earning")
 LISTING_TASKS = ("chat", "embedding")
@@ -33,6 +18,8 @@ LISTING_STATUSES = ("draft", "published", "retired")
 LISTING_VISIBILITIES = ("public", "private", "shared")
 RESERVATION_STATES = ("open", "settled", "released")
 USAGE_STATUSES = ("ok", "client_disconnected", "error")
+API_KEY_KINDS = ("api", "session")
+"""`api`: a key a person or program holds; `session`: the key behind a console sign-in (`people.sign_in`)."""
 TIER_LIMIT_COLUMNS = (
     "requests_per_minute",
     "tokens_per_minute",
@@ -41,52 +28,6 @@ TIER_LIMIT_COLUMNS = (
     "free_tokens_per_minute",
     "free_max_concurrent_requests",
 )
-
-
-def new_id(prefix: str) -> str:
-    """Opaque public ids (`org_…`, `key_…`): they reveal neither counts nor order."""
-    return f"{prefix}_{secrets.token_hex(8)}"
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes on both backends (SQLite stores them naive; we re-attach UTC on the way out)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: the platform stores aware UTC datetimes only")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class TextList(TypeDecorator[list[str]]):
-    """A JSON list of strings. JSON escapes a lone surrogate, so unlike a String column it could store text
-    that no response can carry: writing one is refused, and one stored before that rule is read back with
-    U+FFFD in its place, so a single bad row cannot break every read of its table."""
-
-    impl = JSON
-    cache_ok = True
-
-    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> list[str] | None:
-        if value is not None and any(invalid_text_reason(item) for item in value):
-            raise ValueError("TextList: refusing to store invalid Unicode text")
-        return value
-
-    def process_result_value(self, value: list[str] | None, dialect: Dialect) -> list[str] | None:
-        return None if value is None else [printable(item) for item in value]
-
-
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 class Base(DeclarativeBase):
@@ -133,12 +74,15 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
+    password_hash: Mapped[str | None] = mapped_column(String(200))
+    """argon2 (`people.hash_password`); None: the user signs in with keys only (made by an operator)."""
 
 
 class ApiKey(Base):
     """A user's key. Only the sha256 of the secret is stored; `prefix` is what lists show."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(one_of("kind", API_KEY_KINDS), name="ck_api_keys_kind"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
@@ -156,6 +100,40 @@ class ApiKey(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    kind: Mapped[str] = mapped_column(String(16), server_default="api")
+    """A session key is an ordinary key to everything that authenticates or bills; only the key lists and
+    revocation by id (`keys.py`) leave it out, as the console's sign-in owns it."""
+
+
+class Invite(Base):
+    """A code that lets people sign up while sign-up is by invitation: `uses` counts the sign-ups so far."""
+
+    __tablename__ = "invites"
+    __table_args__ = (
+        CheckConstraint("max_uses >= 1", name="ck_invites_max_uses"),
+        CheckConstraint("uses >= 0 AND uses <= max_uses", name="ck_invites_uses"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    note: Mapped[str] = mapped_column(String(200))
+    max_uses: Mapped[int]
+    uses: Mapped[int] = mapped_column(server_default="0")
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(200))
+    """The audit log's actor who made it."""
+
+
+class LoginFailure(Base):
+    """Consecutive failed sign-ins per email (known or not), so guessing passwords slows down per account."""
+
+    __tablename__ = "login_failures"
+
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)
+    failures: Mapped[int]
+    last_failure_at: Mapped[datetime]
 
 
 class AdminKey(Base):
@@ -189,7 +167,7 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        CheckConstraint(_in("kind", LEDGER_KINDS), name="ck_ledger_kind"),
+        CheckConstraint(one_of("kind", LEDGER_KINDS), name="ck_ledger_kind"),
         CheckConstraint(
             "(kind = 'topup' AND amount_micros > 0) OR (kind = 'refund' AND amount_micros > 0)"
             " OR (kind = 'charge' AND amount_micros < 0) OR (kind = 'adjustment' AND amount_micros <> 0)"
@@ -214,7 +192,7 @@ class Reservation(Base):
 
     __tablename__ = "reservations"
     __table_args__ = (
-        CheckConstraint(_in("state", RESERVATION_STATES), name="ck_reservation_state"),
+        CheckConstraint(one_of("state", RESERVATION_STATES), name="ck_reservation_state"),
         CheckConstraint("reserved_micros >= 0", name="ck_reservation_nonneg"),
         Index("ix_reservations_org_state", "org_id", "state"),
         Index("ix_reservations_key_state", "key_id", "state"),
@@ -246,7 +224,7 @@ class UsageRecord(Base):
 
     __tablename__ = "usage_records"
     __table_args__ = (
-        CheckConstraint(_in("status", USAGE_STATUSES), name="ck_usage_status"),
+        CheckConstraint(one_of("status", USAGE_STATUSES), name="ck_usage_status"),
         CheckConstraint("cost_micros >= 0", name="ck_usage_cost_nonneg"),
         Index("ix_usage_org_day", "org_id", "day"),
         Index("ix_usage_key", "key_id"),
@@ -279,9 +257,9 @@ class Listing(Base):
 
     __tablename__ = "listings"
     __table_args__ = (
-        CheckConstraint(_in("task", LISTING_TASKS), name="ck_listing_task"),
-        CheckConstraint(_in("status", LISTING_STATUSES), name="ck_listing_status"),
-        CheckConstraint(_in("visibility", LISTING_VISIBILITIES), name="ck_listing_visibility"),
+        CheckConstraint(one_of("task", LISTING_TASKS), name="ck_listing_task"),
+        CheckConstraint(one_of("status", LISTING_STATUSES), name="ck_listing_status"),
+        CheckConstraint(one_of("visibility", LISTING_VISIBILITIES), name="ck_listing_visibility"),
         CheckConstraint(
             "platform_fee_bps IS NULL OR (platform_fee_bps >= 0 AND platform_fee_bps <= 10000)",
             name="ck_listing_fee",

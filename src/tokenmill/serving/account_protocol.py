@@ -124,6 +124,12 @@ class ApiKeyObject(BaseModel):
     created_at: int
     expires_at: int | None
     revoked_at: int | None
+    last_used_at: int | None = None
+    """Unix seconds of the key's newest billed request; None: never used (or a list that does not say)."""
+    requests_per_minute: int | None = None
+    """The key's own rate limits; None in a dimension: the organization's tier decides."""
+    tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
 
 
 class CreatedApiKey(ApiKeyObject):
@@ -134,3 +140,62 @@ class CreatedApiKey(ApiKeyObject):
 class ApiKeyList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ApiKeyObject]
+
+
+class RequestRecord(BaseModel):
+    """One request as it was billed (`GET /v1/usage/requests`)."""
+
+    object: Literal["usage.request"] = "usage.request"
+    id: int
+    """Pass the last one as `after` for the next page; a charge's `request_id` in the ledger names it."""
+    created_at: int
+    """Unix seconds, when it was settled."""
+    model: str
+    key_id: str
+    key_prefix: str
+    key_name: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_micros: int
+    cost: str
+    latency_ms: int
+    status: str
+    """ok, client_disconnected (billed for what was generated) or error (not billed)."""
+
+
+class RequestList(BaseModel):
+    object: Literal["list"] = "list"
+    start_date: str
+    end_date: str
+    data: list[RequestRecord]
+    has_more: bool
+    last_id: int | None
+    """The cursor: `after=last_id` asks for the next page."""
+
+
+class LedgerEntryObject(BaseModel):
+    object: Literal["ledger_entry"] = "ledger_entry"
+    id: int
+    created_at: int
+    kind: str
+    """topup, charge, refund, adjustment or earning (a provider's share of a sale)."""
+    amount_micros: int
+    """Signed: charges are negative."""
+    amount: str
+    note: str
+    request_id: int | None = None
+    """Charges: the `id` of the request charged in `GET /v1/usage/requests`."""
+    model: str | None = None
+    """Charges: the model of that request."""
+
+
+class LedgerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LedgerEntryObject]
+    has_more: bool
+    last_id: int | None
+    """The cursor: `after=last_id` asks for the next page."""
+    balance_micros: int
+    """The organization's balance now (the sum of its whole ledger)."""
+    balance: str

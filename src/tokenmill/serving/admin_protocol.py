@@ -106,9 +106,6 @@ class CreateAdminKeyRequest(AdminRequest):
 
 class AdminKeyObject(ApiKeyObject):
     org_id: str
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    max_concurrent_requests: int | None
 
 
 class CreatedAdminKey(AdminKeyObject):

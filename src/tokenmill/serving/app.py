@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from tokenmill import console
 from tokenmill.catalog.lifecycle import Fleet
 from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
@@ -21,13 +22,16 @@ from tokenmill.serving.openapi import openapi_schema
 from tokenmill.serving.routes import (
     account,
     admin,
+    admin_invites,
     admin_market,
     admin_models,
+    auth,
     catalog,
     chat,
     completions,
     embeddings,
     health,
+    history,
     keys,
     models,
 )
@@ -35,7 +39,7 @@ from tokenmill.serving.served import ServedModel
 from tokenmill.serving.settings import ServerSettings
 from tokenmill.serving.state import ServingState, fleet_of
 
-V1_ROUTES = (chat, completions, embeddings, models, catalog, account, keys)
+V1_ROUTES = (chat, completions, embeddings, models, catalog, account, history, keys)
 """Every /v1 route authenticates and refuses invalid text (router-level dependencies), so a new route cannot
 forget to."""
 
@@ -91,10 +95,14 @@ def create_app(
         app.include_router(module.router, dependencies=[Depends(get_principal), Depends(require_valid_text)])
     for module in (
         admin,
+        admin_invites,
         admin_market,
         admin_models,
     ):  # the operator's routes: the admin key, never a user key
         app.include_router(module.router, dependencies=[Depends(get_admin), Depends(require_valid_text)])
+    # Signing in is how one gets a principal: these routes authenticate themselves where they need to.
+    app.include_router(auth.router, dependencies=[Depends(require_valid_text)])
     app.include_router(health.router)
+    app.router.routes.extend(console.routes())  # the web console at /: static pages over this same API
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
     return app

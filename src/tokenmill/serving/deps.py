@@ -1,8 +1,16 @@
 """Typed dependency aliases: routes declare what they need (`state: StateDep`, `principal: PrincipalDep`)
-instead of reaching into `request.app`. Authentication lives here, once, for every /v1 route."""
+instead of reaching into `request.app`. Authentication lives here, once, for every /v1 route.
+
+A request carries its key in `Authorization: Bearer` (scripts, SDKs) or, when it has no such header, in the
+`tm_session` cookie (the web console; `routes/auth.py` sets it). A browser sends that cookie with requests
+other sites make it send, so a cookie-authenticated request that changes something must also prove it
+comes from the console: its `X-CSRF-Token` header holds `csrf_token(key)`, which only a page that read the
+session answer (same origin) knows."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,6 +39,10 @@ LOCAL_PRINCIPAL = KeyPrincipal(
 )
 """Who every request is under --no-auth: one local user of one local organization, allowed every model,
 never rate-limited or billed. It exists in no database (there is none in that mode)."""
+SESSION_COOKIE = "tm_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that change nothing: a cookie alone authenticates them."""
 
 
 # The dependencies that do no I/O are `async def` with nothing to await: FastAPI runs a plain `def`
@@ -59,16 +71,49 @@ def bearer_key(authorization: str | None) -> str | None:
     return key.strip()
 
 
+def request_key(request: Request) -> tuple[str | None, bool]:
+    """The request's key and whether it came from the session cookie: the bearer key when there is an
+    Authorization header (a malformed one is an error, never a fall back to the cookie), else the cookie's."""
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        return bearer_key(authorization), False
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return (cookie, True) if cookie else (None, False)
+
+
+def csrf_token(raw_key: str) -> str:
+    """Derived from the key, so the server stores nothing per session and a new key means a new token."""
+    return hashlib.sha256(b"tokenmill-csrf:" + raw_key.encode("utf-8")).hexdigest()[:32]
+
+
+def check_csrf(request: Request, raw_key: str) -> None:
+    """For a cookie-authenticated request: one that changes something must carry the key's CSRF token."""
+    if request.method in SAFE_METHODS:
+        return
+    sent = request.headers.get(CSRF_HEADER, "").strip().encode("utf-8")
+    if not hmac.compare_digest(sent, csrf_token(raw_key).encode("utf-8")):
+        raise APIError(
+            403,
+            "This request is authenticated by the session cookie but lacks its X-CSRF-Token header (the "
+            "csrf_token of GET /v1/auth/session).",
+            code="csrf_failed",
+        )
+
+
 async def get_principal(request: Request) -> KeyPrincipal:
     """A key seen since the database last changed is answered from memory on the loop; any other is
     looked up in the thread pool, so the loop never waits on the database. Raises the platform's
-    AuthenticationError family, which errors.py turns into one identical 401."""
+    AuthenticationError family, which errors.py turns into one identical 401; a cookie-authenticated
+    request without its CSRF token is a 403 (after the key is known good, so a stale cookie is a 401)."""
     gateway = state_of(request).gateway
     if gateway is None:
         return LOCAL_PRINCIPAL
-    raw_key = bearer_key(request.headers.get("authorization"))
+    raw_key, from_cookie = request_key(request)
     remembered = gateway.remembered_principal(raw_key)
-    return remembered or await run_in_threadpool(gateway.authenticate, raw_key)
+    principal = remembered or await run_in_threadpool(gateway.authenticate, raw_key)
+    if from_cookie:
+        check_csrf(request, raw_key or "")  # authenticated: it is a key
+    return principal
 
 
 async def require_valid_text(request: Request) -> None:
@@ -119,12 +164,15 @@ def get_admin(request: Request) -> AdminPrincipal:
     pool. No key or a bad one is the same 401 as everywhere; a valid user key is a 403, so an operator who
     pasted the wrong key learns why."""
     gateway = gateway_of(request)
-    raw_key = bearer_key(request.headers.get("authorization"))
+    raw_key, from_cookie = request_key(request)
     try:
-        return authenticate_admin(gateway.db, raw_key)
+        admin = authenticate_admin(gateway.db, raw_key)
     except UnknownKey:
         gateway.authenticate(raw_key)  # not a user key either: its AuthenticationError becomes the 401
-    raise APIError(403, "This endpoint requires an admin key.", code="permission_denied")
+        raise APIError(403, "This endpoint requires an admin key.", code="permission_denied") from None
+    if from_cookie:
+        check_csrf(request, raw_key or "")  # authenticated: it is a key
+    return admin
 
 
 AdminDep = Annotated[AdminPrincipal, Depends(get_admin)]

@@ -18,13 +18,19 @@ from tokenmill.engine.sampling_params import InvalidRequestError
 from tokenmill.platform.errors import (
     AuthenticationError,
     Conflict,
+    EmailTaken,
     InsufficientQuota,
+    InvalidCredentials,
+    InviteInvalid,
     ListingRetired,
+    LoginThrottled,
     ModelNotAllowed,
     ModelNotFound,
     NotFound,
+    OrganizationTaken,
     PermissionDenied,
     PlatformError,
+    SignupClosed,
 )
 from tokenmill.platform.ratelimit import RateLimited
 from tokenmill.text import printable
@@ -97,6 +103,11 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
         return error_response(
             401, exc.public_message, code="invalid_api_key", headers={"www-authenticate": "Bearer"}
         )
+    if isinstance(exc, InvalidCredentials):
+        return error_response(401, exc.public_message, code="invalid_credentials")
+    if isinstance(exc, LoginThrottled):
+        headers = {"retry-after": str(exc.retry_after_s)}
+        return error_response(429, str(exc), code="too_many_login_attempts", headers=headers)
     if isinstance(exc, RateLimited):
         if exc.decision.reason == "request_too_large":
             # More tokens than the key may use in any minute: no wait helps, so not a 429 (which clients
@@ -118,10 +129,16 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
         return error_response(
             403, f"This API key may not use the model `{exc.model}`.", "model", "model_not_allowed"
         )
+    if isinstance(exc, SignupClosed | InviteInvalid):
+        param = "invite_code" if isinstance(exc, InviteInvalid) else None
+        return error_response(403, str(exc), param, "signup_closed" if param is None else "invite_invalid")
     if isinstance(exc, PermissionDenied):
         return error_response(403, message, param, "permission_denied")
     if isinstance(exc, NotFound):
         return error_response(404, message, param, "not_found")
+    if isinstance(exc, EmailTaken | OrganizationTaken):
+        code = "email_taken" if isinstance(exc, EmailTaken) else "organization_taken"
+        return error_response(409, message, param, code)
     if isinstance(exc, Conflict):
         return error_response(409, message, param, "conflict")
     return error_response(400, message, param)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from tokenmill.config import ConfigError
 
+SIGNUP_MODES = ("open", "invite", "closed")
+"""Who may create an account in the web console: anyone, people with an invite code, or no one."""
 OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's legacy /v1/completions stops at 16 tokens when a request sets no max_tokens."""
 
@@ -45,8 +47,13 @@ class ServerSettings:
     completion_limits: CompletionLimits = field(default_factory=CompletionLimits)
     """For every chat model, unless `model_completion_limits` names it."""
     model_completion_limits: Mapping[str, CompletionLimits] = field(default_factory=dict)
+    signup: str = "invite"
+    """One of `SIGNUP_MODES`. By invitation unless the operator opens it: a server reachable from a network
+    should not hand out free accounts to whoever finds it."""
 
     def __post_init__(self) -> None:
+        if self.signup not in SIGNUP_MODES:
+            raise ConfigError(f"signup: must be one of {', '.join(SIGNUP_MODES)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port: must be in [0, 65535]")
         if self.max_body_bytes < 1024:

@@ -1,11 +1,13 @@
 """GET /v1/user/info (who the key belongs to, the organization's balance) and GET /v1/usage (per model and
-UTC day, as a buyer or as a provider). Plain `def` routes: FastAPI runs them in its thread pool, so the database reads never block the
-event loop."""
+UTC day, as a buyer or as a provider; JSON or CSV). Only the caller's own organization is ever read. Plain
+`def` routes: FastAPI runs them in its thread pool, so the database reads never block the event loop."""
 
 from __future__ import annotations
 
-from datetime import date, timedelta
-from typing import Literal
+import csv
+import io
+from datetime import date
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -97,21 +99,47 @@ def get_user_info(principal: PrincipalDep, state: StateDep) -> Response:
     return json_response(UserInfoResponse(data=data))
 
 
-@router.get("/v1/usage", response_model=None, responses=documented(UsageList, *ALWAYS))
+def _responses_with_csv(body: type[UsageList], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The JSON body as documented, and the same report as CSV when `format=csv`."""
+    responses = documented(body, *statuses)
+    responses[200]["content"] = {"text/csv": {"schema": {"type": "string"}}}
+    responses[200]["description"] = "The report: JSON, or CSV (one row per day and model) with format=csv."
+    return responses
+
+
+def date_range(gateway: Gateway, start: date | None, end: date | None) -> tuple[date, date]:
+    """Both inclusive; by default the last 30 UTC days up to today (or up to `end`). Order is checked by
+    the platform, which refuses start > end."""
+    end = end or gateway.db.now().date()
+    # Counted on ordinals: `end - 29 days` overflows for a date near year 1.
+    start = start or date.fromordinal(max(1, end.toordinal() - DEFAULT_USAGE_DAYS + 1))
+    return start, end
+
+
+@router.get("/v1/usage", response_model=None, responses=_responses_with_csv(UsageList, *ALWAYS))
 def get_usage(
     principal: PrincipalDep,
     gateway: GatewayDep,
     start_date: date | None = None,
     end_date: date | None = None,
     role: Literal["buyer", "provider"] = "buyer",
+    format: Literal["json", "csv"] = "json",
 ) -> Response:
     """Both dates inclusive; by default the last 30 UTC days. Only the caller's organization is reported:
-    what it bought (role=buyer), or what it sold as a provider and earned (role=provider)."""
-    end = end_date or gateway.db.now().date()
-    start = start_date or end - timedelta(days=DEFAULT_USAGE_DAYS - 1)
+    what it bought (role=buyer), or what it sold as a provider and earned (role=provider). `format=csv`
+    answers the same rows as a CSV download."""
+    start, end = date_range(gateway, start_date, end_date)
     if role == "provider":
-        return _earnings(gateway, principal.org_id, start, end)
-    rows = usage_report(gateway.db, principal.org_id, start, end)
+        report = _earnings(gateway, principal.org_id, start, end)
+    else:
+        report = _purchases(gateway, principal.org_id, start, end)
+    if format == "csv":
+        return _csv_response(report)
+    return json_response(report)
+
+
+def _purchases(gateway: Gateway, org_id: str, start: date, end: date) -> UsageList:
+    rows = usage_report(gateway.db, org_id, start, end)
     entries = [
         UsageEntry(
             date=row.day.isoformat(),
@@ -126,18 +154,16 @@ def get_usage(
         for row in rows
     ]
     total = sum(row.cost_micros for row in rows)
-    return json_response(
-        UsageList(
-            start_date=start.isoformat(),
-            end_date=end.isoformat(),
-            data=entries,
-            total_cost_micros=total,
-            total_cost=format_micros(total),
-        )
+    return UsageList(
+        start_date=start.isoformat(),
+        end_date=end.isoformat(),
+        data=entries,
+        total_cost_micros=total,
+        total_cost=format_micros(total),
     )
 
 
-def _earnings(gateway: Gateway, org_id: str, start: date, end: date) -> Response:
+def _earnings(gateway: Gateway, org_id: str, start: date, end: date) -> UsageList:
     rows = provider_earnings(gateway.db, org_id, start, end)
     entries = [
         UsageEntry(
@@ -156,14 +182,45 @@ def _earnings(gateway: Gateway, org_id: str, start: date, end: date) -> Response
         for row in rows
     ]
     sales = sum(row.sales_micros for row in rows)
-    return json_response(
-        UsageList(
-            role="provider",
-            start_date=start.isoformat(),
-            end_date=end.isoformat(),
-            data=entries,
-            total_cost_micros=sales,
-            total_cost=format_micros(sales),
-            total_earnings_micros=sum(row.earnings_micros for row in rows),
-        )
+    return UsageList(
+        role="provider",
+        start_date=start.isoformat(),
+        end_date=end.isoformat(),
+        data=entries,
+        total_cost_micros=sales,
+        total_cost=format_micros(sales),
+        total_earnings_micros=sum(row.earnings_micros for row in rows),
+    )
+
+
+CSV_COLUMNS = ("date", "model", "num_requests", "prompt_tokens", "completion_tokens", "total_tokens")
+CSV_MONEY = {
+    "buyer": ("cost", "cost_micros"),
+    "provider": ("cost", "cost_micros", "earnings", "earnings_micros", "platform_fee_micros"),
+}
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A model name is chosen by its provider: one starting like a formula is quoted, so a spreadsheet
+    opening the export shows it as text instead of evaluating it."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def _csv_response(report: UsageList) -> Response:
+    """One row per day and model, with no total row: summing a column gives the report's total."""
+    columns = (*CSV_COLUMNS, *CSV_MONEY[report.role])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for entry in report.data:
+        values = entry.model_dump()
+        writer.writerow([_cell(values[column]) for column in columns])
+    name = f"tokenmill-usage-{report.role}-{report.start_date}-{report.end_date}.csv"
+    return Response(
+        content=out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

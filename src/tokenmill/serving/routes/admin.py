@@ -184,13 +184,7 @@ def create_user(body: CreateUserRequest, admin: AdminDep, gateway: GatewayDep) -
 
 
 def _key(info: KeyInfo) -> AdminKeyObject:
-    return AdminKeyObject(
-        **key_object(info).model_dump(),
-        org_id=info.org_id,
-        requests_per_minute=info.requests_per_minute,
-        tokens_per_minute=info.tokens_per_minute,
-        max_concurrent_requests=info.max_concurrent_requests,
-    )
+    return AdminKeyObject(**key_object(info).model_dump(), org_id=info.org_id)
 
 
 @router.get("/keys", response_model=None, responses=documented(AdminKeyList, *READ, 404))

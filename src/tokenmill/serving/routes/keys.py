@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from tokenmill.platform.keys import KeyInfo, create_key_for_caller, list_keys, revoke_key
+from tokenmill.platform.keys import KeyInfo, create_key_for_caller, last_used, list_keys, revoke_key
 from tokenmill.serving.account_protocol import ApiKeyList, ApiKeyObject, CreatedApiKey, CreateKeyRequest
 from tokenmill.serving.deps import GatewayDep, PrincipalDep
 from tokenmill.serving.openapi import ALWAYS, documented
@@ -18,11 +18,11 @@ from tokenmill.serving.routes.common import json_response
 router = APIRouter()
 
 
-def _seconds(moment: datetime | None) -> int | None:
+def seconds_or_none(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp())
 
 
-def key_object(info: KeyInfo) -> ApiKeyObject:
+def key_object(info: KeyInfo, last_used_at: datetime | None = None) -> ApiKeyObject:
     return ApiKeyObject(
         id=info.id,
         name=info.name,
@@ -31,14 +31,21 @@ def key_object(info: KeyInfo) -> ApiKeyObject:
         allowed_models=list(info.allowed_models) if info.allowed_models is not None else None,
         spend_limit_micros=info.spend_limit_micros,
         created_at=int(info.created_at.timestamp()),
-        expires_at=_seconds(info.expires_at),
-        revoked_at=_seconds(info.revoked_at),
+        expires_at=seconds_or_none(info.expires_at),
+        revoked_at=seconds_or_none(info.revoked_at),
+        last_used_at=seconds_or_none(last_used_at),
+        requests_per_minute=info.requests_per_minute,
+        tokens_per_minute=info.tokens_per_minute,
+        max_concurrent_requests=info.max_concurrent_requests,
     )
 
 
 @router.get("/v1/keys", response_model=None, responses=documented(ApiKeyList, *ALWAYS))
 def get_keys(principal: PrincipalDep, gateway: GatewayDep) -> Response:
-    return json_response(ApiKeyList(data=[key_object(k) for k in list_keys(gateway.db, principal.org_id)]))
+    """The organization's keys, without the console's sign-in sessions, each with when it was last used."""
+    infos = list_keys(gateway.db, principal.org_id)
+    used = last_used(gateway.db, [info.id for info in infos])
+    return json_response(ApiKeyList(data=[key_object(info, used.get(info.id)) for info in infos]))
 
 
 @router.post("/v1/keys", response_model=None, responses=documented(CreatedApiKey, *ALWAYS, 403, 404, 413))
