@@ -1,5 +1,5 @@
 """The console in a real browser: one `tokenmill serve --config models.yaml --signup invite` process for the
-whole session (two tiny chat models, one free from the platform and one paid from the provider "acme",
+whole package (two tiny chat models, one free from the platform and one paid from the provider "acme",
 and the real MiniLM embedding model), Debian's Chromium driven headless by Playwright, and per test a
 fresh browser context that fails the test on any console error, page error or failed request it did not
 expect, and leaves a screenshot under test-artifacts/console/."""
@@ -97,7 +97,7 @@ class ConsoleServer:
         return email
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[ConsoleServer]:
     work = tmp_path_factory.mktemp("console")
     config = work / "models.yaml"
@@ -110,8 +110,10 @@ def console_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pat
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    """Package-scoped, not session-scoped: Playwright's sync API keeps an event loop of its own in this thread
+    while it runs, and the asyncio tests of later packages must not start beside it."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
     with playwright_api.sync_playwright() as playwright:
