@@ -61,6 +61,16 @@ def _models_yaml(model_dir: Path) -> dict[str, Any]:
                     "tags": ["embedding", "search"], "license": "apache-2.0", "price": "free",
                 },
             },
+            {
+                # A draft of acme's that test_provider_admin publishes and then retires in the browser;
+                # unpinned, so it costs no load at startup (the square lists it without serving it).
+                "id": "acme/tiny-draft", "source": str(model_dir), "engine": engine,
+                "listing": {
+                    "display_name": "Acme Tiny Draft", "description": "Made to be published, then retired.",
+                    "provider": PROVIDER_ORG, "tags": ["chat", "draft"], "license": "apache-2.0",
+                    "price": "free", "status": "draft",
+                },
+            },
         ]
     }  # fmt: skip
 

@@ -211,3 +211,69 @@ def test_a_user_may_not_open_the_admin_pages(console):
     console.watch.expect(403)
     response = page.request.get(f"{console.server.url}/v1/admin/organizations")
     assert response.status == 403
+
+
+DRAFT_MODEL = "acme/tiny-draft"
+"""acme's draft in conftest's models.yaml: this test alone publishes it, then retires it."""
+
+
+def test_a_provider_publishes_its_draft_renames_it_and_retires_it(console):
+    page = console.page
+    server = console.server
+    listing_path = f"/listings/{quote(DRAFT_MODEL, safe='')}"
+    assert server.admin("GET", listing_path)["status"] == "draft"
+    key = _user_key(console, PROVIDER_ORG)
+    buyer = server.sign_up()
+
+    def square_card():
+        return page.locator(f'article.model-card[data-model="{DRAFT_MODEL}"]')
+
+    try:
+        _sign_in_with_key(console, key)
+        console.open("provider")
+        card = page.locator(f'article.provider-listing[data-model="{DRAFT_MODEL}"]')
+        expect(card.locator("dl")).to_contain_text("Draft (only your organization can call it)")
+        expect(card.get_by_role("button", name="Retire")).to_have_count(0)
+        assert console.axe_violations() == []
+
+        card.get_by_label("Display name").fill("Acme Tiny Draft v2")
+        card.get_by_label("Tags").fill("chat, fresh")
+        card.get_by_role("button", name="Save").click()
+        expect(card.get_by_role("status").filter(has_text="Saved")).to_be_visible()
+        expect(card.get_by_role("heading", level=3)).to_have_text("Acme Tiny Draft v2")
+        card.get_by_role("button", name="Publish Acme Tiny Draft v2").click()
+        expect(card.get_by_role("status").filter(has_text="Published.")).to_be_visible()
+        expect(card.locator("dl")).to_contain_text("Published")
+        assert server.admin("GET", listing_path)["status"] == "published"
+
+        # Another organization now finds it in the model square, under its new name and tags.
+        console.sign_in(buyer)
+        console.open("square")
+        expect(square_card().get_by_role("heading", level=2)).to_have_text("Acme Tiny Draft v2")
+        expect(square_card().locator(".tag-list li")).to_have_text(["chat", "fresh"])
+
+        _sign_in_with_key(console, key)
+        console.open("provider")
+        card.get_by_role("button", name="Retire Acme Tiny Draft v2").click()
+        expect(card.get_by_text("only the server's operator can bring it back")).to_be_visible()
+        card.get_by_role("button", name="Cancel").click()  # asking first: nothing happened yet
+        assert server.admin("GET", listing_path)["status"] == "published"
+        card.get_by_role("button", name="Retire Acme Tiny Draft v2").click()
+        card.get_by_role("button", name="Yes, retire").click()
+        expect(card.get_by_role("status").filter(has_text="Retired.")).to_be_visible()
+        expect(card.locator("dl")).to_contain_text("Retired")
+        note = card.get_by_role("status").filter(has_text="This model is retired")
+        expect(note).to_contain_text("Only the server's operator can bring it back.")
+        expect(card.locator("input, textarea, select, button")).to_have_count(0)  # read-only now
+        assert server.admin("GET", listing_path)["status"] == "retired"
+        assert console.axe_violations() == []
+        chat = {"model": DRAFT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        assert server.api("POST", "/v1/chat/completions", key, json=chat).status_code == 410
+
+        console.sign_in(buyer)
+        console.open("square")
+        expect(page.locator("article.model-card").first).to_be_visible()
+        expect(square_card()).to_have_count(0)
+    finally:
+        if server.admin("GET", listing_path)["status"] == "published":
+            server.admin("POST", f"{listing_path}/retire")  # never leave it in the other tests' square

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from tests.platform.helpers import make_account, unique
+from tests.platform.helpers import make_account, reserve_model, unique
 from tokenmill.platform.accounts import create_organization, get_organization
+from tokenmill.platform.billing import settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import (
+    Conflict,
     InvalidArgument,
     ListingNotFound,
     ListingRetired,
@@ -32,6 +34,7 @@ from tokenmill.platform.listings import (
     ensure_listing,
     get_listing,
     list_listings,
+    own_listings,
     resolve_listing,
     set_listing_status,
     update_listing,
@@ -185,6 +188,111 @@ def test_only_the_provider_edits_its_listing_and_a_stranger_learns_nothing(db: D
     assert update_listing(db, platform_model, ListingChanges(description="ours")).description == "ours"
     with pytest.raises(ListingNotFound):
         update_listing(db, unique("no-such-model"), ListingChanges(description="x"))
+
+
+def test_a_provider_publishes_its_draft_and_retires_it_but_never_revives_it(db: Database) -> None:
+    provider, buyer, stranger = make_account(db), make_account(db, 10_000_000), make_account(db)
+    model = apply_listing(
+        db, ListingSpec(unique("m"), provider=provider.org.id, price=PRICE, status="draft")
+    ).model
+    assert _outcome(db, buyer.org.id, model) == "404" and _outcome(db, provider.org.id, model) == "ok"
+    # Retiring a draft, or asking for any other status, is refused naming the field, and writes nothing.
+    with pytest.raises(
+        Conflict, match=r"^status: only a published listing can be retired \(this one is draft\)$"
+    ):
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="retired", description="lost"))
+    with pytest.raises(InvalidArgument, match="^status: a provider may set published or retired only$"):
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="draft"))
+    with pytest.raises(InvalidArgument, match="^status: must be one of draft, published, retired$"):
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="deleted"))
+    # Another organization cannot publish it: as if it did not exist.
+    with pytest.raises(ModelNotFound):
+        update_own_listing(db, stranger.org.id, model, ListingChanges(status="published"))
+    draft = get_listing(db, model)
+    assert (draft.status, draft.description) == ("draft", "")
+
+    assert (
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="published")).status
+        == "published"
+    )
+    assert _outcome(db, buyer.org.id, model) == "ok"
+    assert model in {listing.model for listing in callable_listings(db, buyer.org.id)}
+    assert (
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="published")).status
+        == "published"
+    )
+
+    # Retiring stops new requests only: one admitted before finishes and is billed at its quoted terms.
+    admitted = reserve_model(db, buyer.principal, model, 10, 10)
+    with pytest.raises(ModelNotFound):
+        update_own_listing(db, stranger.org.id, model, ListingChanges(status="retired"))
+    assert (
+        update_own_listing(db, provider.org.id, model, ListingChanges(status="retired")).status == "retired"
+    )
+    assert _outcome(db, buyer.org.id, model) == "404" and _outcome(db, provider.org.id, model) == "410"
+    assert model not in {listing.model for listing in callable_listings(db, buyer.org.id)}
+    usage = settle(db, admitted, 10, 4, "ok", 0.1)
+    assert usage.cost_micros == -(
+        -(10 * PRICE.input_micros_per_mtok + 4 * PRICE.output_micros_per_mtok) // 10**6
+    )
+
+    # Only the operator brings a retired listing back; the provider's other edits are a 410 as before.
+    for status in ("published", "retired"):
+        with pytest.raises(Conflict, match="^status: the listing is retired; only the server's operator"):
+            update_own_listing(db, provider.org.id, model, ListingChanges(status=status))
+    with pytest.raises(ListingRetired):
+        update_own_listing(db, provider.org.id, model, ListingChanges(display_name="Back again"))
+    assert get_listing(db, model).status == "retired"
+    assert set_listing_status(db, model, "published").status == "published"
+    assert _outcome(db, buyer.org.id, model) == "ok"
+
+
+def test_a_provider_renames_and_retags_its_listing(db: Database) -> None:
+    provider, buyer = make_account(db), make_account(db)
+    spec = ListingSpec(unique("m"), provider=provider.org.id, display_name="Old", tags=("chat",), price=PRICE)
+    model = apply_listing(db, spec).model
+    edited = update_own_listing(
+        db,
+        provider.org.id,
+        model,
+        ListingChanges(display_name="  New name  ", tags=("fast", " code ", "fast")),
+    )
+    assert (edited.display_name, edited.tags) == ("New name", ("fast", "code"))
+    seen = next(listing for listing in callable_listings(db, buyer.org.id) if listing.model == model)
+    assert (seen.display_name, seen.tags, seen.price) == ("New name", ("fast", "code"), PRICE)
+    # The operator's rules for tags and names hold for the provider too; a refused edit writes nothing.
+    refused: list[tuple[ListingChanges, str]] = [
+        (ListingChanges(display_name=" ", tags=()), "^display_name: must not be empty$"),
+        (ListingChanges(display_name="x" * 201), "^display_name: at most 200 characters$"),
+        (ListingChanges(tags=("ok", "x" * 51)), "^tags: at most 50 characters$"),
+        (ListingChanges(tags=tuple(f"t{i}" for i in range(33))), "^tags: at most 32 items$"),
+        (ListingChanges(tags="chat"), "^tags: must be a list of strings$"),  # type: ignore[arg-type]
+        (ListingChanges(tags=("",)), "^tags: must not be empty$"),
+    ]
+    for changes, message in refused:
+        with pytest.raises(InvalidArgument, match=message):
+            update_own_listing(db, provider.org.id, model, changes)
+    assert get_listing(db, model) == edited
+    assert update_own_listing(db, provider.org.id, model, ListingChanges(tags=())).tags == ()
+    # The operator may rename, retag and set any status through the same changes.
+    operator = update_listing(db, model, ListingChanges(display_name="Ours", tags=("x",), status="draft"))
+    assert (operator.display_name, operator.tags, operator.status) == ("Ours", ("x",), "draft")
+
+
+def test_a_provider_sees_its_own_listings_in_every_status(db: Database) -> None:
+    provider, other = make_account(db), make_account(db)
+    models = {
+        status: apply_listing(db, ListingSpec(unique("m"), provider=provider.org.id, status=status)).model
+        for status in ("draft", "published")
+    }
+    models["retired"] = apply_listing(db, ListingSpec(unique("m"), provider=provider.org.id)).model
+    set_listing_status(db, models["retired"], "retired")
+    apply_listing(db, ListingSpec(unique("m"), provider=other.org.id))
+    apply_listing(db, ListingSpec(unique("m")))  # the platform's own
+    own = own_listings(db, provider.org.id)
+    assert [listing.model for listing in own] == sorted(models.values())
+    assert {listing.model: listing.status for listing in own} == {model: s for s, model in models.items()}
+    assert own_listings(db, make_account(db).org.id) == []
 
 
 def test_an_unchanged_models_yaml_keeps_the_providers_edits(db: Database) -> None:

@@ -21,8 +21,8 @@ from tokenmill.platform.errors import ExpiredKey, ModelNotFound, RevokedKey
 from tokenmill.platform.gateway import Gateway, PlatformSettings
 from tokenmill.platform.keys import create_key, revoke_key
 from tokenmill.platform.ledger import top_up
-from tokenmill.platform.listing_terms import ListingChanges
-from tokenmill.platform.listings import set_listing_status, update_listing
+from tokenmill.platform.listing_terms import ListingChanges, ListingSpec
+from tokenmill.platform.listings import apply_listing, set_listing_status, update_listing, update_own_listing
 from tokenmill.platform.migrate import upgrade
 from tokenmill.platform.pricing import Price, set_model_price
 from tokenmill.platform.ratelimit_memory import InMemoryRateLimiter
@@ -121,3 +121,24 @@ def test_a_remembered_key_or_listing_is_never_stale(
     set_listing_status(admin, model, "retired")
     with pytest.raises(ModelNotFound):
         gateway.resolve(make_account(admin).principal, model)
+
+
+def test_a_providers_publish_rename_and_retire_hold_from_the_next_request(
+    gateway_and_admin: tuple[Gateway, Database, _Clock, list[str]],
+) -> None:
+    """The provider edits through another gateway (here the admin's handle): this gateway's remembered
+    answers follow at once, because every provider change is a write to `listings`."""
+    gateway, admin, _, _ = gateway_and_admin
+    provider, buyer = make_account(admin), make_account(admin)
+    model = apply_listing(admin, ListingSpec(unique("m"), provider=provider.org.id, status="draft")).model
+    principal = gateway.authenticate(buyer.key.key)
+    with pytest.raises(ModelNotFound):
+        gateway.resolve(principal, model)
+    update_own_listing(admin, provider.org.id, model, ListingChanges(status="published"))
+    assert gateway.resolve(principal, model).display_name == model
+    update_own_listing(admin, provider.org.id, model, ListingChanges(display_name="Renamed", tags=("new",)))
+    renamed = gateway.resolve(principal, model)
+    assert (renamed.display_name, renamed.tags) == ("Renamed", ("new",))
+    update_own_listing(admin, provider.org.id, model, ListingChanges(status="retired"))
+    with pytest.raises(ModelNotFound):
+        gateway.resolve(principal, model)

@@ -13,6 +13,7 @@ from tokenmill.platform.validation import MAX_COUNT, optional_int, text
 from tokenmill.text import invalid_text_reason
 
 MAX_MODEL_CHARS = 200
+MAX_DISPLAY_NAME_CHARS = 200
 MAX_DESCRIPTION_CHARS = 4000
 MAX_TAGS = 32
 MAX_TAG_CHARS = 50
@@ -53,6 +54,12 @@ class ListingChanges:
     visibility: str | None = None
     shared_with: tuple[str, ...] | None = None
     """Organization ids or names."""
+    display_name: str | None = None
+    tags: tuple[str, ...] | None = None
+    """The whole new list (the same rules as a `ListingSpec`'s tags); () removes every tag."""
+    status: str | None = None
+    """The operator may set any status; a provider only publishes its draft or retires its published
+    listing (`listings.update_own_listing`)."""
 
 
 def checked_spec(spec: ListingSpec) -> ListingSpec:
@@ -66,7 +73,9 @@ def checked_spec(spec: ListingSpec) -> ListingSpec:
         spec,
         model=text("model", spec.model, max_len=MAX_MODEL_CHARS),
         task=choice("task", spec.task, LISTING_TASKS),
-        display_name=None if display_name is None else text("display_name", display_name, max_len=200),
+        display_name=None
+        if display_name is None
+        else text("display_name", display_name, max_len=MAX_DISPLAY_NAME_CHARS),
         description=text("description", spec.description, max_len=MAX_DESCRIPTION_CHARS, allow_empty=True),
         provider=None if spec.provider is None else text("provider", spec.provider, max_len=200),
         tags=_tags(spec.tags),
@@ -92,8 +101,17 @@ def checked_changes(changes: ListingChanges) -> ListingChanges:
     shared_with = changes.shared_with
     if shared_with is not None:
         shared_with = _refs("shared_with", shared_with)
+    display_name = changes.display_name
+    if display_name is not None:
+        display_name = text("display_name", display_name, max_len=MAX_DISPLAY_NAME_CHARS)
     return ListingChanges(
-        description=description, price=_price(changes.price), visibility=visibility, shared_with=shared_with
+        description=description,
+        price=_price(changes.price),
+        visibility=visibility,
+        shared_with=shared_with,
+        display_name=display_name,
+        tags=None if changes.tags is None else _tags(changes.tags),
+        status=None if changes.status is None else choice("status", changes.status, LISTING_STATUSES),
     )
 
 

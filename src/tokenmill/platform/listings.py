@@ -56,6 +56,8 @@ DEFAULT_PLATFORM_FEE_BPS = 2000
 """The platform's share of a provider's sale when neither the server nor the listing sets one: 20%."""
 _ORG_ID_RE = re.compile(r"^org_[0-9a-f]{16}$")
 _WRITE_ATTEMPTS = 5
+_PROVIDER_STATUSES = ("published", "retired")
+"""What a provider may ask its listing to become; drafts come from the operator or models.yaml."""
 _T = TypeVar("_T")
 
 
@@ -222,20 +224,36 @@ def resolve_listing(db: Database, org_id: str, model: str) -> ListingInfo:
     raise ModelNotFound(model)
 
 
+def own_listings(db: Database, org_id: str) -> list[ListingInfo]:
+    """Every listing `org_id` provides, in any status, by model id: what its provider manages."""
+    with db.read() as session:
+        found = session.execute(_query().where(Listing.provider_org_id == org_id)).all()
+    return _by_model([_info(*row) for row in found])
+
+
 def update_own_listing(db: Database, org_id: str, model: str, changes: ListingChanges) -> ListingInfo:
     """A provider key's edit of its organization's listing. Any other listing, the platform's own included,
     is a `ModelNotFound`, as if it did not exist, and nothing is changed; a retired one is `ListingRetired`
     (only the operator brings it back). `shared_with` takes organization ids only here: names can be
-    guessed, so accepting them would let any provider key probe which organizations exist."""
+    guessed, so accepting them would let any provider key probe which organizations exist.
+
+    `status`: a provider publishes its draft or retires its published listing (as the operator's retire:
+    new requests are refused, those admitted finish); any other move is refused naming `status`."""
     model = model_ref(model)
     changes = checked_changes(changes)
+    if changes.status is not None and changes.status not in _PROVIDER_STATUSES:
+        raise InvalidArgument(f"status: a provider may set {' or '.join(_PROVIDER_STATUSES)} only")
 
     def work(session: Session, now: datetime) -> ListingInfo:
         row = session.get(Listing, model, with_for_update=True)
         if row is None or row.provider_org_id is None or row.provider_org_id != org_id:
             raise ModelNotFound(model)
         if row.status == "retired":
+            if changes.status is not None:
+                raise Conflict("status: the listing is retired; only the server's operator can bring it back")
             raise ListingRetired(model)
+        if changes.status == "retired" and row.status != "published":
+            raise Conflict(f"status: only a published listing can be retired (this one is {row.status})")
         _change(session, row, changes, now, ids_only=True)
         return _read(session, model)
 
@@ -343,6 +361,12 @@ def _change(
     check_sharing(visibility, shared_with)
     if changes.description is not None:
         row.description = changes.description
+    if changes.display_name is not None:
+        row.display_name = changes.display_name
+    if changes.tags is not None:
+        row.tags = list(changes.tags)
+    if changes.status is not None:
+        row.status = changes.status
     if changes.price is not None:
         put_price(session, row.model, changes.price, now)
     row.visibility, row.shared_with = visibility, shared_with

@@ -1,5 +1,5 @@
-"""Bodies of the model square: /v1/catalog/models (browse, one listing, a provider's edit) and
-/v1/catalog/compare. Prices appear as exact integer micros per 1M tokens for programs and as decimal strings
+"""Bodies of the model square: /v1/catalog/models (browse, one listing, a provider's edit),
+/v1/catalog/compare and a provider's own listings (/v1/provider/listings). Prices appear as exact integer micros per 1M tokens for programs and as decimal strings
 for people, as everywhere in the account API."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenmill.platform.listing_terms import MAX_DISPLAY_NAME_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from tokenmill.platform.pricing import MAX_PRICE_MICROS_PER_MTOK
 
 MAX_SHARED_WITH = 100
@@ -112,3 +113,40 @@ class ListingEdit(BaseModel):
     visibility: Literal["public", "private", "shared"] | None = None
     shared_with: Annotated[list[str], Field(max_length=MAX_SHARED_WITH)] | None = None
     """Organization ids (`org_...`, as `/v1/user/info` shows each organization its own)."""
+    display_name: Annotated[str, Field(min_length=1, max_length=MAX_DISPLAY_NAME_CHARS)] | None = None
+    tags: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_TAG_CHARS)]], Field(max_length=MAX_TAGS)
+        ]
+        | None
+    ) = None
+    """The whole new list; [] removes every tag."""
+    status: Literal["published", "retired"] | None = None
+    """`published` publishes a draft; `retired` retires a published listing: new requests are refused, those
+    already admitted finish. Only the server's operator brings a retired listing back (409 otherwise)."""
+
+
+class ProviderListing(BaseModel):
+    """One of the caller's organization's own listings, in any status, whether or not this server serves
+    it (so it has no live figures or state: see /v1/catalog/models for those)."""
+
+    id: str
+    object: Literal["provider.listing"] = "provider.listing"
+    display_name: str
+    description: str
+    provider: str
+    task: str
+    tags: list[str]
+    license: str
+    context_length: int | None
+    pricing: Pricing
+    yours: ProviderView
+    """Status, visibility, who it is shared with and the platform's fee, as in the catalog."""
+    created_at: int
+    updated_at: int
+    """Unix seconds."""
+
+
+class ProviderListingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ProviderListing]

@@ -1,6 +1,7 @@
 """The model square: browse what the caller may call (filters, free-text search, sort, pages), one listing,
-a side-by-side comparison with the cost of a request shape, and a provider's edit of its own listing. Each
-listing carries its live figures, measured from this server's traffic, and the model's current state."""
+a side-by-side comparison with the cost of a request shape, and, for a provider, its own listings in every
+status and its edit of one (terms, publishing a draft, retiring). Each catalog listing carries its live
+figures, measured from this server's traffic, and the model's current state."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from tokenmill.catalog.fleet_model import ModelState
 from tokenmill.catalog.search import CatalogEntry, CatalogQuery, request_cost_micros, search
 from tokenmill.platform.listing_terms import ListingChanges
-from tokenmill.platform.listings import ListingInfo, update_own_listing
+from tokenmill.platform.listings import ListingInfo, own_listings, update_own_listing
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.platform.pricing import Price
 from tokenmill.platform.principal import KeyPrincipal
@@ -25,6 +27,8 @@ from tokenmill.serving.catalog_protocol import (
     ListingEdit,
     LiveFiguresBody,
     Pricing,
+    ProviderListing,
+    ProviderListingList,
     ProviderView,
     RequestCost,
 )
@@ -40,34 +44,55 @@ MAX_COMPARED = 8
 
 
 def _entry(state: ServingState, listing: ListingInfo) -> CatalogEntry:
+    served = state.served.get(listing.model)
+    if served is None:
+        # A provider's edit of a listing that another gateway of the same database serves: this one has
+        # no engine for it, so nothing is served from here.
+        task, context_length, model_state = listing.task, listing.context_length, ModelState.STOPPED
+    else:
+        task, context_length = served.task, state.context_length(listing)
+        model_state = state.model_state(listing.model)
     return CatalogEntry(
         model=listing.model,
         display_name=listing.display_name,
         description=listing.description,
         provider=listing.provider,
-        task=state.served[listing.model].task,
+        task=task,
         tags=listing.tags,
         license=listing.license,
-        context_length=state.context_length(listing),
+        context_length=context_length,
         input_micros_per_mtok=listing.price.input_micros_per_mtok,
         output_micros_per_mtok=listing.price.output_micros_per_mtok,
-        state=state.model_state(listing.model),
+        state=model_state,
         live=state.live.figures(listing.model),
+    )
+
+
+def _pricing(price: Price) -> Pricing:
+    return Pricing(
+        input_micros_per_mtok=price.input_micros_per_mtok,
+        output_micros_per_mtok=price.output_micros_per_mtok,
+        input_per_1m=format_micros(price.input_micros_per_mtok),
+        output_per_1m=format_micros(price.output_micros_per_mtok),
+        free=price.is_free,
+    )
+
+
+def _provider_view(state: ServingState, listing: ListingInfo) -> ProviderView:
+    default_fee = state.gateway.admission.default_fee_bps if state.gateway is not None else 0
+    return ProviderView(
+        status=listing.status,
+        visibility=listing.visibility,
+        shared_with=list(listing.shared_with),
+        platform_fee_bps=listing.fee_bps(default_fee),
     )
 
 
 def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) -> CatalogModel:
     entry = _entry(state, listing)
-    price = listing.price
     yours = None
     if listing.provider_org_id is not None and listing.provider_org_id == principal.org_id:
-        default_fee = state.gateway.admission.default_fee_bps if state.gateway is not None else 0
-        yours = ProviderView(
-            status=listing.status,
-            visibility=listing.visibility,
-            shared_with=list(listing.shared_with),
-            platform_fee_bps=listing.fee_bps(default_fee),
-        )
+        yours = _provider_view(state, listing)
     live = entry.live
     return CatalogModel(
         id=entry.model,
@@ -78,13 +103,7 @@ def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) ->
         tags=list(entry.tags),
         license=entry.license,
         context_length=entry.context_length,
-        pricing=Pricing(
-            input_micros_per_mtok=price.input_micros_per_mtok,
-            output_micros_per_mtok=price.output_micros_per_mtok,
-            input_per_1m=format_micros(price.input_micros_per_mtok),
-            output_per_1m=format_micros(price.output_micros_per_mtok),
-            free=price.is_free,
-        ),
+        pricing=_pricing(listing.price),
         state=entry.state,
         live=LiveFiguresBody(
             window_s=live.window_s,
@@ -195,12 +214,14 @@ async def retrieve_listing(model_id: str, state: StateDep, principal: PrincipalD
 @router.patch(
     "/v1/catalog/models/{model_id:path}",
     response_model=None,
-    responses=documented(CatalogModel, *ALWAYS, 404),
+    responses=documented(CatalogModel, *ALWAYS, 403, 404, 409, 410, 413),
 )
 async def edit_listing(
     model_id: str, edit: ListingEdit, state: StateDep, principal: PrincipalDep, gateway: GatewayDep
 ) -> Response:
-    """The provider's own listing only: anybody else's is a 404, exactly as if it did not exist."""
+    """The provider's own listing only: anybody else's is a 404, exactly as if it did not exist. A retired
+    listing answers 410, or 409 naming `status` to a request to change its status (only the operator brings
+    it back); retiring a draft is a 409 too."""
     changes = ListingChanges(
         description=edit.description,
         price=None
@@ -208,6 +229,38 @@ async def edit_listing(
         else Price(edit.pricing.input_micros_per_mtok, edit.pricing.output_micros_per_mtok),
         visibility=edit.visibility,
         shared_with=None if edit.shared_with is None else tuple(edit.shared_with),
+        display_name=edit.display_name,
+        tags=None if edit.tags is None else tuple(edit.tags),
+        status=edit.status,
     )
     listing = await run_in_threadpool(update_own_listing, gateway.db, principal.org_id, model_id, changes)
     return json_response(_body(state, principal, listing))
+
+
+@router.get("/v1/provider/listings", response_model=None, responses=documented(ProviderListingList, *ALWAYS))
+async def list_own_listings(state: StateDep, principal: PrincipalDep, gateway: GatewayDep) -> Response:
+    """The caller's organization's own listings in every status (draft, published, retired), by model id,
+    whether or not this server serves them: what its provider manages, where the catalog shows only what
+    may be called."""
+    listings = await run_in_threadpool(own_listings, gateway.db, principal.org_id)
+    return json_response(
+        ProviderListingList(data=[_provider_listing(state, listing) for listing in listings])
+    )
+
+
+def _provider_listing(state: ServingState, listing: ListingInfo) -> ProviderListing:
+    served = state.served.get(listing.model)
+    return ProviderListing(
+        id=listing.model,
+        display_name=listing.display_name,
+        description=listing.description,
+        provider=listing.provider,
+        task=listing.task,
+        tags=list(listing.tags),
+        license=listing.license,
+        context_length=listing.context_length or (served.context_length if served is not None else None),
+        pricing=_pricing(listing.price),
+        yours=_provider_view(state, listing),
+        created_at=int(listing.created_at.timestamp()),
+        updated_at=int(listing.updated_at.timestamp()),
+    )

@@ -1,6 +1,8 @@
-// The provider's page: the organization's own listings (catalog entries that carry `yours`), each editable
-// through PATCH /v1/catalog/models/{id} with exactly what that endpoint accepts (description, prices,
-// visibility and who it is shared with), and the earnings per model and UTC day (GET /v1/usage?role=provider).
+// The provider's page: the organization's own listings in every status (GET /v1/provider/listings), each
+// edited through PATCH /v1/catalog/models/{id} with exactly what that endpoint accepts (display name, tags,
+// description, prices, visibility and who it is shared with; publishing a draft, retiring a published
+// listing), and the earnings per model and UTC day (GET /v1/usage?role=provider). A retired listing is
+// read-only: only the server's operator brings it back.
 import { api } from "../api.js";
 import { field, fill, h, select, table } from "../dom.js";
 import { money, number } from "../format.js";
@@ -8,9 +10,9 @@ import { t } from "../i18n.js";
 import { alertBox, describeError, errorBox, loading, pageHeader } from "../ui.js";
 import { parseUnits, section, stateBadge, unitsText } from "../admin_common.js";
 
-const PAGE = 100; // the catalog's largest page
 const DEFAULT_DAYS = 30;
 const ISO_DAY = /^\d{4}-\d{2}-\d{2}$/;
+const STATUS_TONE = { published: true, draft: null, retired: false }; // the badge's text always says it too
 
 function isoDay(date) {
   return date.toISOString().slice(0, 10);
@@ -22,16 +24,6 @@ function daysAgo(days) {
   return isoDay(date);
 }
 
-/** Every catalog entry the caller may see, page by page, keeping the caller's own. */
-async function ownListings() {
-  const own = [];
-  for (let offset = 0; ; offset += PAGE) {
-    const page = await api("/v1/catalog/models", { query: { limit: PAGE, offset } });
-    own.push(...page.data.filter((m) => m.yours));
-    if (offset + PAGE >= page.total || page.data.length === 0) return own;
-  }
-}
-
 function facts(pairs) {
   return h("dl", { class: "facts" }, pairs.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
 }
@@ -39,106 +31,178 @@ function facts(pairs) {
 function listingFacts(listing) {
   const yours = listing.yours;
   return facts([
-    [t("provider.status"), stateBadge(t(`provider.status_${yours.status}`), yours.status === "published" || null)],
+    [t("provider.status"), stateBadge(t(`provider.status_${yours.status}`), STATUS_TONE[yours.status])],
     [t("provider.visibility"), t(`provider.visibility_${yours.visibility}`)],
     [t("provider.price"), t("provider.price_value", { input: listing.pricing.input_per_1m, output: listing.pricing.output_per_1m })],
     [t("provider.fee"), t("provider.fee_value", { percent: number(yours.platform_fee_bps / 100, 2) })],
+    [t("provider.tags"), listing.tags.length ? listing.tags.join(", ") : t("common.none")],
   ]);
 }
 
-/** One listing: its facts and the edit form. */
+function tagList(text) {
+  return text.split(",").map((tag) => tag.trim()).filter(Boolean);
+}
+
+/** The API's refusal in words; the message usually names the field already, say which one only if not. */
+function refusal(err) {
+  const text = describeError(err);
+  return err.param && !text.includes(err.param) ? `${t("provider.error_field", { field: err.param })}${text}` : text;
+}
+
+/** One listing: a heading, its facts, and what its status allows (the edit form and Publish or Retire). */
 function listingCard(initial) {
   let listing = initial;
-  const factsBox = h("div", {}, listingFacts(listing));
+  const heading = h("h3", { tabindex: -1 }, listing.display_name);
+  const body = h("div");
+  // Outside `body`, so it survives a re-render and screen readers announce what it says.
   const message = h("div", { "aria-live": "polite" });
-  const description = h("textarea", { rows: 4, maxlength: 4000, value: listing.description });
-  const input = h("input", { type: "text", inputmode: "decimal", autocomplete: "off", value: unitsText(listing.pricing.input_micros_per_mtok) });
-  const output = h("input", { type: "text", inputmode: "decimal", autocomplete: "off", value: unitsText(listing.pricing.output_micros_per_mtok) });
-  const visibility = select(["public", "private", "shared"].map((v) => [v, t(`provider.visibility_${v}`)]));
-  visibility.value = listing.yours.visibility;
-  const sharedWith = h("input", { type: "text", autocomplete: "off", value: listing.yours.shared_with.join(", ") });
-  const sharedField = field(t("provider.shared_with"), sharedWith, t("provider.shared_with_hint")).field;
-  const controls = { description, pricing: [input, output], visibility, shared_with: sharedWith };
-  const save = h("button", { type: "submit" }, t("common.save"));
-  const showShared = () => (sharedField.hidden = visibility.value !== "shared");
-  visibility.addEventListener("change", showShared);
-  showShared();
-  const priceLabels = [t("provider.input_price"), t("provider.output_price")];
 
-  const form = h(
-    "form",
-    { class: "stack", onsubmit: submit },
-    field(t("provider.description"), description).field,
-    h("div", { class: "grid" }, field(priceLabels[0], input, t("provider.price_hint")).field, field(priceLabels[1], output, t("provider.price_hint")).field),
-    h("div", { class: "grid" }, field(t("provider.visibility"), visibility).field, sharedField),
-    h("div", { class: "row" }, save),
-    message,
-  );
-
-  async function submit(event) {
-    event.preventDefault();
-    fill(message);
-    for (const control of [description, input, output, visibility, sharedWith]) control.removeAttribute("aria-invalid");
-    let body;
+  /** PATCH the listing; the answer is the listing as saved. Returns false (and says why) when refused. */
+  async function patch(changes, markInvalid) {
     try {
-      body = changes();
+      listing = await api(`/v1/catalog/models/${encodeURIComponent(listing.id)}`, { method: "PATCH", body: changes });
+      heading.textContent = listing.display_name;
+      return true;
     } catch (err) {
-      return fill(message, alertBox("error", err.message));
+      markInvalid?.(err.param);
+      fill(message, alertBox("error", refusal(err)));
+      return false;
     }
-    if (Object.keys(body).length === 0) return fill(message, alertBox("info", t("provider.no_changes")));
-    save.disabled = true;
-    try {
-      listing = await api(`/v1/catalog/models/${encodeURIComponent(listing.id)}`, { method: "PATCH", body });
-      fill(factsBox, listingFacts(listing));
-      fill(message, alertBox("success", t("provider.saved")));
-    } catch (err) {
-      markInvalid(err.param);
-      // The API's message usually names the field already; say which one only when it does not.
-      const text = describeError(err);
-      const where = err.param && !text.includes(err.param) ? t("provider.error_field", { field: err.param }) : "";
-      fill(message, alertBox("error", `${where}${text}`));
-    } finally {
+  }
+
+  async function setStatus(status, done) {
+    fill(message);
+    body.querySelectorAll(".provider-lifecycle button").forEach((b) => (b.disabled = true));
+    if (await patch({ status })) fill(message, alertBox("success", t(done)));
+    // A retired listing loses its form; publishing keeps the form and whatever is typed in it.
+    if (listing.yours.status === "retired") render();
+    else refresh();
+    heading.focus(); // the button pressed is gone: keep the keyboard user in this card
+  }
+
+  /** The facts and the lifecycle buttons (named after the listing) follow the listing as saved. */
+  function refresh() {
+    const [oldFacts, oldLifecycle] = body.children;
+    oldFacts.replaceWith(listingFacts(listing));
+    oldLifecycle.replaceWith(lifecycle(listing.yours.status));
+  }
+
+  function render() {
+    const yours = listing.yours;
+    if (yours.status === "retired") {
+      fill(body, listingFacts(listing), h("p", { class: "model-description" }, listing.description), alertBox("info", t("provider.retired_note")));
+      return;
+    }
+    fill(body, listingFacts(listing), lifecycle(yours.status), editForm());
+  }
+
+  function lifecycle(status) {
+    const box = h("div", { class: "row provider-lifecycle" });
+    const name = listing.display_name;
+    if (status === "draft") {
+      const publish = h("button", { type: "button", "aria-label": t("provider.publish_named", { name }), onclick: () => setStatus("published", "provider.published") }, t("provider.publish"));
+      return fill(box, publish, h("small", { class: "hint" }, t("provider.publish_hint")));
+    }
+    // Retiring cannot be undone by the provider, so the first click only asks (as revoking a key does).
+    const ask = () => {
+      const confirm = h("button", { type: "button", class: "danger small", onclick: () => setStatus("retired", "provider.retired_done") }, t("provider.confirm_retire"));
+      const cancel = h("button", { type: "button", class: "secondary small", onclick: reset }, t("common.cancel"));
+      fill(box, h("span", {}, t("provider.retire_question", { name })), confirm, cancel);
+      confirm.focus();
+    };
+    const reset = () => {
+      const retire = h("button", { type: "button", class: "danger", "aria-label": t("provider.retire_named", { name }), onclick: ask }, t("provider.retire"));
+      fill(box, retire, h("small", { class: "hint" }, t("provider.retire_hint")));
+      return retire;
+    };
+    reset();
+    return box;
+  }
+
+  function editForm() {
+    const yours = listing.yours;
+    const displayName = h("input", { type: "text", maxlength: 200, autocomplete: "off", value: listing.display_name });
+    const tags = h("input", { type: "text", autocomplete: "off", value: listing.tags.join(", ") });
+    const description = h("textarea", { rows: 4, maxlength: 4000, value: listing.description });
+    const input = h("input", { type: "text", inputmode: "decimal", autocomplete: "off", value: unitsText(listing.pricing.input_micros_per_mtok) });
+    const output = h("input", { type: "text", inputmode: "decimal", autocomplete: "off", value: unitsText(listing.pricing.output_micros_per_mtok) });
+    const visibility = select(["public", "private", "shared"].map((v) => [v, t(`provider.visibility_${v}`)]));
+    visibility.value = yours.visibility;
+    const sharedWith = h("input", { type: "text", autocomplete: "off", value: yours.shared_with.join(", ") });
+    const sharedField = field(t("provider.shared_with"), sharedWith, t("provider.shared_with_hint")).field;
+    const controls = { display_name: displayName, tags, description, pricing: [input, output], visibility, shared_with: sharedWith };
+    const save = h("button", { type: "submit" }, t("common.save"));
+    const showShared = () => (sharedField.hidden = visibility.value !== "shared");
+    visibility.addEventListener("change", showShared);
+    showShared();
+    const priceLabels = [t("provider.input_price"), t("provider.output_price")];
+
+    /** Only what differs from the listing as last saved: an unchanged price is not written again. */
+    function changes() {
+      const body = {};
+      if (displayName.value.trim() !== listing.display_name) body.display_name = displayName.value;
+      const newTags = tagList(tags.value);
+      if (newTags.join(",") !== listing.tags.join(",")) body.tags = newTags;
+      if (description.value !== listing.description) body.description = description.value;
+      const prices = [input, output].map((control, i) => {
+        try {
+          return parseUnits(control.value);
+        } catch (err) {
+          control.setAttribute("aria-invalid", "true");
+          throw new Error(`${priceLabels[i]}: ${err.message}`);
+        }
+      });
+      const old = listing.pricing;
+      if (prices[0] !== old.input_micros_per_mtok || prices[1] !== old.output_micros_per_mtok) {
+        body.pricing = { input_micros_per_mtok: prices[0], output_micros_per_mtok: prices[1] };
+      }
+      if (visibility.value !== listing.yours.visibility) body.visibility = visibility.value;
+      if (visibility.value === "shared") {
+        const ids = sharedWith.value.split(/[\s,]+/).filter(Boolean);
+        if (ids.join(",") !== listing.yours.shared_with.join(",")) body.shared_with = ids;
+      }
+      return body;
+    }
+
+    function markInvalid(param) {
+      const name = (param || "").split(/[.[]/)[0]; // "pricing.input_micros_per_mtok", "shared_with[0]", "tags[2]"
+      for (const control of [controls[name]].flat()) control?.setAttribute("aria-invalid", "true");
+    }
+
+    async function submit(event) {
+      event.preventDefault();
+      fill(message);
+      for (const control of Object.values(controls).flat()) control.removeAttribute("aria-invalid");
+      let edit;
+      try {
+        edit = changes();
+      } catch (err) {
+        return fill(message, alertBox("error", err.message));
+      }
+      if (Object.keys(edit).length === 0) return fill(message, alertBox("info", t("provider.no_changes")));
+      save.disabled = true;
+      if (await patch(edit, markInvalid)) {
+        refresh(); // the form stays as it is, focus too
+        displayName.value = listing.display_name; // as the API stored them: trimmed, tags without repeats
+        tags.value = listing.tags.join(", ");
+        fill(message, alertBox("success", t("provider.saved")));
+      }
       save.disabled = false;
     }
+
+    return h(
+      "form",
+      { class: "stack", onsubmit: submit },
+      h("div", { class: "grid" }, field(t("provider.display_name"), displayName).field, field(t("provider.tags"), tags, t("provider.tags_hint")).field),
+      field(t("provider.description"), description).field,
+      h("div", { class: "grid" }, field(priceLabels[0], input, t("provider.price_hint")).field, field(priceLabels[1], output, t("provider.price_hint")).field),
+      h("div", { class: "grid" }, field(t("provider.visibility"), visibility).field, sharedField),
+      h("div", { class: "row" }, save),
+    );
   }
 
-  /** Only what differs from the listing as last saved: an unchanged price is not written again. */
-  function changes() {
-    const body = {};
-    if (description.value !== listing.description) body.description = description.value;
-    const prices = [input, output].map((control, i) => {
-      try {
-        return parseUnits(control.value);
-      } catch (err) {
-        control.setAttribute("aria-invalid", "true");
-        throw new Error(`${priceLabels[i]}: ${err.message}`);
-      }
-    });
-    const old = listing.pricing;
-    if (prices[0] !== old.input_micros_per_mtok || prices[1] !== old.output_micros_per_mtok) {
-      body.pricing = { input_micros_per_mtok: prices[0], output_micros_per_mtok: prices[1] };
-    }
-    if (visibility.value !== listing.yours.visibility) body.visibility = visibility.value;
-    if (visibility.value === "shared") {
-      const ids = sharedWith.value.split(/[\s,]+/).filter(Boolean);
-      if (ids.join(",") !== listing.yours.shared_with.join(",")) body.shared_with = ids;
-    }
-    return body;
-  }
-
-  function markInvalid(param) {
-    const name = (param || "").split(/[.[]/)[0]; // "pricing.input_micros_per_mtok", "shared_with[0]"
-    for (const control of [controls[name]].flat()) control?.setAttribute("aria-invalid", "true");
-  }
-
-  return h(
-    "article",
-    { class: "card provider-listing" },
-    h("h3", {}, listing.display_name),
-    h("p", { class: "model-id" }, h("code", {}, listing.id)),
-    factsBox,
-    form,
-  );
+  render();
+  return h("article", { class: "card provider-listing", dataset: { model: listing.id } }, heading, h("p", { class: "model-id" }, h("code", {}, listing.id)), body, message);
 }
 
 export default {
@@ -171,7 +235,7 @@ export default {
 
     async function loadListings() {
       try {
-        const own = await ownListings();
+        const own = (await api("/v1/provider/listings")).data;
         if (own.length === 0) {
           fill(listingsBox, alertBox("info", t("provider.none")));
           return;
