@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.platform.listing_terms import MAX_DISPLAY_NAME_CHARS, MAX_TAG_CHARS, MAX_TAGS
-from tokenmill.platform.pricing import MAX_PRICE_MICROS_PER_MTOK
+from tokenmill.platform.money import format_micros
+from tokenmill.platform.pricing import MAX_PRICE_MICROS_PER_MTOK, Price
 
 MAX_SHARED_WITH = 100
 MAX_DESCRIPTION = 4000
@@ -22,6 +23,16 @@ class Pricing(BaseModel):
     """Currency units per 1M prompt tokens, e.g. "0.100000"."""
     output_per_1m: str
     free: bool
+
+    @classmethod
+    def of(cls, price: Price) -> Pricing:
+        return cls(
+            input_micros_per_mtok=price.input_micros_per_mtok,
+            output_micros_per_mtok=price.output_micros_per_mtok,
+            input_per_1m=format_micros(price.input_micros_per_mtok),
+            output_per_1m=format_micros(price.output_micros_per_mtok),
+            free=price.is_free,
+        )
 
 
 class LiveFiguresBody(BaseModel):
@@ -52,9 +63,10 @@ class ProviderView(BaseModel):
     """The platform's share of each sale, in basis points (1/100 of a percent)."""
 
 
-class CatalogModel(BaseModel):
+class ListingCard(BaseModel):
+    """What a listing says of its model, as the catalog and the provider's own list both show it."""
+
     id: str
-    object: Literal["catalog.model"] = "catalog.model"
     display_name: str
     description: str
     provider: str
@@ -63,6 +75,10 @@ class CatalogModel(BaseModel):
     license: str
     context_length: int | None
     pricing: Pricing
+
+
+class CatalogModel(ListingCard):
+    object: Literal["catalog.model"] = "catalog.model"
     state: str
     """loaded | loading | unloaded | draining | stopped | failed: whether a request is served at once, after
     a cold start, or not at all right now."""
@@ -126,20 +142,11 @@ class ListingEdit(BaseModel):
     already admitted finish. Only the server's operator brings a retired listing back (409 otherwise)."""
 
 
-class ProviderListing(BaseModel):
+class ProviderListing(ListingCard):
     """One of the caller's organization's own listings, in any status, whether or not this server serves
     it (so it has no live figures or state: see /v1/catalog/models for those)."""
 
-    id: str
     object: Literal["provider.listing"] = "provider.listing"
-    display_name: str
-    description: str
-    provider: str
-    task: str
-    tags: list[str]
-    license: str
-    context_length: int | None
-    pricing: Pricing
     yours: ProviderView
     """Status, visibility, who it is shared with and the platform's fee, as in the catalog."""
     created_at: int

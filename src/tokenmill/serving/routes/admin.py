@@ -71,16 +71,6 @@ def seconds(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
-def pricing_body(price: Price) -> Pricing:
-    return Pricing(
-        input_micros_per_mtok=price.input_micros_per_mtok,
-        output_micros_per_mtok=price.output_micros_per_mtok,
-        input_per_1m=format_micros(price.input_micros_per_mtok),
-        output_per_1m=format_micros(price.output_micros_per_mtok),
-        free=price.is_free,
-    )
-
-
 # -- organizations and users -------------------------------------------------------------------------------
 
 
@@ -223,7 +213,7 @@ def revoke_key(key_id: str, admin: AdminDep, gateway: GatewayDep) -> Response:
 
 
 def _price(model: str, price: Price) -> PriceObject:
-    return PriceObject(model=model, pricing=pricing_body(price))
+    return PriceObject(model=model, pricing=Pricing.of(price))
 
 
 @router.get("/prices", response_model=None, responses=documented(PriceList, *READ))

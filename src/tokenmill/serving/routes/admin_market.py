@@ -27,6 +27,7 @@ from tokenmill.serving.admin_protocol import (
     ListingUpdateRequest,
     PriceRequest,
 )
+from tokenmill.serving.catalog_protocol import Pricing
 from tokenmill.serving.deps import AdminDep, GatewayDep
 from tokenmill.serving.openapi import documented
 from tokenmill.serving.routes.account import DEFAULT_USAGE_DAYS
@@ -35,7 +36,6 @@ from tokenmill.serving.routes.admin import (
     WRITE,
     OrgQuery,
     actor,
-    pricing_body,
     seconds,
 )
 from tokenmill.serving.routes.common import json_response
@@ -58,7 +58,7 @@ def _listing(info: ListingInfo) -> ListingObject:
         status=info.status,
         visibility=info.visibility,
         shared_with=list(info.shared_with),
-        pricing=pricing_body(info.price),
+        pricing=Pricing.of(info.price),
         platform_fee_bps=info.platform_fee_bps,
         created_at=seconds(info.created_at),
         updated_at=seconds(info.updated_at),

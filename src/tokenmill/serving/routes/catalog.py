@@ -68,16 +68,6 @@ def _entry(state: ServingState, listing: ListingInfo) -> CatalogEntry:
     )
 
 
-def _pricing(price: Price) -> Pricing:
-    return Pricing(
-        input_micros_per_mtok=price.input_micros_per_mtok,
-        output_micros_per_mtok=price.output_micros_per_mtok,
-        input_per_1m=format_micros(price.input_micros_per_mtok),
-        output_per_1m=format_micros(price.output_micros_per_mtok),
-        free=price.is_free,
-    )
-
-
 def _provider_view(state: ServingState, listing: ListingInfo) -> ProviderView:
     default_fee = state.gateway.admission.default_fee_bps if state.gateway is not None else 0
     return ProviderView(
@@ -103,7 +93,7 @@ def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) ->
         tags=list(entry.tags),
         license=entry.license,
         context_length=entry.context_length,
-        pricing=_pricing(listing.price),
+        pricing=Pricing.of(listing.price),
         state=entry.state,
         live=LiveFiguresBody(
             window_s=live.window_s,
@@ -259,7 +249,7 @@ def _provider_listing(state: ServingState, listing: ListingInfo) -> ProviderList
         tags=list(listing.tags),
         license=listing.license,
         context_length=listing.context_length or (served.context_length if served is not None else None),
-        pricing=_pricing(listing.price),
+        pricing=Pricing.of(listing.price),
         yours=_provider_view(state, listing),
         created_at=int(listing.created_at.timestamp()),
         updated_at=int(listing.updated_at.timestamp()),

@@ -25,11 +25,6 @@ export function dateTime(seconds) {
   return new Date(seconds * 1000).toLocaleString(locale());
 }
 
-/** An ISO day "2026-11-30" as is (UTC days, as the API reports them). */
-export function day(text) {
-  return text ?? "—";
-}
-
 export function duration(ms) {
   if (ms === null || ms === undefined) return "—";
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
