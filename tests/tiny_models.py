@@ -47,9 +47,13 @@ ARCHITECTURES: dict[str, PretrainedConfig] = {
 }
 
 
-def build_tiny_model(arch: str, directory: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of `arch`; returns the directory."""
+def build_tiny_model(
+    arch: str, directory: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides: object
+) -> Path:
+    """Write a random-weight checkpoint of `arch` (config fields replaced by `overrides`); returns the directory."""
     config = ARCHITECTURES[arch]
+    if overrides:
+        config = type(config)(**{**config.to_dict(), **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits (std ~0.16); sharpen them so greedy choices are rarely near-ties.

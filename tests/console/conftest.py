@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.serving.server_process import ServerProcess
+from tests.tiny_models import build_tiny_model
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test does)")
 
@@ -33,10 +34,16 @@ PROVIDER_ORG = "acme"
 XSS_PAYLOAD = '<script>window.__xss = 1</script><img src="x" onerror="window.__xss = 2">'
 """In the paid model's description: the console must show it as text and run none of it."""
 PASSWORD = "correct horse battery staple"
+CONTEXT_LENGTH = 4096
 
 
 def _models_yaml(model_dir: Path) -> dict[str, Any]:
-    engine = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory": "16M", "max_num_seqs": 8}
+    engine = {
+        "dtype": "float32",
+        "max_model_len": CONTEXT_LENGTH,
+        "kv_cache_memory": "16M",
+        "max_num_seqs": 8,
+    }
     return {
         "models": [
             {
@@ -108,10 +115,16 @@ class ConsoleServer:
 
 
 @pytest.fixture(scope="package")
-def console_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[ConsoleServer]:
+def console_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any
+) -> Iterator[ConsoleServer]:
     work = tmp_path_factory.mktemp("console")
+    # A long context, so that a reply the playground stops is still being generated when Stop arrives.
+    model_dir = build_tiny_model(
+        "llama", work / "tiny-llama", smollm2_tokenizer, max_position_embeddings=CONTEXT_LENGTH
+    )
     config = work / "models.yaml"
-    config.write_text(yaml.safe_dump(_models_yaml(tiny_llama_dir), sort_keys=False))
+    config.write_text(yaml.safe_dump(_models_yaml(model_dir), sort_keys=False))
     args = ["--config", str(config), "--signup", "invite", "--database-url", f"sqlite:///{work / 'tm.db'}"]
     server = ServerProcess(args, work / "serve.log", data_dir=work / "data").start(timeout_s=180)
     try:

@@ -12,7 +12,14 @@ from typing import Any
 
 from playwright.sync_api import expect
 
-from tests.console.conftest import ARTIFACTS, EMBEDDING_MODEL, FREE_MODEL, PAID_MODEL, PASSWORD
+from tests.console.conftest import (
+    ARTIFACTS,
+    CONTEXT_LENGTH,
+    EMBEDDING_MODEL,
+    FREE_MODEL,
+    PAID_MODEL,
+    PASSWORD,
+)
 
 STATS = ".bubble-assistant .bubble-stats"
 COMPLETION = re.compile(r"\+ (\d+) completion tokens")
@@ -93,7 +100,7 @@ def test_a_reply_streams_in_and_shows_the_tokens_the_server_billed(console):
 
 def test_stop_ends_the_reply_and_the_bill_counts_only_what_was_generated(console):
     page = open_playground(console)
-    max_tokens = 460  # the test model's context is 512 tokens, the prompt about 40
+    max_tokens = CONTEXT_LENGTH - 100  # seconds of generation: Stop lands long before the end
     set_field(page, "Max tokens", str(max_tokens))
     send(page, "Tell me a very long story.")
     reply = page.locator(".bubble-assistant .bubble-text")
