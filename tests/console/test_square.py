@@ -212,6 +212,30 @@ def test_square_and_compare_in_chinese_and_dark_theme(console):
     assert console.axe_violations() == []
 
 
+def test_a_language_switch_while_the_square_loads_shows_the_page_once(console):
+    page = console.page
+    signed_in(console, route="keys")
+    held = []  # the first render's catalog answer waits here until the second render has begun
+    released = False
+
+    def hold(route):
+        if released:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/v1/catalog/models**", hold)
+    page.get_by_role("link", name="Model square").click()
+    expect(page.get_by_role("status").filter(has_text="Loading")).to_be_visible()
+    page.get_by_label("Language").select_option("zh")
+    released = True
+    for route in held:
+        route.continue_()
+    expect(page.get_by_role("heading", level=1)).to_have_text("模型广场")
+    expect(card(page, PAID_MODEL)).to_have_count(1)
+    expect(page.get_by_role("search")).to_have_count(1)
+
+
 def test_live_figures_refresh_while_the_square_is_open_and_stop_after_leaving(console):
     page = console.page
     console.sign_in(console.server.sign_up())

@@ -136,9 +136,12 @@ async function render() {
   }
   if (turn !== renders) return;
   document.title = `${t(module.title)} · tokenmill`;
-  fill(main);
+  // Each render writes into its own view: a render a later one superseded while it awaited (a language
+  // switch mid-load) finishes into a detached node instead of adding a second copy of the page.
+  const view = h("div", { class: "view" });
+  fill(main, view);
   const ctx = { params, session: shell.session, config: shell.config, go, refresh: refreshSession };
-  const cleanup = (await module.render(main, ctx)) || null;
+  const cleanup = (await module.render(view, ctx)) || null;
   if (turn === renders) shell.cleanup = cleanup;
   else if (cleanup) cleanup(); // the user moved on before this page finished rendering
 }
