@@ -66,3 +66,18 @@ def build_tiny_model(
 
 def load_reference(directory: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def make_adapter(base: torch.nn.Module, directory: Path, seed: int, config: object) -> Path:
+    """A PEFT adapter with random A and B (init_lora_weights=False), so its delta is not zero; B is scaled
+    up so that the delta, not just the tiny model's large embeddings, decides some greedy tokens."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(5.0)
+    model.save_pretrained(directory)
+    return directory

@@ -110,14 +110,31 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_loras: int = 8
+    """LoRA adapters held in memory at once (slots); more adapters in use take turns, least recently used
+    first. Slot memory is allocated when the first adapter loads, so a base-only engine pays nothing."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted; smaller ranks are zero-padded to the largest one loaded."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras", "must be >= 1")
+        _require(
+            isinstance(self.max_lora_rank, int) and 1 <= self.max_lora_rank <= 1024,
+            "max_lora_rank",
+            "must be an integer from 1 to 1024",
+        )
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: object) -> EngineConfig:
         """`LLM(model, dtype=..., block_size=...)`: route each keyword to the component that owns it."""
         parts: dict[type, dict[str, object]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        own: dict[str, object] = {}
         if model is not None:
             parts[ModelConfig]["model"] = model
         for key, value in kwargs.items():
+            if key in ("max_loras", "max_lora_rank"):
+                own[key] = value
+                continue
             owner = next((c for c in parts if key in {f.name for f in fields(c)}), None)
             if owner is None:
                 raise ConfigError(f"{key}: unknown engine setting")
@@ -126,4 +143,5 @@ class EngineConfig:
             model=ModelConfig(**parts[ModelConfig]),  # type: ignore[arg-type]
             cache=CacheConfig(**parts[CacheConfig]),  # type: ignore[arg-type]
             scheduler=SchedulerConfig(**parts[SchedulerConfig]),  # type: ignore[arg-type]
+            **own,  # type: ignore[arg-type]
         )

@@ -6,6 +6,10 @@ tokenmill gets the same requests, each with its own SamplingParams, and batches 
 
 `--guided-fraction F` also runs tokenmill on the same requests with a fraction F of them constrained to a
 JSON schema (structured output) and reports the throughput ratio: the cost of the grammar masks.
+
+`--loras N` also runs tokenmill on the same requests spread round-robin over N random LoRA adapters (written
+for the model into a temporary directory, rank `--lora-rank`, all seven projections adapted), all served in
+the same batches, and reports the throughput ratio against the base model alone: the cost of multi-LoRA.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +31,7 @@ if TYPE_CHECKING:  # torch and the engine load in `run`, so `tokenmill --help` s
     import torch
 
     from tokenmill.engine.llm_engine import LLM
+    from tokenmill.engine.lora import LoRARequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,45 @@ def guided_workload(workload: Workload, fraction: float) -> Workload:
     return replace(workload, params=params)
 
 
+def write_random_adapters(
+    model: torch.nn.Module, directory: Path, count: int, rank: int, seed: int
+) -> list[LoRARequest]:
+    """`count` PEFT-format LoRA adapters for `model` with random weights, every supported projection of
+    every layer adapted: what a fine-tuning run would leave behind, without loading the model in PEFT."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tokenmill.engine.lora import LoRARequest
+    from tokenmill.models.lora_layers import PARENT, target_shapes
+
+    shapes = target_shapes(model)
+    generator = torch.Generator().manual_seed(seed)
+    adapters = []
+    for index in range(count):
+        path = directory / f"adapter-{index}"
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for layer in range(len(model.layers)):
+            for target, (in_features, out_features) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.{PARENT[target]}.{target}"
+                lora_a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+                tensors[f"{prefix}.lora_A.weight"] = lora_a
+                tensors[f"{prefix}.lora_B.weight"] = (
+                    torch.randn(out_features, rank, generator=generator) * 0.01
+                )
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(shapes)}
+        (path / "adapter_config.json").write_text(json.dumps({**config, "bias": "none"}))
+        adapters.append(LoRARequest(f"bench-lora-{index}", str(path)))
+    return adapters
+
+
+def lora_workload(workload: Workload, adapters: list[LoRARequest]) -> Workload:
+    """The same requests, the i-th one under adapter i mod len(adapters)."""
+    params = [replace(p, lora=adapters[i % len(adapters)]) for i, p in enumerate(workload.params)]
+    return replace(workload, params=params)
+
+
 def run_tokenmill(llm: LLM, workload: Workload) -> tuple[float, int]:
     start = time.perf_counter()
     outputs = llm.generate(workload.prompts, workload.params)
@@ -176,6 +221,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="also run tokenmill with this fraction of the requests constrained to a JSON schema",
     )
+    parser.add_argument(
+        "--loras",
+        type=int,
+        default=0,
+        help="also run tokenmill with the requests spread round-robin over this many random LoRA adapters",
+    )
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--output", type=Path, default=Path("bench-results/offline.json"))
 
 
@@ -192,6 +244,8 @@ def run(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=2 << 30,
+        max_loras=max(args.loras, 1),
+        max_lora_rank=max(args.lora_rank, 1),
     )
     workload = make_workload(
         args.num_requests,
@@ -201,24 +255,36 @@ def run(args: argparse.Namespace) -> dict:
         args.distribution,
         args.seed,
     )
-    warmup = make_workload(4, (16, 32), (4, 8), llm.engine.vocab_size, "uniform", args.seed + 1)
+    warmup = make_workload(
+        max(4, args.loras), (16, 32), (4, 8), llm.engine.vocab_size, "uniform", args.seed + 1
+    )
     engines: dict[str, Callable[[Workload], tuple[float, int]]] = {
         "tokenmill": lambda w: run_tokenmill(llm, w)
     }
     if args.guided_fraction > 0:
         guided = guided_workload(workload, args.guided_fraction)
         engines["tokenmill-guided"] = lambda w: run_tokenmill(llm, guided if w is workload else w)
+    adapter_dir = tempfile.TemporaryDirectory(prefix="tokenmill-bench-lora-")
+    if args.loras > 0:
+        adapters = write_random_adapters(
+            llm.engine.runner.model, Path(adapter_dir.name), args.loras, args.lora_rank, args.seed
+        )
+        lora = lora_workload(workload, adapters)
+        engines["tokenmill-lora"] = lambda w: run_tokenmill(
+            llm, lora if w is workload else lora_workload(w, adapters)
+        )
     if not args.skip_transformers:
         reference = load_reference(args.model, getattr(torch, args.dtype))
         engines["transformers"] = lambda w: run_transformers(reference, w, args.hf_batch_size, pad_id=0)
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
-    for engine in engines.values():
-        engine(warmup)
-    for _ in range(args.repeat):
-        for name, engine in engines.items():
-            runs[name].append(engine(workload))
-            seconds, tokens = runs[name][-1]
-            print(f"{name:12s} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:8.1f} tokens/s")
+    with adapter_dir:
+        for engine in engines.values():
+            engine(warmup)
+        for _ in range(args.repeat):
+            for name, engine in engines.items():
+                runs[name].append(engine(workload))
+                seconds, tokens = runs[name][-1]
+                print(f"{name:14s} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:8.1f} tokens/s")
     result: dict = {
         "model": args.model,
         "dtype": args.dtype,
@@ -247,6 +313,17 @@ def run(args: argparse.Namespace) -> dict:
         print(
             f"with {args.guided_fraction:.0%} of the requests constrained: "
             f"{result['guided_throughput_ratio']:.3f}x the unconstrained throughput"
+        )
+    if "tokenmill-lora" in result:
+        result["lora_adapters"] = args.loras
+        result["lora_rank"] = args.lora_rank
+        result["lora_throughput_ratio"] = (
+            result["tokenmill-lora"]["tokens_per_s"] / result["tokenmill"]["tokens_per_s"]
+        )
+        print(
+            f"best of {args.repeat}: {args.loras} LoRA adapters (rank {args.lora_rank}) mixed round-robin "
+            f"{result['tokenmill-lora']['tokens_per_s']:.1f} tokens/s, base model alone "
+            f"{result['tokenmill']['tokens_per_s']:.1f} tokens/s: {result['lora_throughput_ratio']:.3f}x"
         )
     if "transformers" in result:
         result["transformers"]["batch_size"] = args.hf_batch_size

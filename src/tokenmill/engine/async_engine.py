@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tokenmill.config import EngineConfig
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.lora import LoRARequest
 from tokenmill.engine.request import RequestOutput
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 
@@ -68,6 +69,11 @@ class AsyncLLM:
         guidance.param). Thread-safe: meant to be called from a worker thread while the engine runs."""
         self.engine.check_guidance(guidance)
 
+    def check_lora(self, lora: LoRARequest) -> None:
+        """Validates (and caches) the adapter; raises InvalidRequestError(param="model") for one this engine
+        cannot serve. Reads files: call it from a worker thread. Thread-safe."""
+        self.engine.check_lora(lora)
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
@@ -77,6 +83,8 @@ class AsyncLLM:
             # Compiling a large schema takes a while: not on the event loop (usually it is a cache hit).
             # Before the checks below, so no await separates the request_id check from the registration.
             await asyncio.to_thread(self.check_guidance, params.guidance)
+        if params.lora is not None:
+            await asyncio.to_thread(self.check_lora, params.lora)  # reads the adapter's files once
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
         prompt_ids = self.engine.encode(prompt)

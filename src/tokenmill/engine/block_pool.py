@@ -29,6 +29,16 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     return h.digest()
 
 
+def hash_salt(*parts: str) -> BlockHash:
+    """A parent for a sequence's first block, so sequences that must never share KV (different LoRA
+    adapters, or an adapter and the base model) never produce the same block hashes."""
+    h = xxhash.xxh3_128()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.digest()
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:

@@ -12,6 +12,8 @@ from tokenmill.engine.sampling_params import Guidance, SamplingParams
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tokenmill.engine.lora import LoRARequest
+
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
@@ -54,6 +56,13 @@ class EngineClient(Protocol):
         param=guidance.param, code="invalid_grammar") for an invalid JSON schema, an unsupported schema
         feature, a bad regex. Thread-safe: the HTTP layer calls it from a worker thread while the engine
         thread runs; `generate` checks the same."""
+        ...
+
+    def check_lora(self, lora: LoRARequest) -> None:
+        """Validates (and caches) a LoRA adapter against the base model; raises InvalidRequestError(
+        f"model: LoRA adapter {name!r}: <reason>", param="model") for a missing directory, a non-LoRA or
+        DoRA adapter, a rank above max_lora_rank, an unsupported target module or shapes of another base
+        model. Reads files, so call it from a worker thread; `generate` checks the same."""
         ...
 
     def generate(

@@ -13,6 +13,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.block_pool import BlockPool
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.guidance import GuidedDecoder
+from tokenmill.engine.lora import LoRARequest, LoRASlots
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request import RequestOutput, RequestStatus, Sequence
@@ -34,13 +35,17 @@ class LLMEngine:
         self.max_model_len = plan.max_model_len
         self.vocab_size = loaded.vocab_size
         self.pool = BlockPool(plan.num_blocks, plan.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(loaded.model, plan.num_blocks, plan.block_size, plan.dtype, plan.device)
+        self.loras = LoRASlots(loaded.model, config.max_loras, config.max_lora_rank, plan.dtype, plan.device)
+        self.runner = ModelRunner(
+            loaded.model, plan.num_blocks, plan.block_size, plan.dtype, plan.device, self.loras
+        )
         self.scheduler = Scheduler(
             self.pool,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
             eos_token_ids=loaded.eos_token_ids,
+            loras=self.loras,
         )
         self.sampler = Sampler(
             self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=plan.device
@@ -69,11 +74,18 @@ class LLMEngine:
         Thread-safe: the HTTP layer calls it from a worker thread while the engine thread runs."""
         self.guided.check(guidance)
 
+    def check_lora(self, lora: LoRARequest) -> None:
+        """Validates (and caches) a LoRA adapter against the base model without loading its weights; raises
+        InvalidRequestError(param="model") for one this engine cannot serve. Thread-safe."""
+        self.loras.check(lora)
+
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Everything that can refuse a request, checked before any of it is queued."""
         self.scheduler.check_fits(num_prompt_tokens, params.max_tokens)
         if params.guidance is not None:
             self.check_guidance(params.guidance)
+        if params.lora is not None:
+            self.check_lora(params.lora)
 
     def add_request(
         self,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,10 @@ from torch import nn
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
 from tokenmill.models.attention import AttentionMetadata, PrefillChunk
+
+if TYPE_CHECKING:
+    from tokenmill.engine.lora import LoRASlots
+    from tokenmill.models.lora_layers import LoRAStep
 
 
 def keep_freed_memory_mapped() -> None:
@@ -38,9 +43,16 @@ def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) ->
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        loras: LoRASlots | None = None,
     ) -> None:
         self.model = model
+        self.loras = loras
         self.block_size = block_size
         self.device = device
         if device.type == "cpu":
@@ -66,7 +78,8 @@ class ModelRunner:
             decodes=self._prepare_decodes(decodes) if decodes else None,
             prefills=self._prefill_chunks(prefills, len(decodes)),
         )
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        lora = self._lora_step(ordered)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta, lora)
         # Each sampling sequence's last token in the layout, in batch order.
         last_token = {}
         offset = 0
@@ -75,6 +88,20 @@ class ModelRunner:
             last_token[id(item)] = offset - 1
         rows = [last_token[id(item)] for item in batch.items if item.samples]
         return self.model.compute_logits(hidden[self._tensor(rows)]).float()
+
+    def _lora_step(self, items: list[ScheduledSeq]) -> LoRAStep | None:
+        """The step's adapted token ranges grouped by adapter; None (no LoRA work) when no row has one."""
+        segments = []
+        offset = 0
+        for item in items:
+            lora = item.seq.params.lora
+            if lora is not None:
+                segments.append((offset, item.num_new_tokens, lora))
+            offset += item.num_new_tokens
+        if not segments:
+            return None
+        assert self.loras is not None, "a LoRA request reached a runner without adapter slots"
+        return self.loras.step(segments)
 
     def _tensor(self, values: list[int] | np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # engine.lora imports torch; this module stays light for the CLI and the HTTP layer
+    from tokenmill.engine.lora import LoRARequest
 
 
 class InvalidRequestError(ValueError):
@@ -119,6 +123,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     guidance: Guidance | None = None
     """Constrain the output to a JSON schema, a regex or a choice (structured output)."""
+    lora: LoRARequest | None = None
+    """The LoRA adapter to generate with; None: the base model. Validated by the engine at submission."""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
     """Free-form caller data that travels with the request (never read by the engine)."""
 
@@ -161,6 +167,10 @@ class SamplingParams:
             f"must be a Guidance of one of the kinds {', '.join(GUIDANCE_KINDS)}",
         )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        if self.lora is not None:
+            from tokenmill.engine.lora import LoRARequest
+
+            _check(isinstance(self.lora, LoRARequest), "model", "the adapter must be a LoRARequest")
         if self.logit_bias:
             _check(
                 all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias.items()),

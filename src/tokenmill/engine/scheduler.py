@@ -10,11 +10,26 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
-from tokenmill.engine.block_pool import BlockPool, hash_block
+from tokenmill.engine.block_pool import BlockHash, BlockPool, hash_block, hash_salt
 from tokenmill.engine.request import RequestStatus, Sequence
 from tokenmill.engine.sampling_params import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenmill.engine.lora import LoRARequest
+
+
+class AdapterSlots(Protocol):
+    """The LoRA slot cache as the scheduler sees it (`tokenmill.engine.lora.LoRASlots`): an adapter is
+    pinned once per running sequence that uses it, and only unpinned adapters may be evicted."""
+
+    def can_pin(self, lora: LoRARequest) -> bool: ...
+
+    def pin(self, lora: LoRARequest) -> None: ...
+
+    def unpin(self, lora: LoRARequest) -> None: ...
 
 
 class Scheduler:
@@ -25,8 +40,10 @@ class Scheduler:
         max_num_seqs: int,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        loras: AdapterSlots | None = None,
     ) -> None:
         self.pool = block_pool
+        self.loras = loras
         self.block_size = block_pool.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -91,9 +108,15 @@ class Scheduler:
             batch.items.append(self._item(seq, num_new))
             budget -= num_new
             index += 1
-        # Admit waiting sequences only when nobody had to give memory back this step.
+        # Admit waiting sequences only when nobody had to give memory back this step. A sequence whose LoRA
+        # adapter cannot get a slot (every slot is pinned) steps aside until one frees up.
+        stepped_aside: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
+            lora = seq.params.lora
+            if lora is not None and not self._can_pin(lora):
+                stepped_aside.append(self.waiting.popleft())
+                continue
             hits = self._match_prefix(seq)
             num_cached = len(hits) * self.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -103,6 +126,8 @@ class Scheduler:
             if blocks_needed + num_revived > self.pool.num_free_blocks:
                 break  # first come, first served: do not let later requests overtake this one
             self.waiting.popleft()
+            if lora is not None:
+                self.loras.pin(lora)  # type: ignore[union-attr]  # _can_pin checked it exists
             self.pool.acquire(hits)
             seq.block_ids = hits
             seq.num_computed_tokens = num_cached
@@ -114,6 +139,7 @@ class Scheduler:
             self.running.append(seq)
             batch.items.append(self._item(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(stepped_aside))
         return batch
 
     def update(
@@ -168,8 +194,18 @@ class Scheduler:
             seq.block_ids.extend(self.pool.allocate(needed))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _can_pin(self, lora: LoRARequest) -> bool:
+        if self.loras is None:
+            raise RuntimeError("a LoRA request reached a scheduler without adapter slots")
+        return self.loras.can_pin(lora)
+
+    def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if seq.params.lora is not None and self.loras is not None:
+            self.loras.unpin(seq.params.lora)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._leave_running(seq)
         self.pool.release(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
@@ -188,7 +224,7 @@ class Scheduler:
     def _extend_hashes(self, seq: Sequence, upto_tokens: int) -> None:
         bs = self.block_size
         for i in range(len(seq.block_hashes), upto_tokens // bs):
-            parent = seq.block_hashes[i - 1] if i else None
+            parent = seq.block_hashes[i - 1] if i else _cache_salt(seq)
             seq.block_hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def _register_full_blocks(self, seq: Sequence, start: int) -> None:
@@ -217,9 +253,16 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, status: RequestStatus) -> None:
         if seq.status == RequestStatus.RUNNING:
-            self.running.remove(seq)
+            self._leave_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.release(seq.block_ids)
         seq.block_ids = []
         seq.status = status
+
+
+def _cache_salt(seq: Sequence) -> BlockHash | None:
+    """Prefix-cache blocks are keyed by the adapter too: KV computed under one adapter (or the base model)
+    is wrong for any other."""
+    lora = seq.params.lora
+    return None if lora is None else hash_salt("lora", lora.name, lora.path)

@@ -7,12 +7,16 @@ model dtype) so that greedy tokens match the reference exactly.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from tokenmill.models.registry import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from tokenmill.models.lora_layers import LoRALayer
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +104,13 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRALayer | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.add("gate_up_proj", x, gate_up)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        hidden = nn.functional.silu(gate) * up
+        out = self.down_proj(hidden)
+        if lora is not None:
+            lora.add("down_proj", hidden, out)
+        return out

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from tokenmill.models.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
 from tokenmill.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, rope_parameters
+from tokenmill.models.lora_layers import LoRALayer, LoRAStep
 
 # HF name fragment -> (our fused parameter, shard index)
 _STACKED = {
@@ -46,14 +47,21 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        lora: LoRALayer | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.add("qkv_proj", x, qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, *rope)
-        out = backend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = backend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(-1, self.q_size)
+        projected = self.o_proj(out)
+        if lora is not None:
+            lora.add("o_proj", out, projected)
+        return projected
 
 
 class DecoderLayer(nn.Module):
@@ -73,9 +81,10 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        lora: LoRALayer | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -110,12 +119,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, one row per token of the step."""
+        """Hidden states after the final norm, one row per token of the step. `lora` adds each adapted
+        row's LoRA delta (None: the base model for every row, at no extra cost)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta, self.attention_backend)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            layer_lora = lora.layer(index) if lora is not None else None
+            x = layer(x, rope, kv_cache, meta, self.attention_backend, layer_lora)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
