@@ -9,8 +9,9 @@ PACKAGE = Path(__file__).parents[1] / "src" / "tokenmill"
 FORBIDDEN = {
     "engine": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog"),
     "models": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog", "tokenmill.engine"),
-    "platform": ("tokenmill.serving", "tokenmill.catalog"),
+    "platform": ("tokenmill.serving", "tokenmill.catalog", "tokenmill.jobs"),
     "catalog": ("tokenmill.serving",),
+    "jobs": ("tokenmill.serving", "tokenmill.catalog"),
     # The console is pages over the public HTTP API: it imports nothing of the server's parts.
     "console": tuple(f"tokenmill.{name}" for name in ("serving", "platform", "catalog", "engine", "models")),
 }

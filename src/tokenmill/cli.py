@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
+from tokenmill.platform.errors import InvalidAmount
 from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS
+from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE
-from tokenmill.serving.settings import SIGNUP_MODES, CompletionLimits, ModelSpec, ServerSettings
+from tokenmill.serving.settings import SIGNUP_MODES, CompletionLimits, LoraSpec, ModelSpec, ServerSettings
 
 if TYPE_CHECKING:
     from tokenmill.platform.gateway import PlatformSettings
@@ -32,6 +34,8 @@ ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "device",
     "seed",
+    "max_loras",
+    "max_lora_rank",
 )
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 
@@ -70,6 +74,20 @@ def model_spec(text: str) -> ModelSpec:
     try:
         return ModelSpec.parse(text)
     except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def lora_spec(text: str) -> LoraSpec:
+    try:
+        return LoraSpec.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _price(text: str) -> int:
+    try:
+        return parse_units(text, "price", allow_zero=True)
+    except InvalidAmount as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
@@ -120,6 +138,15 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[ID=]PATH",
         help=f"embedding model: sentence-transformers directory or built-in name; repeatable "
         f"(default: {DEFAULT_EMBEDDING_MODEL}; 'none' for no embedding model)",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=lora_spec,
+        default=[],
+        metavar="NAME=PATH[@BASE]",
+        help="serve a PEFT LoRA adapter directory as the model NAME on the chat model BASE (default: the only "
+        "chat model); repeatable: requests for all adapters and the base share each batch",
     )
     parser.add_argument("--host", default=defaults.host, help=f"default: {defaults.host}")
     parser.add_argument("--port", type=int, default=defaults.port, help=f"default: {defaults.port}")
@@ -182,6 +209,44 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "create-invite)",
     )
     platform.add_argument(
+        "--fine-tuning-workers",
+        type=int,
+        default=defaults.fine_tuning_workers,
+        metavar="N",
+        help=f"trainer worker processes this server runs (default: {defaults.fine_tuning_workers}; 0: none, "
+        "jobs then wait for a `tokenmill worker` sharing the database)",
+    )
+    platform.add_argument(
+        "--fine-tuning-price",
+        type=_price,
+        default=defaults.fine_tuning_price_micros,
+        metavar="PRICE",
+        help="the price of 1M trained tokens, in currency units "
+        f"(default: {format_micros(defaults.fine_tuning_price_micros)})",
+    )
+    platform.add_argument(
+        "--max-file-size",
+        type=byte_size,
+        default=defaults.max_file_bytes,
+        metavar="SIZE",
+        help="the largest file one upload to /v1/files may store (default: 512M)",
+    )
+    platform.add_argument(
+        "--org-storage-quota",
+        type=byte_size,
+        default=defaults.max_org_file_bytes,
+        metavar="SIZE",
+        help="all the files of one organization together (default: 10G)",
+    )
+    platform.add_argument(
+        "--data-sweep-interval",
+        type=int,
+        default=defaults.data_sweep_interval_s,
+        metavar="SECONDS",
+        help="how often files past their expiry or their organization's retention are deleted "
+        f"(default: {defaults.data_sweep_interval_s}; 0: never, use tokenmill admin sweep-data)",
+    )
+    platform.add_argument(
         "--no-auth",
         action="store_true",
         help="private single-user deployment: no API keys, no billing, no rate limits",
@@ -195,6 +260,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one forward pass")
     engine.add_argument("--device", help="auto, cpu or cuda[:N]")
     engine.add_argument("--seed", type=int, help="seed for requests that bring none")
+    engine.add_argument("--max-loras", type=int, help="LoRA adapters loaded at once per engine (default: 8)")
+    engine.add_argument("--max-lora-rank", type=int, help="the largest adapter rank served (default: 64)")
 
 
 def _platform_settings(args: argparse.Namespace) -> PlatformSettings:
@@ -222,6 +289,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         no_auth=args.no_auth,
         signup=args.signup,
+        max_file_bytes=args.max_file_size,
+        max_org_file_bytes=args.org_storage_quota,
+        data_sweep_interval_s=args.data_sweep_interval,
+        fine_tuning_price_micros=args.fine_tuning_price,
+        fine_tuning_workers=args.fine_tuning_workers,
         completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),
     )
     if args.config is not None and (args.model or args.embedding_model):
@@ -233,12 +305,26 @@ def _serve(args: argparse.Namespace) -> int:
         _specs(args.model, DEFAULT_CHAT_MODEL) if from_flags else [],
         _specs(args.embedding_model, DEFAULT_EMBEDDING_MODEL) if from_flags else [],
         _engine_kwargs(args),
+        loras=args.lora,
         config=args.config,
         memory_budget_bytes=args.memory_budget,
         max_queue=args.max_queue,
         log_level=args.log_level,
     )
     return 0
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="unique among the workers sharing the database (default: HOST:PID)")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(), help="where job artifacts go")
+    parser.add_argument("--database-url", default=default_database_url(), help="the servers' database")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from tokenmill.jobs.trainer_worker import run_worker_process  # not needed for the other commands
+
+    return run_worker_process(args.data_dir, args.database_url, args.name, log_level=args.log_level)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -323,6 +409,7 @@ COMMANDS: list[Command] = [
     ),
     Command("bench", "measure throughput and latency", _bench_arguments, lambda args: 2),
     Command("chat", "talk to a model in the terminal", _chat_arguments, _chat),
+    Command("worker", "run fine-tuning jobs from the servers' database", _worker_arguments, _worker),
     Command(
         "doctor",
         "check this machine and show what serve would use (takes serve's flags)",

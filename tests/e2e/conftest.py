@@ -33,8 +33,11 @@ class Platform:
 
     url: str
     data_dir: Path
-    model_dir: Path
+    model_dir: Path | str
+    """A model directory, or `smollm2` for the real built-in model."""
     log_dir: Path
+    model: str = MODEL
+    """The served name of the model."""
 
     def admin(self, *args: str) -> str:
         """`tokenmill admin ...` (in this process: same code path, no interpreter start-up) -> its stdout."""
@@ -56,7 +59,7 @@ class Platform:
 
     def server(self, *flags: str, name: str = "serve") -> ServerProcess:
         args = [
-            "--model", f"{MODEL}={self.model_dir}", "--embedding-model", "none", "--database-url", self.url,
+            "--model", f"{self.model}={self.model_dir}", "--embedding-model", "none", "--database-url", self.url,
             "--kv-cache-memory", "4M", "--max-num-seqs", "64", "--max-queue", "256", *flags,
         ]  # fmt: skip
         return ServerProcess(args, self.log_dir / f"{name}.log", data_dir=self.data_dir)

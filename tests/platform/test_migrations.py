@@ -36,6 +36,12 @@ TABLES = {
     "access_revision",
     "invites",
     "login_failures",
+    "files",
+    "data_controls",
+    "fine_tuning_jobs",
+    "fine_tuning_events",
+    "fine_tuning_checkpoints",
+    "adapter_models",
 }
 
 

@@ -194,17 +194,19 @@ def test_the_split_and_the_provider_are_quoted_at_admission(db: Database) -> Non
     assert get_listing(db, spec.model).fee_bps(9000) == 9000
 
 
-def test_a_provider_buying_its_own_model_pays_and_earns_in_one_transaction(db: Database) -> None:
+def test_a_provider_calling_its_own_model_pays_like_a_buyer_and_earns_nothing(db: Database) -> None:
+    """The platform runs the model whoever calls it: an organization using its own fine-tune (or testing the
+    model it sells) pays the price, and a provider's earnings only ever come from other organizations."""
     provider = make_account(db, 10_000)
     listing = apply_listing(
         db, ListingSpec(unique("m"), provider=provider.org.id, price=Price(1_000_000, 1_000_000))
     )
     held = reserve(db, provider.principal, listing, 100, 100, fee_bps=listing.fee_bps(2000))
     usage = settle(db, held, 100, 50, "ok", 0.1)
-    assert (usage.cost_micros, usage.provider_micros, usage.platform_fee_micros) == (150, 120, 30)
-    assert balance_micros(db, provider.org.id) == 10_000 - 150 + 120
+    assert (usage.cost_micros, usage.provider_micros, usage.platform_fee_micros) == (150, 0, 150)
+    assert balance_micros(db, provider.org.id) == 10_000 - 150
     kinds = sorted((e.kind, e.amount_micros) for e in list_entries(db, provider.org.id))
-    assert kinds == [("charge", -150), ("earning", 120), ("topup", 10_000)]
+    assert kinds == [("charge", -150), ("topup", 10_000)]
 
 
 def test_two_organizations_buying_each_others_models_at_once(db: Database) -> None:

@@ -32,6 +32,8 @@ from tokenmill.engine.client import EngineClient
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tokenmill.engine.lora import LoRARequest
+
 logger = logging.getLogger(__name__)
 
 NO_MEMORY_RETRY_AFTER_S = 1
@@ -94,6 +96,8 @@ class Ticket:
         self._clock = clock
         self._assignment: Assignment | None = None
         self._released = False
+        self.lora: LoRARequest | None = None
+        """Set for an adapter model's request: the adapter its base model's engine applies."""
         instance.open_tickets += 1
         instance.idle.clear()
         model.last_used_s = clock()

@@ -16,7 +16,10 @@ from tokenmill.platform import admin_actions as do
 from tokenmill.platform import admin_invite_actions as invites
 from tokenmill.platform import admin_market_actions as market
 from tokenmill.platform.audit import MAX_ID, MAX_PAGE
+from tokenmill.platform.data_controls import sweep
 from tokenmill.platform.db import Database
+from tokenmill.platform.file_store import local_store
+from tokenmill.platform.fine_tuning_data import fine_tuning_owner
 from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
 from tokenmill.platform.invites import MAX_USES
 from tokenmill.platform.pricing import BPS_PER_UNIT
@@ -204,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     action("rotate-admin-key", "revoke the admin key and print a new one", do.rotate_admin_key)
     _add_market_actions(action)
     _add_invite_actions(action)
+    action(
+        "sweep-data",
+        "delete the files past their expiry or their organization's retention (rows and bytes), and job "
+        "artifacts past retention; the server also does this every --data-sweep-interval",
+        _sweep_data,
+    )
     sub = action(
         "audit-log", "the operator's changes, newest first: who, when, what, before -> after", do.audit_log
     )
@@ -211,6 +220,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--before-id", type=_positive(MAX_ID), help="the next page: rows older than this id")
     sub.add_argument("--action", help="only this action, e.g. create_key or set_price")
     sub.add_argument("--target", help="only this target: an organization, user or key id, a model, a tier")
+
+
+def _sweep_data(db: Database, args: argparse.Namespace) -> None:
+    """The files in `<data dir>/files` and the fine-tuning artifacts in `<data dir>/fine_tuning`, as `serve`
+    keeps them."""
+    report = sweep(db, local_store(args.data_dir), owners=(fine_tuning_owner(db, args.data_dir),))
+    print(
+        f"deleted {report.expired_files} expired file(s) and {report.retained_files} past their "
+        "organization's retention"
+    )
+    for owner, count in sorted(report.owners.items()):
+        print(f"deleted {count} {owner} item(s) past retention")
 
 
 def _add_invite_actions(action: Callable[[str, str, Action], argparse.ArgumentParser]) -> None:

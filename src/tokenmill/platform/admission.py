@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.platform.audit import record_foreign_access
 from tokenmill.platform.auth import authorize_model
 from tokenmill.platform.billing import (
     DEFAULT_OWNER,
@@ -18,8 +19,8 @@ from tokenmill.platform.billing import (
     settle,
 )
 from tokenmill.platform.db import Database
-from tokenmill.platform.errors import InvalidArgument
-from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingInfo, resolve_listing
+from tokenmill.platform.errors import InvalidArgument, ModelNotFound
+from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS, ListingInfo, provider_of, resolve_listing
 from tokenmill.platform.pricing import BPS_PER_UNIT
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.ratelimit import Lease, RateLimitDecision, RateLimited, RateLimiter, resolve_scope
@@ -62,9 +63,16 @@ class AdmissionControl:
     def resolve(self, principal: KeyPrincipal, model: str) -> ListingInfo:
         """The listing this request is for. Raises, in this order: ModelNotAllowed (403: the key's
         allow-list), ModelNotFound (404, one message whatever the reason), ListingRetired (410, to the
-        provider's own keys only)."""
+        provider's own keys only). Reaching for another organization's model (a private fine-tune, say) is
+        recorded in the audit log."""
         authorize_model(principal, model)
-        return resolve_listing(self.db, principal.org_id, model)
+        try:
+            return resolve_listing(self.db, principal.org_id, model)
+        except ModelNotFound:
+            provider = provider_of(self.db, model)
+            if provider is not None and provider != principal.org_id:
+                record_foreign_access(self.db, principal, "model", model, owner_org_id=provider)
+            raise
 
     def admit(
         self, principal: KeyPrincipal, listing: ListingInfo, prompt_tokens: int, max_tokens: int

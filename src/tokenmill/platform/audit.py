@@ -1,6 +1,8 @@
 """The audit log: one append-only row per operator change (who, what, on what, when, and the target's state
 before and after), written by `admin_ops` and read back by `tokenmill admin audit-log` and the admin API.
-States are stored as `snapshot`s, plain JSON; a key's secret can never be part of one."""
+States are stored as `snapshot`s, plain JSON; a key's secret can never be part of one. It also records each
+attempt of an organization to reach another's content (`record_foreign_access`): the caller is answered as if
+the thing did not exist, and the operator can still see that someone tried."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from sqlalchemy import select
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InvalidArgument
 from tokenmill.platform.keys import CreatedKey
+from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.tables import AuditEntry
 from tokenmill.platform.validation import optional_int, text
 
@@ -105,6 +108,32 @@ def record(db: Database, actor: str, action: str, target: str, before: object, a
         session.add(row)
         session.flush()
         return _info(row)
+
+
+FOREIGN_ACCESS = "foreign_access"
+"""The action of the rows `record_foreign_access` writes."""
+
+
+def record_foreign_access(
+    db: Database,
+    caller: str | KeyPrincipal,
+    kind: str,
+    ref: str,
+    *,
+    key_id: str | None = None,
+    owner_org_id: str | None = None,
+) -> AuditInfo:
+    """Record that an organization (`caller`: its id, or the principal of the request, which also names the
+    key) tried to reach `ref`, a `kind` ("file", "model", ...) that belongs to another organization
+    (`owner_org_id`, when the caller knows it). The caller answers the request exactly as for a missing
+    `ref`; this row is how the operator learns of it. Actor: `org:<org_id>` or `org:<org_id>/key:<key_id>`;
+    action: `foreign_access`; target: `ref`."""
+    if isinstance(caller, KeyPrincipal):
+        caller, key_id = caller.org_id, key_id or caller.key_id
+    org_id = text("org_id", caller, max_len=64)
+    actor = f"org:{org_id}" if key_id is None else f"org:{org_id}/key:{text('key_id', key_id, max_len=64)}"
+    attempt = {"kind": text("kind", kind, max_len=64), "owner_org_id": owner_org_id}
+    return record(db, actor, FOREIGN_ACCESS, ref, None, attempt)
 
 
 def list_audit(

@@ -274,9 +274,11 @@ def recover_open_reservations(
 
 
 def _split(cost: int, row: ReservationRow) -> tuple[int, int]:
-    """(provider_micros, platform_fee_micros) of the sale. The platform's own model (no provider, including
-    reservations opened before listings existed) keeps the whole sale."""
-    if row.provider_org_id is None:
+    """(provider_micros, platform_fee_micros) of the sale. The platform keeps the whole sale of its own model
+    (no provider, including reservations opened before listings existed) and of a provider's call to its own
+    model (an organization using its fine-tune pays for the serving like anyone, and earns nothing from
+    itself)."""
+    if row.provider_org_id is None or row.provider_org_id == row.org_id:
         return 0, cost
     return revenue_split(cost, row.platform_fee_bps)
 

@@ -188,3 +188,60 @@ class IdempotencyConflict(Conflict):
 
 class ReservationClosed(Conflict):
     """settle/release on a reservation that is no longer open: nothing is charged twice."""
+
+
+# --- files and data controls (`files.py`, `data_controls.py`) ---------------------------------------
+
+
+class FileNotFound(NotFound):
+    """404 for a file id that does not exist or belongs to another organization: one message for both, so
+    nobody can learn which file ids exist elsewhere (the attempt on another's file is audited instead)."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"file_id: No such File object: {file_id}")
+        self.file_id = file_id
+
+
+class UploadTooLarge(PlatformError):
+    """413: an upload went past a limit while it was read; nothing of it was kept. `limit` names which
+    (`file`: the per-file size limit, `organization`: the organization's storage quota)."""
+
+    def __init__(self, message: str, *, limit: str, limit_bytes: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.limit_bytes = limit_bytes
+
+
+class FileTooLarge(UploadTooLarge):
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(
+            f"file: the file is larger than this server's limit of {limit_bytes} bytes per file.",
+            limit="file",
+            limit_bytes=limit_bytes,
+        )
+
+
+class StorageQuotaExceeded(UploadTooLarge):
+    def __init__(self, limit_bytes: int, used_bytes: int) -> None:
+        super().__init__(
+            f"file: storing this file would take the organization's files past its storage quota of "
+            f"{limit_bytes} bytes ({used_bytes} bytes are in use); delete files to make room.",
+            limit="organization",
+            limit_bytes=limit_bytes,
+        )
+        self.used_bytes = used_bytes
+
+
+class FileContentMissing(PlatformError):
+    """410: the file's row exists but its bytes are gone from the store (or are not what was stored)."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(
+            f"file_id: the content of {file_id} is no longer available (its bytes are missing from "
+            "storage); delete the file and upload it again."
+        )
+        self.file_id = file_id
+
+
+class ConfirmationMismatch(InvalidArgument):
+    """A destructive action whose confirmation text is missing or wrong: nothing was done."""

@@ -224,6 +224,12 @@ def resolve_listing(db: Database, org_id: str, model: str) -> ListingInfo:
     raise ModelNotFound(model)
 
 
+def provider_of(db: Database, model: str) -> str | None:
+    """The organization that provides `model` (None for the platform's own models and unknown ones)."""
+    with db.read() as session:
+        return session.scalar(select(Listing.provider_org_id).where(Listing.model == model_ref(model)))
+
+
 def own_listings(db: Database, org_id: str) -> list[ListingInfo]:
     """Every listing `org_id` provides, in any status, by model id: what its provider manages."""
     with db.read() as session:

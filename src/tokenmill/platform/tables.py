@@ -18,6 +18,17 @@ LISTING_STATUSES = ("draft", "published", "retired")
 LISTING_VISIBILITIES = ("public", "private", "shared")
 RESERVATION_STATES = ("open", "settled", "released")
 USAGE_STATUSES = ("ok", "client_disconnected", "error")
+FILE_PURPOSES = (
+    "fine-tune",
+    "batch",
+    "assistants",
+    "vision",
+    "user_data",
+    "evals",
+    "fine-tune-results",
+    "batch_output",
+)
+"""OpenAI's purposes: the first six are uploaded by users, the last two written by the platform's jobs."""
 API_KEY_KINDS = ("api", "session")
 """`api`: a key a person or program holds; `session`: the key behind a console sign-in (`people.sign_in`)."""
 TIER_LIMIT_COLUMNS = (
@@ -310,3 +321,135 @@ class AccessRevision(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[int]
+
+
+class StoredFile(Base):
+    """One file of an organization (the Files API's File object): what it is, here; its bytes, in the
+    `FileStore` under `storage_key`. Deleted rows are gone: a file deleted is deleted, not hidden."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        CheckConstraint(one_of("purpose", FILE_PURPOSES), name="ck_files_purpose"),
+        CheckConstraint("bytes >= 0", name="ck_files_bytes_nonneg"),
+        Index("ix_files_org_id", "org_id", "id"),
+        Index("ix_files_expires_at", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    """None: kept until deleted (or until the organization's retention, `data_controls`, reaches it)."""
+
+
+class DataControl(Base):
+    """An organization's data settings; no row means the defaults (files kept until deleted)."""
+
+    __tablename__ = "data_controls"
+    __table_args__ = (
+        CheckConstraint(
+            "file_retention_days IS NULL OR file_retention_days >= 1", name="ck_data_controls_retention"
+        ),
+    )
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    file_retention_days: Mapped[int | None]
+    """Files and job artifacts older than this many days are deleted by the sweeper; None: kept."""
+    updated_at: Mapped[datetime]
+
+
+FINE_TUNING_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINE_TUNING_EVENT_TYPES = ("message", "metrics")
+
+
+class FineTuningJob(Base):
+    """One fine-tuning job: a queue entry a trainer worker claims (`status` queued -> running), keeps alive
+    with `heartbeat_at`, and closes; its training is billed through `reservation_id`."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (
+        CheckConstraint(one_of("status", FINE_TUNING_STATUSES), name="ck_fine_tuning_job_status"),
+        Index("ix_fine_tuning_jobs_org_created", "org_id", "created_at"),
+        Index("ix_fine_tuning_jobs_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    """The base model's id, as the caller named it."""
+    base_source: Mapped[str] = mapped_column(String(1000))
+    """What the worker loads: the base model's directory, .gguf file or built-in name."""
+    max_tokens_per_example: Mapped[int]
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    hyperparameters: Mapped[Any] = mapped_column(JSON)
+    """Resolved at creation (no "auto" left): what the worker trains with and the API reports."""
+    seed: Mapped[int]
+    user_metadata: Mapped[Any | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[Any | None] = mapped_column(JSON)
+    """OpenAI's {code, message, param} once failed."""
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
+    estimated_tokens: Mapped[int]
+    """Tokens of the training file times epochs: what the reservation holds the price of."""
+    trained_tokens: Mapped[int | None]
+    reservation_id: Mapped[str] = mapped_column(ForeignKey("reservations.id"), unique=True)
+    cancel_requested_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None]
+    attempts: Mapped[int]
+    """How many times a worker has claimed it; a job whose worker vanished is resumed once, then failed."""
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class FineTuningEvent(Base):
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (
+        CheckConstraint(one_of("type", FINE_TUNING_EVENT_TYPES), name="ck_fine_tuning_event_type"),
+        Index("ix_fine_tuning_events_job", "job_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"))
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[Any | None] = mapped_column(JSON)
+    created_at: Mapped[datetime]
+
+
+class FineTuningCheckpoint(Base):
+    """A saved adapter at the end of an epoch: what `/checkpoints` lists and a resumed job continues from."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (Index("ix_fine_tuning_checkpoints_job", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"))
+    step: Mapped[int]
+    metrics: Mapped[Any] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime]
+
+
+class AdapterModel(Base):
+    """A fine-tuned model: a LoRA adapter served on its base model's engine. Its listing (same model id)
+    says who may call it and at what price."""
+
+    __tablename__ = "adapter_models"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(200))
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"), unique=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime]

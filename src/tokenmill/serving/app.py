@@ -4,16 +4,21 @@ two apps in one process (as in tests) share nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.types import Receive, Scope
 
 from tokenmill import console
 from tokenmill.catalog.lifecycle import Fleet
 from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.embedder import Embedder
+from tokenmill.platform.data_controls import ContentOwner
+from tokenmill.platform.file_store import FileStore, local_store
+from tokenmill.platform.files import FileLimits
+from tokenmill.platform.fine_tuning_data import fine_tuning_owner
 from tokenmill.platform.gateway import Gateway
 from tokenmill.serving.deps import get_admin, get_principal, require_valid_text
 from tokenmill.serving.errors import install_error_handlers
@@ -29,7 +34,10 @@ from tokenmill.serving.routes import (
     catalog,
     chat,
     completions,
+    data_controls,
     embeddings,
+    files,
+    fine_tuning,
     health,
     history,
     keys,
@@ -37,11 +45,55 @@ from tokenmill.serving.routes import (
 )
 from tokenmill.serving.served import ServedModel
 from tokenmill.serving.settings import ServerSettings
-from tokenmill.serving.state import ServingState, fleet_of
+from tokenmill.serving.state import DataServices, ServingState, fleet_of
 
-V1_ROUTES = (chat, completions, embeddings, models, catalog, account, history, keys)
+V1_ROUTES = (
+    chat,
+    completions,
+    embeddings,
+    models,
+    catalog,
+    account,
+    history,
+    keys,
+    data_controls,
+    fine_tuning,
+)
 """Every /v1 route authenticates and refuses invalid text (router-level dependencies), so a new route cannot
 forget to."""
+STREAMED_ROUTES = (files,)
+"""/v1 routes that read their body as a stream (file uploads): they authenticate like the others, but no
+dependency may read the body first; they check the text of their fields themselves."""
+
+
+class StreamedUploads(RequestContext):
+    """`RequestContext`, except that an upload to /v1/files is passed through unbuffered: the Files route
+    holds it to its own limits (per file, per organization) while it streams to disk."""
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
+        if scope.get("method") == "POST" and scope.get("path") == files.FILES_PATH:
+            return receive
+        return await super()._read_body(scope, receive)
+
+
+def data_services(
+    settings: ServerSettings,
+    gateway: Gateway | None,
+    file_store: FileStore | None,
+    content_owners: Sequence[ContentOwner] | None,
+) -> DataServices | None:
+    """Files live in `<data dir>/files` unless a store is given; the other content defaults to fine-tuning's
+    (`<data dir>/fine_tuning`)."""
+    if gateway is None:
+        return None
+    data_dir = gateway.settings.data_dir
+    return DataServices(
+        store=file_store or local_store(data_dir),
+        limits=FileLimits(settings.max_file_bytes, settings.max_org_file_bytes),
+        owners=tuple(
+            (fine_tuning_owner(gateway.db, data_dir),) if content_owners is None else content_owners
+        ),
+    )
 
 
 def create_app(
@@ -50,13 +102,17 @@ def create_app(
     settings: ServerSettings,
     gateway: Gateway | None = None,
     served: Mapping[str, ServedModel] | None = None,
+    *,
+    file_store: FileStore | None = None,
+    content_owners: Sequence[ContentOwner] | None = None,
 ) -> FastAPI:
     """`chat_models` (a fleet under a memory budget, or engines already built, served pinned) and
     `embedders` are keyed by the model id clients send; the app starts the pinned models and the embedders
     in the background when it starts (so /health answers at once and /ready says 503 until they are
     loaded) and drains and shuts them down when it stops. `served` describes the models before they load
     (task, context length, models.yaml listing). `gateway` (accounts, billing, rate limits) is required
-    unless `settings.no_auth`; its owner opens and closes it, the app only uses it."""
+    unless `settings.no_auth`; its owner opens and closes it, the app only uses it. `file_store` and
+    `content_owners` (see `data_services`) are where organizations' files and other content live."""
     if gateway is None and not settings.no_auth:
         raise ConfigError(
             "gateway: authentication is on, so the app needs a platform Gateway "
@@ -71,16 +127,19 @@ def create_app(
         fleet = fleet_of(chat_models)
         for model_id, engine in chat_models.items():
             served.setdefault(model_id, ServedModel(model_id, "chat", engine.max_model_len))
-    state = ServingState(fleet, dict(embedders), settings, gateway, served)
+    data = data_services(settings, gateway, file_store, content_owners)
+    state = ServingState(fleet, dict(embedders), settings, gateway, served, data=data)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         startup = asyncio.create_task(state.start(), name="tokenmill-startup")
+        sweeper = asyncio.create_task(state.sweep_data_forever(), name="tokenmill-data-sweeper")
         try:
             yield
         finally:
-            startup.cancel()
-            await asyncio.gather(startup, return_exceptions=True)
+            for task in (startup, sweeper):
+                task.cancel()
+            await asyncio.gather(startup, sweeper, return_exceptions=True)
             await state.shutdown()
 
     # /openapi.json only: FastAPI's /docs and /redoc pages load their scripts from a CDN, which an offline
@@ -93,6 +152,8 @@ def create_app(
     install_error_handlers(app)
     for module in V1_ROUTES:
         app.include_router(module.router, dependencies=[Depends(get_principal), Depends(require_valid_text)])
+    for module in STREAMED_ROUTES:
+        app.include_router(module.router, dependencies=[Depends(get_principal)])
     for module in (
         admin,
         admin_invites,
@@ -104,5 +165,5 @@ def create_app(
     app.include_router(auth.router, dependencies=[Depends(require_valid_text)])
     app.include_router(health.router)
     app.router.routes.extend(console.routes())  # the web console at /: static pages over this same API
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(StreamedUploads, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
     return app

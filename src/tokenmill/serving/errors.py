@@ -19,6 +19,7 @@ from tokenmill.platform.errors import (
     AuthenticationError,
     Conflict,
     EmailTaken,
+    FileContentMissing,
     InsufficientQuota,
     InvalidCredentials,
     InviteInvalid,
@@ -31,6 +32,7 @@ from tokenmill.platform.errors import (
     PermissionDenied,
     PlatformError,
     SignupClosed,
+    UploadTooLarge,
 )
 from tokenmill.platform.ratelimit import RateLimited
 from tokenmill.text import printable
@@ -125,6 +127,11 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
         return error_response(404, str(exc), "model", "model_not_found")
     if isinstance(exc, ListingRetired):
         return error_response(410, str(exc), "model", "model_retired")
+    if isinstance(exc, UploadTooLarge):
+        code = "file_too_large" if exc.limit == "file" else "storage_quota_exceeded"
+        return error_response(413, message, param, code)
+    if isinstance(exc, FileContentMissing):
+        return error_response(410, message, param, "file_content_missing")
     if isinstance(exc, ModelNotAllowed):
         return error_response(
             403, f"This API key may not use the model `{exc.model}`.", "model", "model_not_allowed"

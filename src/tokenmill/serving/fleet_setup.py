@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from tokenmill.catalog.deployments import Deployment
 from tokenmill.catalog.fleet_model import ModelDeployment
@@ -18,7 +19,7 @@ from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.platform.listing_terms import ListingSpec
 from tokenmill.platform.pricing import Price
 from tokenmill.serving.served import ServedModel
-from tokenmill.serving.settings import CompletionLimits, ModelSpec
+from tokenmill.serving.settings import CompletionLimits, LoraSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ def plan_serving(
                 max_queue=default_max_queue if deployment.max_queue is None else deployment.max_queue,
             )
         )
-        served[deployment.id] = ServedModel(deployment.id, "chat", plan.max_model_len, listing)
+        served[deployment.id] = ServedModel(
+            deployment.id, "chat", plan.max_model_len, listing, source=deployment.source
+        )
         if deployment.limits is not None:
             limits[deployment.id] = deployment.limits.apply_to(server_limits)
     if memory_budget_bytes is None and device is not None:
@@ -122,6 +125,34 @@ def plan_serving(
         limits,
         {d.id: (served[d.id].listing, _digest(d)) for d in deployments},  # type: ignore[misc]
     )
+
+
+def lora_models(loras: Sequence[LoraSpec], served: Mapping[str, ServedModel]) -> dict[str, ServedModel]:
+    """`--lora` adapters as models served on their base model's engine (checked when their first request
+    is submitted, like any adapter); their listings are the platform's defaults, as for `--model`."""
+    from tokenmill.engine.lora import LoRARequest
+
+    chat = [model for model, entry in served.items() if entry.task == "chat" and entry.lora is None]
+    adapters: dict[str, ServedModel] = {}
+    for spec in loras:
+        if spec.name in served or spec.name in adapters:
+            raise ConfigError(f"lora: the model id {spec.name!r} is used twice")
+        base = spec.base
+        if base is None:
+            if len(chat) != 1:
+                raise ConfigError(f"lora {spec.name!r}: name its base model, NAME=PATH@BASE (one of {chat})")
+            base = chat[0]
+        if base not in chat:
+            raise ConfigError(f"lora {spec.name!r}: {base!r} is not a chat model this server runs ({chat})")
+        path = str(Path(spec.path).expanduser().resolve())
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"lora {spec.name!r}: {path} is not a PEFT adapter directory (no adapter_config.json)"
+            )
+        adapters[spec.name] = ServedModel(
+            spec.name, "chat", served[base].context_length, base_model=base, lora=LoRARequest(spec.name, path)
+        )
+    return adapters
 
 
 def listing_spec(deployment: Deployment) -> ListingSpec:

@@ -25,8 +25,10 @@ ERROR_STATUSES: dict[int, str] = {
     404: "No such model (or none this key may see), or no such object.",
     409: "The change contradicts an existing row (a duplicate name, an idempotency key reused for "
     "another amount); the message says which.",
-    410: "The caller's own organization retired this model (`model_retired`).",
-    413: "The request body is larger than the server accepts.",
+    410: "The caller's own organization retired this model (`model_retired`), or a file's content is "
+    "missing from storage (`file_content_missing`).",
+    413: "The request body is larger than the server accepts, or an upload is larger than the per-file "
+    "limit (`file_too_large`) or the organization's storage quota (`storage_quota_exceeded`).",
     429: "A rate limit (`rate_limit_exceeded`, with Retry-After) or the balance or spend limit "
     "(`insufficient_quota`) refused the request, or too many failed sign-ins (`too_many_login_attempts`, "
     "with Retry-After).",

@@ -4,7 +4,7 @@ the engine's own rules by SamplingParams itself, which names the field in its er
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 from tokenmill.serving.protocol import (
@@ -14,6 +14,9 @@ from tokenmill.serving.protocol import (
 )
 from tokenmill.serving.settings import CompletionLimits
 from tokenmill.serving.tools import ToolUse
+
+if TYPE_CHECKING:
+    from tokenmill.engine.lora import LoRARequest
 
 _SMALLEST_TOP_P = 1e-8  # OpenAI accepts top_p=0 ("only the most likely token"); the engine wants (0, 1]
 
@@ -72,8 +75,10 @@ def sampling_params(
     vocab_size: int,
     logprobs: int | None,
     tools: ToolUse | None = None,
+    lora: LoRARequest | None = None,
 ) -> SamplingParams:
-    """`tools`: the chat request's `tool_use`, which the route has already read for the prompt."""
+    """`tools`: the chat request's `tool_use`, which the route has already read for the prompt; `lora`: the
+    adapter of an adapter model (its ticket's)."""
     top_p = 1.0 if request.top_p is None else max(request.top_p, _SMALLEST_TOP_P)
     stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     return SamplingParams(
@@ -91,6 +96,7 @@ def sampling_params(
         stop=tuple(stop),
         logprobs=logprobs,
         guidance=guidance(request, tools),
+        lora=lora,
     )
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from tokenmill.platform.listing_terms import ListingSpec
 from tokenmill.platform.listings import PLATFORM_PROVIDER, ListingInfo
 from tokenmill.platform.pricing import FREE
+
+if TYPE_CHECKING:
+    from tokenmill.engine.lora import LoRARequest  # torch: imported only where engines run
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +24,14 @@ class ServedModel:
     """From the engine's plan (or the embedder's config); None when only a started engine can tell."""
     listing: ListingSpec | None = None
     """The models.yaml listing; None: the defaults (public, by the platform, free when new)."""
+    source: str | None = None
+    """What a chat model's engine loads (a directory, a .gguf file or a built-in name): a trainer's base."""
+    base_model: str | None = None
+    """An adapter model (a fine-tune or a --lora): the chat model whose engine serves it."""
+    lora: LoRARequest | None = None
+    """An adapter model's adapter, sent with each of its requests to the base model's engine."""
+    owner_org_id: str | None = None
+    """A fine-tuned model: the organization it belongs to (never shown to others, not even by /ready)."""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -14,12 +14,20 @@ import uvicorn
 
 from tokenmill.catalog.deployments import Deployment, load_deployments
 from tokenmill.engine.embedder import Embedder
+from tokenmill.jobs.worker_supervisor import WorkerSupervisor
 from tokenmill.platform.admin_key import admin_key_path
+from tokenmill.platform.fine_tuning import recover_stale_jobs
 from tokenmill.platform.gateway import Gateway, PlatformSettings
 from tokenmill.platform.listings import apply_listing
 from tokenmill.serving.app import create_app
-from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE, ServingPlan, deployments_from_flags, plan_serving
-from tokenmill.serving.settings import ModelSpec, ServerSettings
+from tokenmill.serving.fleet_setup import (
+    DEFAULT_MAX_QUEUE,
+    ServingPlan,
+    deployments_from_flags,
+    lora_models,
+    plan_serving,
+)
+from tokenmill.serving.settings import LoraSpec, ModelSpec, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,23 @@ def publish_listings(gateway: Gateway, plan: ServingPlan, *, declared: bool) -> 
         gateway.register_models([m for m, served in plan.served.items() if served.task == task], task=task)
 
 
+def trainer_workers(
+    settings: ServerSettings, platform: PlatformSettings, gateway: Gateway
+) -> WorkerSupervisor:
+    """`settings.fine_tuning_workers` `tokenmill worker` processes on this server's database and data dir;
+    when one exits, the job it ran is recovered at once (resumed by the next worker, or failed)."""
+
+    def worker_args(name: str) -> list[str]:
+        args = ["worker", "--name", name, "--data-dir", str(platform.data_dir)]
+        return args + ["--database-url", platform.resolved_database_url]
+
+    def on_exit(name: str, returncode: int) -> None:
+        recover_stale_jobs(gateway.db, stale_after_s=0, worker=name)
+
+    names = [f"{platform.gateway_id}/trainer-{i}" for i in range(settings.fine_tuning_workers)]
+    return WorkerSupervisor(names, worker_args, on_exit)
+
+
 def serve(
     settings: ServerSettings,
     platform: PlatformSettings,
@@ -77,6 +102,7 @@ def serve(
     embedding_models: Sequence[ModelSpec],
     engine_kwargs: Mapping[str, object],
     *,
+    loras: Sequence[LoraSpec] = (),
     config: Path | None = None,
     memory_budget_bytes: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
@@ -99,8 +125,11 @@ def serve(
             default_max_queue=max_queue,
         )
         settings = replace(settings, model_completion_limits=plan.completion_limits)
+        adapters = lora_models(loras, plan.served)
+        plan.served.update(adapters)
         if gateway is not None:
             publish_listings(gateway, plan, declared=config is not None)
+            gateway.register_models(list(adapters), task="chat")
         else:
             logger.warning("--no-auth: no API keys, no billing, no rate limits; do not expose this server")
         app = create_app(plan.fleet, embedders, settings, gateway, plan.served)
@@ -120,7 +149,15 @@ def serve(
         # What startup built (models, tokenizers, libraries) lives as long as the process: out of the
         # collector's sight, a full collection no longer walks it and stalls every request for ~0.3 s.
         gc.freeze()
-        uvicorn.Server(config).run()
+        workers = None
+        if gateway is not None and settings.fine_tuning_workers:
+            workers = trainer_workers(settings, platform, gateway)
+            workers.start()
+        try:
+            uvicorn.Server(config).run()
+        finally:
+            if workers is not None:
+                workers.stop()
     finally:
         if gateway is not None:
             gateway.close()

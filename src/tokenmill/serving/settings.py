@@ -47,6 +47,17 @@ class ServerSettings:
     completion_limits: CompletionLimits = field(default_factory=CompletionLimits)
     """For every chat model, unless `model_completion_limits` names it."""
     model_completion_limits: Mapping[str, CompletionLimits] = field(default_factory=dict)
+    max_file_bytes: int = 512 * 1024 * 1024
+    """The largest file one upload to /v1/files may store; refused (413) while it is read."""
+    max_org_file_bytes: int = 10 * 1024 * 1024 * 1024
+    """All the files of one organization together (uploads and its jobs' results)."""
+    data_sweep_interval_s: int = 3600
+    """How often files past their expiry or their organization's retention are deleted; 0: never (run
+    `tokenmill admin sweep-data` instead)."""
+    fine_tuning_price_micros: int = 1_000_000
+    """The price of 1M trained tokens (tokens of the training file times epochs), in micro-units."""
+    fine_tuning_workers: int = 1
+    """Trainer worker processes this server keeps running; 0: none (jobs wait for a `tokenmill worker`)."""
     signup: str = "invite"
     """One of `SIGNUP_MODES`. By invitation unless the operator opens it: a server reachable from a network
     should not hand out free accounts to whoever finds it."""
@@ -60,6 +71,15 @@ class ServerSettings:
             raise ConfigError("max_body_bytes: must be at least 1024")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown_timeout_s: must be >= 0")
+        for name in ("max_file_bytes", "max_org_file_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        if self.fine_tuning_price_micros < 0:
+            raise ConfigError("fine_tuning_price_micros: must be >= 0")
+        if not 0 <= self.fine_tuning_workers <= 64:
+            raise ConfigError("fine_tuning_workers: must be from 0 to 64")
+        if self.data_sweep_interval_s < 0:
+            raise ConfigError("data_sweep_interval_s: must be >= 0 (0: never)")
 
     def limits_for(self, model: str) -> CompletionLimits:
         return self.model_completion_limits.get(model, self.completion_limits)
@@ -86,3 +106,21 @@ class ModelSpec:
         if not model_id or not source:
             raise ConfigError(f"model: {text!r} must be PATH or ID=PATH")
         return cls(source=source, model_id=model_id)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """One `--lora` value: `NAME=PATH` or `NAME=PATH@BASE`, a PEFT LoRA adapter directory served as the
+    model NAME on the chat model BASE (which may be left out when the server runs one chat model)."""
+
+    name: str
+    path: str
+    base: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        name, sep, rest = text.partition("=")
+        path, at, base = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        if not sep or not name or not path or (at and not base):
+            raise ConfigError(f"lora: {text!r} must be NAME=PATH or NAME=PATH@BASE")
+        return cls(name=name, path=path, base=base or None)

@@ -1,7 +1,8 @@
 """What the routes of one app share: the fleet of chat models and the embedders, what each served model is
-and how it is listed, settings, the platform gateway (None with --no-auth), metrics and live figures, plus
-the background tasks that must outlive a request (aborting an engine request or settling its bill after its
-client left)."""
+and how it is listed, settings, the platform gateway (None with --no-auth), the organizations' stored data
+(the file store, its limits and the other owners of content), metrics and live figures, plus the background
+tasks that must outlive a request (aborting an engine request or settling its bill after its client left)
+and the data sweeper (files past their expiry or their organization's retention)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from tokenmill.catalog.live import LiveStats
 from tokenmill.engine.client import EngineClient, EngineStats
 from tokenmill.engine.embedder import Embedder
 from tokenmill.platform.auth import authorize_model
+from tokenmill.platform.data_controls import ContentOwner, sweep
+from tokenmill.platform.file_store import FileStore
+from tokenmill.platform.files import FileLimits
+from tokenmill.platform.fine_tuning import find_adapter_models
 from tokenmill.platform.gateway import Gateway
 from tokenmill.platform.listings import ListingInfo, callable_listings
 from tokenmill.platform.principal import KeyPrincipal
@@ -42,6 +47,16 @@ def fleet_of(engines: Mapping[str, EngineClient]) -> Fleet:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DataServices:
+    """Where organizations' content lives, for the Files API and the data controls."""
+
+    store: FileStore
+    limits: FileLimits
+    owners: tuple[ContentOwner, ...] = ()
+    """Content besides files (fine-tuning artifacts...) that delete-all, retention and export reach."""
+
+
 @dataclass(eq=False)
 class ServingState:
     fleet: Fleet
@@ -50,6 +65,8 @@ class ServingState:
     gateway: Gateway | None = None
     served: dict[str, ServedModel] = field(default_factory=dict)
     """Every model this server answers for; a model missing here is described from its engine once started."""
+    data: DataServices | None = None
+    """None with --no-auth: files need a database."""
     live: LiveStats = field(default_factory=LiveStats)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
@@ -87,8 +104,8 @@ class ServingState:
         listing = gateway.remembered_listing(principal, model) or await run_in_threadpool(
             gateway.resolve, principal, model
         )
-        if model not in self.served:  # listed in the shared database, but served by another gateway
-            raise model_not_found(model)
+        if model not in self.served and not await self._learn_adapter_models([model]):
+            raise model_not_found(model)  # listed in the shared database, but served by another gateway
         return listing
 
     async def visible_listings(self, principal: KeyPrincipal) -> list[ListingInfo]:
@@ -97,12 +114,35 @@ class ServingState:
             listings = [local_listing(served) for served in self.served.values()]
         else:
             listings = await run_in_threadpool(callable_listings, self.gateway.db, principal.org_id)
+            await self._learn_adapter_models([x.model for x in listings if x.model not in self.served])
         found = [
             listing
             for listing in listings
             if listing.model in self.served and principal.may_use(listing.model)
         ]
         return sorted(found, key=lambda listing: listing.model)
+
+    async def _learn_adapter_models(self, models: list[str]) -> bool:
+        """Fine-tuned models (rows of the shared database) whose base model this server runs become served
+        models here: a gateway learns of a new fine-tune on its first request, not at a restart. Returns
+        whether all of `models` are served now."""
+        if self.gateway is None or not models:
+            return not models
+        from tokenmill.engine.lora import LoRARequest  # torch: only where engines run
+
+        found = await run_in_threadpool(find_adapter_models, self.gateway.db, models)
+        for adapter in found.values():
+            base = self.served.get(adapter.base_model)
+            if base is not None and base.task == "chat" and base.lora is None:
+                self.served[adapter.model] = ServedModel(
+                    adapter.model,
+                    "chat",
+                    base.context_length,
+                    base_model=adapter.base_model,
+                    lora=LoRARequest(adapter.model, adapter.path),
+                    owner_org_id=adapter.org_id,
+                )
+        return all(model in self.served for model in models)
 
     def context_length(self, listing: ListingInfo) -> int | None:
         """Declared, else planned before loading, else the loaded engine's own."""
@@ -117,14 +157,18 @@ class ServingState:
                 param="model",
                 code="model_not_supported",
             )
-        self._require_ready(listing.model)
+        served = self.served[listing.model]
+        engine_model = served.base_model or listing.model  # an adapter runs on its base model's engine
+        self._require_ready(engine_model)
         try:
-            return await self.fleet.checkout(listing.model)
+            ticket = await self.fleet.checkout(engine_model)
         except UnknownModel:
             raise model_not_found(listing.model) from None
         except ModelUnavailable:
             self.live.record_refusal(listing.model)
             raise
+        ticket.lora = served.lora
+        return ticket
 
     def embedder(self, listing: ListingInfo) -> Embedder:
         if self.served[listing.model].task != "embedding":
@@ -149,7 +193,8 @@ class ServingState:
             if model in self._failed_embedders:
                 return ModelState.FAILED
             return ModelState.LOADED if self.ready else ModelState.LOADING
-        return self.fleet.status_of(model).state
+        served = self.served.get(model)
+        return self.fleet.status_of(served.base_model if served and served.base_model else model).state
 
     def engine_stats(self) -> Iterator[tuple[str, EngineStats]]:
         for model, _, engine in self.fleet.engines():
@@ -194,6 +239,27 @@ class ServingState:
         for embedder in reversed(self._started):
             await embedder.shutdown()
         self._started.clear()
+
+    async def sweep_data_forever(self) -> None:
+        """Every `data_sweep_interval_s` (the first right away): delete what is past its expiry or its
+        organization's retention. A failed sweep is logged and tried again at the next interval."""
+        interval = self.settings.data_sweep_interval_s
+        if self.gateway is None or self.data is None or interval <= 0:
+            return
+        db, data = self.gateway.db, self.data
+        while True:
+            try:
+                report = await run_in_threadpool(sweep, db, data.store, owners=data.owners)
+                if report.total:
+                    logger.info(
+                        "data sweep: deleted %d expired file(s), %d past retention, other content %s",
+                        report.expired_files,
+                        report.retained_files,
+                        report.owners,
+                    )
+            except Exception:
+                logger.exception("data sweep failed; trying again in %d s", interval)
+            await asyncio.sleep(interval)
 
     def _require_ready(self, model: str) -> None:
         if not self.ready:

@@ -240,6 +240,7 @@ async def create_chat_completion(
             vocab_size=len(ticket.tokenizer),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             tools=tools,
+            lora=ticket.lora,
         )
         engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
         await check_guidance(engine, params)

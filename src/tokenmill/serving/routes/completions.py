@@ -144,7 +144,11 @@ async def create_completion(
             )
             params.append(
                 sampling_params(
-                    body, max_tokens=max_tokens, vocab_size=len(tokenizer), logprobs=body.logprobs
+                    body,
+                    max_tokens=max_tokens,
+                    vocab_size=len(tokenizer),
+                    logprobs=body.logprobs,
+                    lora=ticket.lora,
                 )
             )
         echoes = [

@@ -32,7 +32,7 @@ async def ready(state: StateDep) -> Response:
     """Ready once the pinned models and the embedders are up. A model that failed to load is named in
     `error`, but the server stays ready while any model serves: a probe that took it out of rotation would
     cut off the models that work. Only when every model failed is it "failed" (503)."""
-    models = list(state.served)
+    models = [model for model, served in state.served.items() if served.owner_org_id is None]
     failed = state.failed_models
     error = "; ".join(f"{model}: {reason}" for model, reason in sorted(failed.items())) or None
     if failed and len(failed) == len(models):

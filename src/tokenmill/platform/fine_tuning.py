@@ -1,0 +1,717 @@
+"""Fine-tuning jobs as rows: the API creates one (its training reserved at the quoted price), trainer workers
+claim queued jobs from the same table, keep them alive with a heartbeat, write events and checkpoints, and
+close them; the result is an adapter model with a listing of its own.
+
+States: queued -> running -> succeeded | failed | cancelled (queued jobs cancel at once; a running one is
+asked to stop and its worker closes it). A running job whose heartbeat stopped (its worker crashed or was
+killed) is queued again to resume from its last checkpoint, once; the second time it fails with the reason.
+
+Billing: the reservation is opened at creation for the validated tokens times the epochs and closed when
+the job ends: the trained tokens are charged on success and on cancellation, nothing on failure. Every
+transition that closes a job settles it; a job closed without its settlement (a crash in between) is settled
+by the next `claim_next` (`settle_closed_jobs`)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from tokenmill.platform.billing import Reservation, UsageStatus, release, reserve, settle
+from tokenmill.platform.db import Database
+from tokenmill.platform.errors import Conflict, NotFound
+from tokenmill.platform.listing_terms import ListingSpec, model_ref
+from tokenmill.platform.listings import (
+    PLATFORM_PROVIDER,
+    ListingInfo,
+    apply_listing,
+    get_listing,
+    set_listing_status,
+)
+from tokenmill.platform.pricing import BPS_PER_UNIT, Price
+from tokenmill.platform.principal import KeyPrincipal
+from tokenmill.platform.tables import (
+    AdapterModel,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
+    Organization,
+)
+from tokenmill.platform.tables import Reservation as ReservationRow
+
+MAX_ATTEMPTS = 2
+"""Claims of one job: the first run and one resumption after its worker vanished."""
+FINISHED = ("succeeded", "failed", "cancelled")
+TRAINING_MODEL_PREFIX = "fine-tuning/"
+"""Usage records of training read `fine-tuning/<base model>`, apart from the base model's inference."""
+_SLUG_RE = re.compile(r"[^a-z0-9-]+")
+_JOB_ID_RE = re.compile(r"ftjob-[0-9a-f]{24}")
+_CHECKPOINT_ID_RE = re.compile(r"ftckpt-[0-9a-f]{24}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A job the API has validated: the files are the caller's, the training set parsed, the base model
+    fine-tunable, the hyperparameters resolved."""
+
+    model: str
+    base_source: str
+    max_tokens_per_example: int
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    hyperparameters: dict[str, Any]
+    seed: int
+    metadata: dict[str, str] | None
+    estimated_tokens: int
+    """Training tokens times epochs: what is reserved."""
+    price_micros_per_mtok: int
+    """The price of 1M trained tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    id: str
+    org_id: str
+    model: str
+    base_source: str
+    max_tokens_per_example: int
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    hyperparameters: dict[str, Any]
+    seed: int
+    metadata: dict[str, str] | None
+    status: str
+    error: dict[str, Any] | None
+    fine_tuned_model: str | None
+    estimated_tokens: int
+    trained_tokens: int | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    id: int
+    job_id: str
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    id: str
+    job_id: str
+    step: int
+    metrics: dict[str, Any]
+    path: str
+    created_at: datetime
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_T]):
+    data: list[_T]
+    has_more: bool
+
+
+# -- the API's side ----------------------------------------------------------------------------------
+
+
+def create_job(db: Database, principal: KeyPrincipal, spec: JobSpec) -> JobInfo:
+    """Reserve the training's worst case and queue the job; `InsufficientQuota` (nothing written) when the
+    balance cannot hold it. The caller has checked that the key may use the base model."""
+    job_id = f"ftjob-{secrets.token_hex(12)}"
+    # The training's own price and usage label; the key's model allow-list was applied to the base model.
+    reservation = reserve(
+        db,
+        replace(principal, allowed_models=None),
+        _training_listing(spec, db.now()),
+        spec.estimated_tokens,
+        0,
+        owner=f"fine-tuning:{job_id}",
+        fee_bps=BPS_PER_UNIT,
+    )
+    try:
+        with db.write() as session:
+            now = db.now()
+            row = FineTuningJob(
+                id=job_id,
+                org_id=principal.org_id,
+                key_id=principal.key_id,
+                model=spec.model,
+                base_source=spec.base_source,
+                max_tokens_per_example=spec.max_tokens_per_example,
+                training_file=spec.training_file,
+                validation_file=spec.validation_file,
+                suffix=spec.suffix,
+                hyperparameters=spec.hyperparameters,
+                seed=spec.seed,
+                user_metadata=spec.metadata,
+                status="queued",
+                error=None,
+                fine_tuned_model=None,
+                estimated_tokens=spec.estimated_tokens,
+                trained_tokens=None,
+                reservation_id=reservation.id,
+                cancel_requested_at=None,
+                worker=None,
+                heartbeat_at=None,
+                attempts=0,
+                created_at=now,
+                started_at=None,
+                finished_at=None,
+            )
+            session.add(row)
+            session.flush()
+            _event(session, job_id, f"Created fine-tuning job: {job_id}", now)
+            _event(session, job_id, "Validated training file: " + spec.training_file, now)
+            _event(session, job_id, "Fine-tuning job queued", now)
+            return _job(row)
+    except BaseException:
+        release(db, reservation)
+        raise
+
+
+def get_job(db: Database, org_id: str, job_id: str) -> JobInfo:
+    """`NotFound` for a job that does not exist or is another organization's (the same answer)."""
+    with db.read() as session:
+        return _job(_own_row(session, org_id, job_id))
+
+
+def find_foreign_job(db: Database, org_id: str, job_id: str) -> bool:
+    """Whether `job_id` exists but belongs to another organization (worth an audit row)."""
+    if not _JOB_ID_RE.fullmatch(job_id):
+        return False
+    with db.read() as session:
+        row = session.get(FineTuningJob, job_id)
+    return row is not None and row.org_id != org_id
+
+
+def list_jobs(db: Database, org_id: str, *, after: str | None, limit: int) -> Page[JobInfo]:
+    """Newest first; `after` is the last job id of the previous page."""
+    query = select(FineTuningJob).where(FineTuningJob.org_id == org_id)
+    with db.read() as session:
+        if after is not None:
+            cursor = _own_row(session, org_id, after)
+            query = query.where(
+                (FineTuningJob.created_at < cursor.created_at)
+                | ((FineTuningJob.created_at == cursor.created_at) & (FineTuningJob.id < cursor.id))
+            )
+        rows = session.scalars(
+            query.order_by(FineTuningJob.created_at.desc(), FineTuningJob.id.desc()).limit(limit + 1)
+        ).all()
+        return Page([_job(row) for row in rows[:limit]], len(rows) > limit)
+
+
+def list_events(db: Database, org_id: str, job_id: str, *, after: int | None, limit: int) -> Page[EventInfo]:
+    """Newest first; `after` is the last event id of the previous page."""
+    query = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(FineTuningEvent.id < after)
+    with db.read() as session:
+        _own_row(session, org_id, job_id)
+        rows = session.scalars(query.order_by(FineTuningEvent.id.desc()).limit(limit + 1)).all()
+        return Page([_event_info(row) for row in rows[:limit]], len(rows) > limit)
+
+
+def list_checkpoints(
+    db: Database, org_id: str, job_id: str, *, after: str | None, limit: int
+) -> Page[CheckpointInfo]:
+    """Newest (highest step) first; `after` is the last checkpoint id of the previous page."""
+    query = select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job_id)
+    with db.read() as session:
+        _own_row(session, org_id, job_id)
+        if after is not None:
+            cursor = session.get(FineTuningCheckpoint, _id("checkpoint", after, _CHECKPOINT_ID_RE))
+            if cursor is None or cursor.job_id != job_id:
+                raise NotFound(f"after: no checkpoint {after!r} of this job")
+            query = query.where(FineTuningCheckpoint.step < cursor.step)
+        rows = session.scalars(query.order_by(FineTuningCheckpoint.step.desc()).limit(limit + 1)).all()
+        return Page([_checkpoint_info(row) for row in rows[:limit]], len(rows) > limit)
+
+
+def cancel_job(db: Database, org_id: str, job_id: str) -> JobInfo:
+    """A queued job is cancelled now (nothing charged); a running one is asked to stop, and its worker
+    closes it within seconds, charging the tokens trained so far. `Conflict` for a finished job."""
+    with db.write() as session:
+        row = _own_row(session, org_id, job_id, lock=True)
+        now = db.now()
+        if row.status in FINISHED:
+            raise Conflict(f"fine_tuning_job: job {job_id} has already {row.status}; it cannot be cancelled")
+        if row.status == "queued":
+            row.status, row.finished_at = "cancelled", now
+            _event(session, job_id, "Fine-tuning job cancelled", now)
+        elif row.cancel_requested_at is None:
+            row.cancel_requested_at = now
+            _event(session, job_id, "Cancellation requested; stopping the training", now)
+        info = _job(row)
+    if info.status == "cancelled":
+        _settle(db, job_id)
+    return info
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    model: str
+    base_model: str
+    org_id: str
+    job_id: str
+    path: str
+
+
+def find_adapter_models(db: Database, models: Iterable[str]) -> dict[str, AdapterInfo]:
+    """The fine-tuned models among `models`, by id: what a gateway needs to serve them on their base."""
+    models = [model_ref(model) for model in models]
+    if not models:
+        return {}
+    with db.read() as session:
+        rows = session.scalars(select(AdapterModel).where(AdapterModel.model.in_(models))).all()
+        return {
+            row.model: AdapterInfo(row.model, row.base_model, row.org_id, row.job_id, row.path)
+            for row in rows
+        }
+
+
+def delete_fine_tuned_model(db: Database, org_id: str, model: str) -> AdapterInfo:
+    """The organization's fine-tuned model stops being a model: its row goes and its listing is retired
+    (its id is never reused). The caller deletes the adapter's files. `NotFound` unless it is `org_id`'s."""
+    with db.write() as session:
+        row = session.get(AdapterModel, model_ref(model), with_for_update=True)
+        if row is None or row.org_id != org_id:
+            raise NotFound(f"model: no fine-tuned model {model!r}")
+        info = AdapterInfo(row.model, row.base_model, row.org_id, row.job_id, row.path)
+        session.delete(row)
+    if get_listing(db, model).status != "retired":
+        set_listing_status(db, model, "retired")
+    return info
+
+
+def delete_org_models(db: Database, org_id: str) -> list[AdapterInfo]:
+    """Every fine-tuned model of the organization, as `delete_fine_tuned_model` (deleting all its data)."""
+    with db.read() as session:
+        models = list(session.scalars(select(AdapterModel.model).where(AdapterModel.org_id == org_id)))
+    return [delete_fine_tuned_model(db, org_id, model) for model in models]
+
+
+def finished_before(db: Database, org_id: str, cutoff: datetime) -> list[tuple[str, str | None]]:
+    """The organization's jobs that ended before `cutoff` (their checkpoints are past retention): (job id,
+    the path of the adapter it made, None when it made none or the model was deleted)."""
+    with db.read() as session:
+        rows = session.execute(
+            select(FineTuningJob.id, AdapterModel.path)
+            .outerjoin(AdapterModel, AdapterModel.job_id == FineTuningJob.id)
+            .where(
+                FineTuningJob.org_id == org_id,
+                FineTuningJob.status.in_(FINISHED),
+                FineTuningJob.finished_at < cutoff,
+            )
+        ).all()
+    return [(job_id, path) for job_id, path in rows]
+
+
+def delete_checkpoints(db: Database, job_id: str) -> list[CheckpointInfo]:
+    """Forget a job's checkpoints (the caller deletes their files); returns what they were."""
+    with db.write() as session:
+        rows = session.scalars(
+            select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job_id)
+        ).all()
+        infos = [_checkpoint_info(row) for row in rows]
+        for row in rows:
+            session.delete(row)
+    return infos
+
+
+# -- the worker's side -------------------------------------------------------------------------------
+
+
+def claim_next(db: Database, worker: str, *, stale_after_s: float) -> JobInfo | None:
+    """The oldest queued job, now running on `worker`; None when there is none. First, jobs whose worker
+    stopped beating are queued again (or failed, after MAX_ATTEMPTS), and closed jobs left unsettled by a
+    crash are settled."""
+    recover_stale_jobs(db, stale_after_s=stale_after_s)
+    settle_closed_jobs(db)
+    while True:
+        with db.read() as session:
+            job_id = session.scalar(
+                select(FineTuningJob.id)
+                .where(FineTuningJob.status == "queued")
+                .order_by(FineTuningJob.created_at, FineTuningJob.id)
+                .limit(1)
+            )
+        if job_id is None:
+            return None
+        now = db.now()
+        with db.write() as session:
+            # Compare-and-set: of several workers racing for this row, exactly one changes it.
+            claimed = session.execute(
+                update(FineTuningJob)
+                .where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
+                .values(
+                    status="running",
+                    worker=worker,
+                    heartbeat_at=now,
+                    attempts=FineTuningJob.attempts + 1,
+                    started_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if claimed:
+                row = session.get(FineTuningJob, job_id)
+                assert row is not None
+                session.refresh(row)
+                _event(session, job_id, "Fine-tuning job started", now)
+                return _job(row)
+
+
+def heartbeat(db: Database, job_id: str, worker: str) -> bool:
+    """Keep the job claimed; returns whether the worker should stop (cancellation asked, or the job is no
+    longer this worker's: it was declared lost and given to another)."""
+    with db.write() as session:
+        row = session.get(FineTuningJob, job_id, with_for_update=True)
+        if row is None or row.status != "running" or row.worker != worker:
+            return True
+        row.heartbeat_at = db.now()
+        return row.cancel_requested_at is not None
+
+
+def add_event(
+    db: Database,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> None:
+    with db.write() as session:
+        _event(session, job_id, message, db.now(), level=level, data=data)
+
+
+def add_checkpoint(
+    db: Database, job_id: str, step: int, metrics: dict[str, Any], path: str
+) -> CheckpointInfo:
+    with db.write() as session:
+        row = FineTuningCheckpoint(
+            id=f"ftckpt-{secrets.token_hex(12)}",
+            job_id=job_id,
+            step=step,
+            metrics=metrics,
+            path=path,
+            created_at=db.now(),
+        )
+        session.add(row)
+        session.flush()
+        return _checkpoint_info(row)
+
+
+def latest_checkpoint(db: Database, job_id: str) -> CheckpointInfo | None:
+    with db.read() as session:
+        row = session.scalars(
+            select(FineTuningCheckpoint)
+            .where(FineTuningCheckpoint.job_id == job_id)
+            .order_by(FineTuningCheckpoint.step.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else _checkpoint_info(row)
+
+
+def succeed(
+    db: Database,
+    job: JobInfo,
+    worker: str,
+    *,
+    trained_tokens: int,
+    adapter_path: str,
+    context_length: int | None,
+) -> JobInfo:
+    """The adapter becomes a model: a row naming its base and directory, and a listing of the organization's
+    own (private, at the base model's price, which the organization may change and publish as a provider).
+    Then the job closes and the trained tokens are charged."""
+    base = get_listing(db, job.model)
+    with db.read() as session:
+        org = session.get(Organization, job.org_id)
+        assert org is not None
+        model = fine_tuned_model_id(job.model, org.name, job.suffix, job.id)
+    apply_listing(
+        db,
+        ListingSpec(
+            model=model,
+            task="chat",
+            provider=job.org_id,
+            display_name=model,
+            description=f"{job.model} fine-tuned by job {job.id}.",
+            tags=("fine-tuned",),
+            license=base.license,
+            context_length=context_length,
+            status="published",
+            visibility="private",
+            price=base.price,
+        ),
+    )
+    with db.write() as session:
+        if session.get(AdapterModel, model) is None:
+            session.add(
+                AdapterModel(
+                    model=model,
+                    base_model=job.model,
+                    org_id=job.org_id,
+                    job_id=job.id,
+                    path=adapter_path,
+                    created_at=db.now(),
+                )
+            )
+    return _close(
+        db,
+        job.id,
+        worker,
+        "succeeded",
+        trained_tokens,
+        f"The job has successfully completed: {model}",
+        fine_tuned_model=model,
+    )
+
+
+def fail(
+    db: Database, job_id: str, worker: str, *, code: str, message: str, param: str | None = None
+) -> JobInfo:
+    return _close(
+        db,
+        job_id,
+        worker,
+        "failed",
+        None,
+        f"The job failed: {message}",
+        error={"code": code, "message": message, "param": param},
+    )
+
+
+def cancelled(db: Database, job_id: str, worker: str, *, trained_tokens: int) -> JobInfo:
+    return _close(db, job_id, worker, "cancelled", trained_tokens, "Fine-tuning job cancelled")
+
+
+def requeue(db: Database, job_id: str, worker: str, reason: str) -> bool:
+    """Give a running job back to the queue (its worker is stopping); it resumes from its last checkpoint.
+    Returns False when the job was no longer this worker's."""
+    with db.write() as session:
+        row = session.get(FineTuningJob, job_id, with_for_update=True)
+        if row is None or row.status != "running" or row.worker != worker:
+            return False
+        row.status, row.worker, row.heartbeat_at = "queued", None, None
+        row.attempts = max(row.attempts - 1, 0)  # a clean stop does not count against the job
+        _event(session, job_id, reason, db.now())
+        return True
+
+
+def recover_stale_jobs(db: Database, *, stale_after_s: float, worker: str | None = None) -> list[str]:
+    """Running jobs whose worker stopped beating for `stale_after_s` (or, with `worker`, every running job
+    of that worker, known dead): queued again to resume from their last checkpoint, or failed with the
+    reason once they have had MAX_ATTEMPTS. Returns the failed jobs' ids."""
+    now = db.now()
+    query = select(FineTuningJob).where(FineTuningJob.status == "running")
+    if worker is not None:
+        query = query.where(FineTuningJob.worker == worker)
+    else:
+        query = query.where(FineTuningJob.heartbeat_at < now - timedelta(seconds=stale_after_s))
+    failed = []
+    with db.write() as session:
+        for row in session.scalars(query.with_for_update()).all():
+            lost = f"The worker running this job ({row.worker}) stopped"
+            if row.attempts >= MAX_ATTEMPTS:
+                row.status, row.finished_at = "failed", now
+                message = f"{lost}, for the {row.attempts}th time; the job is not retried."
+                row.error = {"code": "worker_lost", "message": message, "param": None}
+                _event(session, row.id, message, now, level="error")
+                failed.append(row.id)
+            else:
+                row.status, row.worker, row.heartbeat_at = "queued", None, None
+                _event(
+                    session, row.id, f"{lost}; the job resumes from its last checkpoint.", now, level="warn"
+                )
+    for job_id in failed:
+        _settle(db, job_id)
+    return failed
+
+
+def settle_closed_jobs(db: Database) -> None:
+    """Settle the reservations of jobs that closed without being settled (a crash between the two)."""
+    with db.read() as session:
+        job_ids = list(
+            session.scalars(
+                select(FineTuningJob.id)
+                .join(ReservationRow, ReservationRow.id == FineTuningJob.reservation_id)
+                .where(FineTuningJob.status.in_(FINISHED), ReservationRow.state == "open")
+            )
+        )
+    for job_id in job_ids:
+        _settle(db, job_id)
+
+
+def fine_tuned_model_id(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's shape: ft:{base}:{organization}:{suffix}:{id}."""
+    org = _SLUG_RE.sub("-", org_name.lower()).strip("-") or "org"
+    return f"ft:{base}:{org}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:12]}"
+
+
+# -- internals ---------------------------------------------------------------------------------------
+
+
+def _close(
+    db: Database,
+    job_id: str,
+    worker: str,
+    status: str,
+    trained_tokens: int | None,
+    message: str,
+    *,
+    fine_tuned_model: str | None = None,
+    error: dict[str, Any] | None = None,
+) -> JobInfo:
+    with db.write() as session:
+        row = session.get(FineTuningJob, job_id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"fine_tuning_job: no job {job_id!r}")
+        if row.status != "running" or row.worker != worker:
+            raise Conflict(f"fine_tuning_job: job {job_id} is no longer run by {worker}")
+        now = db.now()
+        row.status, row.finished_at, row.heartbeat_at = status, now, None
+        row.trained_tokens = trained_tokens
+        row.fine_tuned_model = fine_tuned_model
+        row.error = error
+        _event(session, job_id, message, now, level="error" if error else "info")
+        info = _job(row)
+    _settle(db, job_id)
+    return info
+
+
+def _settle(db: Database, job_id: str) -> None:
+    """Charge a closed job's trained tokens (nothing when it failed) and close its reservation."""
+    with db.read() as session:
+        job = session.get(FineTuningJob, job_id)
+        assert job is not None and job.status in FINISHED
+        row = session.get(ReservationRow, job.reservation_id)
+        assert row is not None
+        if row.state != "open":
+            return
+        handle = Reservation(
+            id=row.id,
+            org_id=row.org_id,
+            key_id=row.key_id,
+            model=row.model,
+            prompt_tokens=row.prompt_tokens,
+            max_tokens=row.max_tokens,
+            price=Price(row.input_micros_per_mtok, row.output_micros_per_mtok),
+            reserved_micros=row.reserved_micros,
+            provider_org_id=row.provider_org_id,
+            platform_fee_bps=row.platform_fee_bps,
+        )
+        status = UsageStatus.ERROR if job.status == "failed" else UsageStatus.OK
+        trained = job.trained_tokens or 0
+        elapsed = ((job.finished_at or job.created_at) - (job.started_at or job.created_at)).total_seconds()
+    settle(db, handle, trained, 0, status, max(elapsed, 0.0))
+
+
+def _training_listing(spec: JobSpec, now: datetime) -> ListingInfo:
+    """What the reservation quotes: the training price for the tokens read, sold by the platform."""
+    return ListingInfo(
+        model=TRAINING_MODEL_PREFIX + spec.model,
+        provider_org_id=None,
+        provider=PLATFORM_PROVIDER,
+        display_name=TRAINING_MODEL_PREFIX + spec.model,
+        description="",
+        task="chat",
+        tags=(),
+        license="",
+        context_length=None,
+        status="published",
+        visibility="public",
+        shared_with=(),
+        price=Price(spec.price_micros_per_mtok, 0),
+        platform_fee_bps=None,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _id(kind: str, value: str, pattern: re.Pattern[str]) -> str:
+    """Any string is a reference to look up; one that could never be an id is simply not found (and never
+    reaches the database, which may refuse its characters)."""
+    if not pattern.fullmatch(value):
+        raise NotFound(f"{kind}: no {kind} {value[:100]!r}")
+    return value
+
+
+def _own_row(session: Session, org_id: str, job_id: str, *, lock: bool = False) -> FineTuningJob:
+    row = session.get(FineTuningJob, _id("fine_tuning_job", job_id, _JOB_ID_RE), with_for_update=lock)
+    if row is None or row.org_id != org_id:
+        raise NotFound(f"fine_tuning_job: no fine-tuning job {job_id!r}")
+    return row
+
+
+def _event(
+    session: Session,
+    job_id: str,
+    message: str,
+    now: datetime,
+    *,
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        FineTuningEvent(
+            job_id=job_id,
+            level=level,
+            type="message" if data is None else "metrics",
+            message=message[:2000],
+            data=data,
+            created_at=now,
+        )
+    )
+
+
+def _job(row: FineTuningJob) -> JobInfo:
+    return JobInfo(
+        id=row.id,
+        org_id=row.org_id,
+        model=row.model,
+        base_source=row.base_source,
+        max_tokens_per_example=row.max_tokens_per_example,
+        training_file=row.training_file,
+        validation_file=row.validation_file,
+        suffix=row.suffix,
+        hyperparameters=dict(row.hyperparameters),
+        seed=row.seed,
+        metadata=row.user_metadata,
+        status=row.status,
+        error=row.error,
+        fine_tuned_model=row.fine_tuned_model,
+        estimated_tokens=row.estimated_tokens,
+        trained_tokens=row.trained_tokens,
+        cancel_requested=row.cancel_requested_at is not None,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _event_info(row: FineTuningEvent) -> EventInfo:
+    return EventInfo(row.id, row.job_id, row.level, row.type, row.message, row.data, row.created_at)
+
+
+def _checkpoint_info(row: FineTuningCheckpoint) -> CheckpointInfo:
+    return CheckpointInfo(row.id, row.job_id, row.step, dict(row.metrics), row.path, row.created_at)
