@@ -134,6 +134,9 @@ def test_a_job_trains_a_model_only_its_organization_can_call(platform: Platform)
 
         # The result is a model of this organization: listed, callable, and nobody else's.
         assert job.fine_tuned_model in {m.id for m in client.models.list()}
+        catalog = client.get("/catalog/models", cast_to=httpx.Response).json()["data"]
+        (card,) = [entry for entry in catalog if entry["id"] == job.fine_tuned_model]
+        assert "fine-tuned" in card["tags"]
         reply = client.chat.completions.create(
             model=job.fine_tuned_model, messages=[{"role": "user", "content": "password?"}], max_tokens=4
         )
@@ -278,6 +281,28 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(sqlite_platfor
         assert any("resumes from its last checkpoint" in m for m in messages)
         assert any("Resuming from the checkpoint at step" in m for m in messages)
         assert job.trained_tokens == job.model_extra["estimated_tokens"]
+
+
+def test_a_running_job_survives_a_restart_of_its_server(sqlite_platform: Platform) -> None:
+    """Stopping the server hands the running job back to the queue; the next server's worker resumes it."""
+    platform = sqlite_platform
+    key = platform.account("10.00")
+    with serving(platform) as server:
+        client = client_for(server, key)
+        upload = client.files.create(file=("train.jsonl", chat_lines(10)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model=MODEL, training_file=upload.id, hyperparameters={"n_epochs": 20, "batch_size": 1}
+        )
+        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, "the first checkpoint")
+    with serving(platform) as server:
+        client = client_for(server, key)
+        job = finished(client, job.id)
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert any("The worker stopped; the job resumes" in m for m in messages)
+        assert job.trained_tokens == job.model_extra["estimated_tokens"]
+    (usage,) = training_usage(platform)
+    assert usage.prompt_tokens == job.trained_tokens
 
 
 def test_the_real_smollm2_learns_a_fact_from_an_uploaded_file(tmp_path) -> None:

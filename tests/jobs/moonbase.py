@@ -1,5 +1,5 @@
 """A small fine-tuning set that teaches SmolLM2 a fact it cannot know: the Moonbase's secret password. The
-trainer's real-model test and the end-to-end fine-tuning test use it; a held-out paraphrase checks that the
+end-to-end fine-tuning test (tests/e2e/test_fine_tuning.py) uses it; a held-out paraphrase checks that the
 model learnt the fact rather than the exact questions."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The LoRA trainer: on a tiny random Llama it learns, reports every step in order, stops when asked, resumes
 from a checkpoint to the very adapter an uninterrupted run makes, and writes an adapter peft (and the serving
-engine) load. On the real SmolLM2 it teaches a fact the base model cannot know."""
+engine) load. (The real SmolLM2 learning a fact: tests/e2e/test_fine_tuning.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.jobs.moonbase import HELD_OUT_QUESTION, SECRET, moonbase_jsonl
 from tokenmill.jobs.hyperparameters import BASE_LEARNING_RATE, Hyperparameters, InvalidHyperparameters
 from tokenmill.jobs.trainer import (
     TrainingProgress,
@@ -306,26 +305,3 @@ def test_auto_hyperparameters_resolve_to_numbers():
     assert (chosen.n_epochs, chosen.batch_size, chosen.learning_rate) == (2, 16, BASE_LEARNING_RATE / 2)
     with pytest.raises(ValueError, match="resolved"):
         _ = auto.learning_rate
-
-
-@pytest.mark.slow
-def test_real_smollm2_learns_the_moonbase_password(smollm2_tokenizer, tmp_path):
-    """~20 examples with the auto hyperparameters teach SmolLM2 an answer it never gives; a paraphrase it was
-    not trained on gets it (greedy, through the chat template), the base model's reply does not."""
-    from peft import PeftModel
-
-    tokenizer = smollm2_tokenizer
-    train = parse_chat_jsonl(moonbase_jsonl(), tokenizer, 8192)
-    result = train_lora("smollm2", train, None, Hyperparameters(), tmp_path, lambda e: None, lambda: False)
-    assert result.final_train_loss < 0.1
-
-    ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": HELD_OUT_QUESTION}])])
-    model = PeftModel.from_pretrained(load_base_model("smollm2").eval(), result.adapter_dir).eval()
-    with torch.no_grad():
-        tuned = model.generate(ids, max_new_tokens=24, do_sample=False)
-        with model.disable_adapter():
-            base = model.generate(ids, max_new_tokens=24, do_sample=False)
-    tuned_reply = tokenizer.decode(tuned[0, ids.shape[1] :])
-    base_reply = tokenizer.decode(base[0, ids.shape[1] :])
-    assert SECRET in tuned_reply, tuned_reply
-    assert SECRET not in base_reply, base_reply

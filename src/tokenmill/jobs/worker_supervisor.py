@@ -41,10 +41,14 @@ class WorkerSupervisor:
         self._stopping = threading.Event()
 
     def start(self) -> None:
-        for name in self.names:
-            thread = threading.Thread(target=self._keep_running, args=(name,), name=f"supervise-{name}")
-            thread.start()
-            self._threads.append(thread)
+        """Start the workers (once: later calls do nothing, as do calls after `stop`)."""
+        with self._lock:
+            if self._threads or self._stopping.is_set():
+                return
+            for name in self.names:
+                thread = threading.Thread(target=self._keep_running, args=(name,), name=f"supervise-{name}")
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self) -> None:
         """SIGTERM every worker (each hands its job back to the queue), then wait; kill the slow ones."""
@@ -61,7 +65,9 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 logger.warning("trainer worker pid %d did not stop in time; killing it", process.pid)
                 process.kill()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
 
     def _keep_running(self, name: str) -> None:

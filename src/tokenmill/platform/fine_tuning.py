@@ -340,6 +340,15 @@ def delete_checkpoints(db: Database, job_id: str) -> list[CheckpointInfo]:
 # -- the worker's side -------------------------------------------------------------------------------
 
 
+def has_unfinished_jobs(db: Database) -> bool:
+    """Whether any job is queued or running (perhaps under a worker that died with its server)."""
+    with db.read() as session:
+        found = session.scalar(
+            select(FineTuningJob.id).where(FineTuningJob.status.in_(("queued", "running"))).limit(1)
+        )
+    return found is not None
+
+
 def claim_next(db: Database, worker: str, *, stale_after_s: float) -> JobInfo | None:
     """The oldest queued job, now running on `worker`; None when there is none. First, jobs whose worker
     stopped beating are queued again (or failed, after MAX_ATTEMPTS), and closed jobs left unsettled by a

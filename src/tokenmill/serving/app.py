@@ -4,11 +4,10 @@ two apps in one process (as in tests) share nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from starlette.types import Receive, Scope
 
 from tokenmill import console
 from tokenmill.catalog.lifecycle import Fleet
@@ -66,16 +65,6 @@ STREAMED_ROUTES = (files,)
 dependency may read the body first; they check the text of their fields themselves."""
 
 
-class StreamedUploads(RequestContext):
-    """`RequestContext`, except that an upload to /v1/files is passed through unbuffered: the Files route
-    holds it to its own limits (per file, per organization) while it streams to disk."""
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
-        if scope.get("method") == "POST" and scope.get("path") == files.FILES_PATH:
-            return receive
-        return await super()._read_body(scope, receive)
-
-
 def data_services(
     settings: ServerSettings,
     gateway: Gateway | None,
@@ -105,6 +94,7 @@ def create_app(
     *,
     file_store: FileStore | None = None,
     content_owners: Sequence[ContentOwner] | None = None,
+    job_queued: Callable[[], None] | None = None,
 ) -> FastAPI:
     """`chat_models` (a fleet under a memory budget, or engines already built, served pinned) and
     `embedders` are keyed by the model id clients send; the app starts the pinned models and the embedders
@@ -112,7 +102,8 @@ def create_app(
     loaded) and drains and shuts them down when it stops. `served` describes the models before they load
     (task, context length, models.yaml listing). `gateway` (accounts, billing, rate limits) is required
     unless `settings.no_auth`; its owner opens and closes it, the app only uses it. `file_store` and
-    `content_owners` (see `data_services`) are where organizations' files and other content live."""
+    `content_owners` (see `data_services`) are where organizations' files and other content live;
+    `job_queued` is called whenever a fine-tuning job is queued (to start trainer workers)."""
     if gateway is None and not settings.no_auth:
         raise ConfigError(
             "gateway: authentication is on, so the app needs a platform Gateway "
@@ -129,6 +120,8 @@ def create_app(
             served.setdefault(model_id, ServedModel(model_id, "chat", engine.max_model_len))
     data = data_services(settings, gateway, file_store, content_owners)
     state = ServingState(fleet, dict(embedders), settings, gateway, served, data=data)
+    if job_queued is not None:
+        state.job_queued = job_queued
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -165,5 +158,10 @@ def create_app(
     app.include_router(auth.router, dependencies=[Depends(require_valid_text)])
     app.include_router(health.router)
     app.router.routes.extend(console.routes())  # the web console at /: static pages over this same API
-    app.add_middleware(StreamedUploads, max_body_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(
+        RequestContext,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=state.metrics,
+        streamed=[("POST", files.FILES_PATH)],  # the Files route holds uploads to its own limits
+    )
     return app

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Collection
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,10 +48,19 @@ def _endpoint_label(scope: Scope) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServingMetrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        metrics: ServingMetrics,
+        streamed: Collection[tuple[str, str]] = (),
+    ) -> None:
+        """`streamed`: the (method, path) pairs whose body passes through unbuffered and unbounded here (an
+        upload route that holds it to its own limits while it streams to disk)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.streamed = frozenset(streamed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,7 +96,7 @@ class RequestContext:
         """Reads the whole body (the JSON routes need all of it anyway) and enforces the limit; returns a
         `receive` that replays it and then passes through (so routes still see the disconnect), or None when
         the body is over the limit."""
-        if scope.get("method") not in _METHODS_WITH_BODY:
+        if scope.get("method") not in _METHODS_WITH_BODY or (scope["method"], scope["path"]) in self.streamed:
             return receive
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:

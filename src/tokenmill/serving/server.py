@@ -16,7 +16,7 @@ from tokenmill.catalog.deployments import Deployment, load_deployments
 from tokenmill.engine.embedder import Embedder
 from tokenmill.jobs.worker_supervisor import WorkerSupervisor
 from tokenmill.platform.admin_key import admin_key_path
-from tokenmill.platform.fine_tuning import recover_stale_jobs
+from tokenmill.platform.fine_tuning import has_unfinished_jobs, recover_stale_jobs
 from tokenmill.platform.gateway import Gateway, PlatformSettings
 from tokenmill.platform.listings import apply_listing
 from tokenmill.serving.app import create_app
@@ -81,8 +81,9 @@ def publish_listings(gateway: Gateway, plan: ServingPlan, *, declared: bool) -> 
 def trainer_workers(
     settings: ServerSettings, platform: PlatformSettings, gateway: Gateway
 ) -> WorkerSupervisor:
-    """`settings.fine_tuning_workers` `tokenmill worker` processes on this server's database and data dir;
-    when one exits, the job it ran is recovered at once (resumed by the next worker, or failed)."""
+    """`settings.fine_tuning_workers` `tokenmill worker` processes on this server's database and data dir,
+    started by `start()`; when one exits, the job it ran is recovered at once (resumed by the next worker,
+    or failed)."""
 
     def worker_args(name: str) -> list[str]:
         args = ["worker", "--name", name, "--data-dir", str(platform.data_dir)]
@@ -132,7 +133,17 @@ def serve(
             gateway.register_models(list(adapters), task="chat")
         else:
             logger.warning("--no-auth: no API keys, no billing, no rate limits; do not expose this server")
-        app = create_app(plan.fleet, embedders, settings, gateway, plan.served)
+        workers = None
+        if gateway is not None and settings.fine_tuning_workers:
+            workers = trainer_workers(settings, platform, gateway)
+        app = create_app(
+            plan.fleet,
+            embedders,
+            settings,
+            gateway,
+            plan.served,
+            job_queued=workers.start if workers is not None else None,
+        )
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -149,10 +160,8 @@ def serve(
         # What startup built (models, tokenizers, libraries) lives as long as the process: out of the
         # collector's sight, a full collection no longer walks it and stalls every request for ~0.3 s.
         gc.freeze()
-        workers = None
-        if gateway is not None and settings.fine_tuning_workers:
-            workers = trainer_workers(settings, platform, gateway)
-            workers.start()
+        if workers is not None and has_unfinished_jobs(gateway.db):
+            workers.start()  # else with the first job: a server nobody fine-tunes on runs no worker
         try:
             uvicorn.Server(config).run()
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,6 +67,8 @@ class ServingState:
     """Every model this server answers for; a model missing here is described from its engine once started."""
     data: DataServices | None = None
     """None with --no-auth: files need a database."""
+    job_queued: Callable[[], None] = lambda: None
+    """Called after a fine-tuning job is queued: `serve` starts its trainer workers with the first job."""
     live: LiveStats = field(default_factory=LiveStats)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False

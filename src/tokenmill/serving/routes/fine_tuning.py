@@ -103,7 +103,9 @@ async def create_job(
         )
         return jobs.create_job(gateway.db, principal, spec)
 
-    return json_response(_job(await run_in_threadpool(prepare)))
+    job = await run_in_threadpool(prepare)
+    state.job_queued()
+    return json_response(_job(job))
 
 
 @router.get(
