@@ -15,6 +15,7 @@ from tokenmill.platform.data_controls import delete_all_data, set_data_controls,
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InsufficientQuota, ListingRetired, ModelNotFound
 from tokenmill.platform.file_store import local_store
+from tokenmill.platform.fine_tuned_models import find_adapter_models, fine_tuned_model_id
 from tokenmill.platform.fine_tuning_data import artifacts_dir, fine_tuning_owner
 from tokenmill.platform.ledger import balance_micros
 from tokenmill.platform.listings import resolve_listing
@@ -72,7 +73,7 @@ def test_a_job_is_reserved_claimed_and_becomes_a_private_model(db: Database, tmp
     )
 
     assert done.status == "succeeded" and done.trained_tokens == 400_000
-    assert done.fine_tuned_model == jobs.fine_tuned_model_id(base, buyer.org.name, "moon", job.id)
+    assert done.fine_tuned_model == fine_tuned_model_id(base, buyer.org.name, "moon", job.id)
     assert balance_micros(db, buyer.org.id) == 5_000_000 - 800_000  # what was trained, not the estimate
     listing = resolve_listing(db, buyer.org.id, done.fine_tuned_model)
     assert (
@@ -124,6 +125,6 @@ def test_retention_deletes_checkpoints_and_delete_all_leaves_nothing(db: Databas
 
     delete_all_data(db, store, account.org.id, confirm=account.org.name, actor="test", owners=(owner,))
     assert not (tmp_path / "fine_tuning" / account.org.id).exists()
-    assert jobs.find_adapter_models(db, [done.fine_tuned_model]) == {}
+    assert find_adapter_models(db, [done.fine_tuned_model]) == {}
     with pytest.raises(ListingRetired):  # to its organization: gone (410); to anyone else: unknown (404)
         resolve_listing(db, account.org.id, done.fine_tuned_model)

@@ -1,6 +1,6 @@
 """Fine-tuning jobs as rows: the API creates one (its training reserved at the quoted price), trainer workers
 claim queued jobs from the same table, keep them alive with a heartbeat, write events and checkpoints, and
-close them; the result is an adapter model with a listing of its own.
+close them; the result is an adapter model with a listing of its own (`fine_tuned_models.py`).
 
 States: queued -> running -> succeeded | failed | cancelled (queued jobs cancel at once; a running one is
 asked to stop and its worker closes it). A running job whose heartbeat stopped (its worker crashed or was
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -26,13 +25,10 @@ from sqlalchemy.orm import Session
 from tokenmill.platform.billing import Reservation, UsageStatus, release, reserve, settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import Conflict, NotFound
-from tokenmill.platform.listing_terms import ListingSpec, model_ref
+from tokenmill.platform.fine_tuned_models import register
 from tokenmill.platform.listings import (
     PLATFORM_PROVIDER,
     ListingInfo,
-    apply_listing,
-    get_listing,
-    set_listing_status,
 )
 from tokenmill.platform.pricing import BPS_PER_UNIT, Price
 from tokenmill.platform.principal import KeyPrincipal
@@ -41,7 +37,6 @@ from tokenmill.platform.tables import (
     FineTuningCheckpoint,
     FineTuningEvent,
     FineTuningJob,
-    Organization,
 )
 from tokenmill.platform.tables import Reservation as ReservationRow
 
@@ -50,7 +45,6 @@ MAX_ATTEMPTS = 2
 FINISHED = ("succeeded", "failed", "cancelled")
 TRAINING_MODEL_PREFIX = "fine-tuning/"
 """Usage records of training read `fine-tuning/<base model>`, apart from the base model's inference."""
-_SLUG_RE = re.compile(r"[^a-z0-9-]+")
 _JOB_ID_RE = re.compile(r"ftjob-[0-9a-f]{24}")
 _CHECKPOINT_ID_RE = re.compile(r"ftckpt-[0-9a-f]{24}")
 
@@ -266,49 +260,6 @@ def cancel_job(db: Database, org_id: str, job_id: str) -> JobInfo:
     return info
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    model: str
-    base_model: str
-    org_id: str
-    job_id: str
-    path: str
-
-
-def find_adapter_models(db: Database, models: Iterable[str]) -> dict[str, AdapterInfo]:
-    """The fine-tuned models among `models`, by id: what a gateway needs to serve them on their base."""
-    models = [model_ref(model) for model in models]
-    if not models:
-        return {}
-    with db.read() as session:
-        rows = session.scalars(select(AdapterModel).where(AdapterModel.model.in_(models))).all()
-        return {
-            row.model: AdapterInfo(row.model, row.base_model, row.org_id, row.job_id, row.path)
-            for row in rows
-        }
-
-
-def delete_fine_tuned_model(db: Database, org_id: str, model: str) -> AdapterInfo:
-    """The organization's fine-tuned model stops being a model: its row goes and its listing is retired
-    (its id is never reused). The caller deletes the adapter's files. `NotFound` unless it is `org_id`'s."""
-    with db.write() as session:
-        row = session.get(AdapterModel, model_ref(model), with_for_update=True)
-        if row is None or row.org_id != org_id:
-            raise NotFound(f"model: no fine-tuned model {model!r}")
-        info = AdapterInfo(row.model, row.base_model, row.org_id, row.job_id, row.path)
-        session.delete(row)
-    if get_listing(db, model).status != "retired":
-        set_listing_status(db, model, "retired")
-    return info
-
-
-def delete_org_models(db: Database, org_id: str) -> list[AdapterInfo]:
-    """Every fine-tuned model of the organization, as `delete_fine_tuned_model` (deleting all its data)."""
-    with db.read() as session:
-        models = list(session.scalars(select(AdapterModel.model).where(AdapterModel.org_id == org_id)))
-    return [delete_fine_tuned_model(db, org_id, model) for model in models]
-
-
 def finished_before(db: Database, org_id: str, cutoff: datetime) -> list[tuple[str, str | None]]:
     """The organization's jobs that ended before `cutoff` (their checkpoints are past retention): (job id,
     the path of the adapter it made, None when it made none or the model was deleted)."""
@@ -448,42 +399,9 @@ def succeed(
     adapter_path: str,
     context_length: int | None,
 ) -> JobInfo:
-    """The adapter becomes a model: a row naming its base and directory, and a listing of the organization's
-    own (private, at the base model's price, which the organization may change and publish as a provider).
-    Then the job closes and the trained tokens are charged."""
-    base = get_listing(db, job.model)
-    with db.read() as session:
-        org = session.get(Organization, job.org_id)
-        assert org is not None
-        model = fine_tuned_model_id(job.model, org.name, job.suffix, job.id)
-    apply_listing(
-        db,
-        ListingSpec(
-            model=model,
-            task="chat",
-            provider=job.org_id,
-            display_name=model,
-            description=f"{job.model} fine-tuned by job {job.id}.",
-            tags=("fine-tuned",),
-            license=base.license,
-            context_length=context_length,
-            status="published",
-            visibility="private",
-            price=base.price,
-        ),
-    )
-    with db.write() as session:
-        if session.get(AdapterModel, model) is None:
-            session.add(
-                AdapterModel(
-                    model=model,
-                    base_model=job.model,
-                    org_id=job.org_id,
-                    job_id=job.id,
-                    path=adapter_path,
-                    created_at=db.now(),
-                )
-            )
+    """The adapter becomes a model (`fine_tuned_models.register`), then the job closes and the trained
+    tokens are charged."""
+    model = register(db, job.model, job.org_id, job.id, job.suffix, adapter_path, context_length)
     return _close(
         db,
         job.id,
@@ -568,12 +486,6 @@ def settle_closed_jobs(db: Database) -> None:
         )
     for job_id in job_ids:
         _settle(db, job_id)
-
-
-def fine_tuned_model_id(base: str, org_name: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI's shape: ft:{base}:{organization}:{suffix}:{id}."""
-    org = _SLUG_RE.sub("-", org_name.lower()).strip("-") or "org"
-    return f"ft:{base}:{org}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:12]}"
 
 
 # -- internals ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from tokenmill.platform import fine_tuned_models
 from tokenmill.platform import fine_tuning as jobs
 from tokenmill.platform.data_controls import ContentOwner, directory_owner
 from tokenmill.platform.db import Database
@@ -29,7 +30,7 @@ def fine_tuning_owner(db: Database, data_dir: str | Path) -> ContentOwner:
     files = directory_owner(FINE_TUNING_DIR, data_dir / FINE_TUNING_DIR)
 
     def delete_org(org_id: str) -> int:
-        return len(jobs.delete_org_models(db, org_id)) + files.delete_org(org_id)
+        return len(fine_tuned_models.delete_org_models(db, org_id)) + files.delete_org(org_id)
 
     def sweep(now: datetime, retention: Mapping[str, int]) -> int:
         deleted = 0

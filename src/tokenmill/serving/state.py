@@ -24,7 +24,7 @@ from tokenmill.platform.auth import authorize_model
 from tokenmill.platform.data_controls import ContentOwner, sweep
 from tokenmill.platform.file_store import FileStore
 from tokenmill.platform.files import FileLimits
-from tokenmill.platform.fine_tuning import find_adapter_models
+from tokenmill.platform.fine_tuned_models import find_adapter_models
 from tokenmill.platform.gateway import Gateway
 from tokenmill.platform.listings import ListingInfo, callable_listings
 from tokenmill.platform.principal import KeyPrincipal

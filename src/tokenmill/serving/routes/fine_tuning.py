@@ -16,6 +16,7 @@ from tokenmill.jobs.hyperparameters import Hyperparameters, InvalidHyperparamete
 from tokenmill.jobs.trainer import UnsupportedBaseModel, check_base_model
 from tokenmill.jobs.training_data import TrainingDataError, TrainingSet, parse_chat_jsonl
 from tokenmill.models.loader import load_tokenizer, resolve_model
+from tokenmill.platform import fine_tuned_models
 from tokenmill.platform import fine_tuning as jobs
 from tokenmill.platform.audit import record_foreign_access
 from tokenmill.platform.errors import NotFound
@@ -215,9 +216,9 @@ def delete_model(model_id: str, principal: PrincipalDep, gateway: GatewayDep) ->
     """A fine-tuned model of the caller's organization stops being a model: its listing is retired and its
     adapter's files are deleted (the job and its events stay). Other models cannot be deleted: 404."""
     try:
-        adapter = jobs.delete_fine_tuned_model(gateway.db, principal.org_id, model_id)
+        adapter = fine_tuned_models.delete_fine_tuned_model(gateway.db, principal.org_id, model_id)
     except NotFound:
-        if jobs.find_adapter_models(gateway.db, [model_id]):
+        if fine_tuned_models.find_adapter_models(gateway.db, [model_id]):
             record_foreign_access(gateway.db, principal, "model", model_id)
         raise model_not_found(model_id) from None
     shutil.rmtree(Path(adapter.path).parent, ignore_errors=True)  # the job's directory: adapter + checkpoints
