@@ -267,16 +267,22 @@ def test_cancelling_a_running_job_stops_it_and_charges_only_what_it_trained(
     assert usage.cost_micros == cost_micros(job.trained_tokens, 0, Price(PRICE_MICROS, 0))
 
 
+def long_job_past_its_first_checkpoint(client: openai.OpenAI) -> Any:
+    """A job of 200 one-example steps, running, with the checkpoint of its first epoch written."""
+    upload = client.files.create(file=("train.jsonl", chat_lines(10)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload.id, hyperparameters={"n_epochs": 20, "batch_size": 1}
+    )
+    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, "the first checkpoint")
+    return job
+
+
 def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(sqlite_platform: Platform) -> None:
     platform = sqlite_platform
     key = platform.account("10.00")
     with serving(platform) as server:
         client = client_for(server, key)
-        upload = client.files.create(file=("train.jsonl", chat_lines(10)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model=MODEL, training_file=upload.id, hyperparameters={"n_epochs": 20, "batch_size": 1}
-        )
-        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, "the first checkpoint")
+        job = long_job_past_its_first_checkpoint(client)
         (worker,) = children_running(server, "worker")
         os.kill(worker, signal.SIGKILL)
         job = finished(client, job.id)
@@ -294,11 +300,7 @@ def test_a_running_job_survives_a_restart_of_its_server(sqlite_platform: Platfor
     key = platform.account("10.00")
     with serving(platform) as server:
         client = client_for(server, key)
-        upload = client.files.create(file=("train.jsonl", chat_lines(10)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(
-            model=MODEL, training_file=upload.id, hyperparameters={"n_epochs": 20, "batch_size": 1}
-        )
-        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, "the first checkpoint")
+        job = long_job_past_its_first_checkpoint(client)
     with serving(platform) as server:
         client = client_for(server, key)
         job = finished(client, job.id)
