@@ -342,12 +342,17 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from tokenmill.bench import offline, serve
+    from tokenmill.bench import decode, offline, serve
 
     modes = parser.add_subparsers(dest="bench_mode", required=True, metavar="mode")
     offline_parser = modes.add_parser("offline", help="tokenmill vs transformers generate, same requests")
     offline.add_arguments(offline_parser)
     offline_parser.set_defaults(run=offline.run)
+    decode_parser = modes.add_parser(
+        "decode", help="single-stream decode tokens/s, C kernels vs torch ops, against the bandwidth roofline"
+    )
+    decode.add_arguments(decode_parser)
+    decode_parser.set_defaults(run=decode.run)
     serve_parser = modes.add_parser("serve", help="load-test any OpenAI-compatible endpoint")
     serve.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve.run)

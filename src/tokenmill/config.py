@@ -54,6 +54,10 @@ class ModelConfig:
     attention_backend: str = "auto"
     """"kernel": the C decode kernel (CPU only); "torch": torch ops only; "auto": the kernel where it
     applies and compiles, else torch."""
+    cpu_kernels: str = "auto"
+    """"kernel": the C kernels for a decode step's operators (few-row bfloat16 matrix products on CPUs with
+    AVX-512 BF16; fused residual + RMSNorm and rotary); "torch": torch ops only, for debugging; "auto":
+    the kernels where they compile, else torch."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
@@ -62,6 +66,11 @@ class ModelConfig:
         _require(
             self.attention_backend in ("auto", "kernel", "torch"),
             "attention_backend",
+            "must be auto, kernel or torch",
+        )
+        _require(
+            self.cpu_kernels in ("auto", "kernel", "torch"),
+            "cpu_kernels",
             "must be auto, kernel or torch",
         )
         _require(

@@ -1,4 +1,4 @@
-"""Loading the C decode kernel leaves the process's floating-point state alone: a library built with
+"""Loading the C kernels (decode attention; the decode step's products and fused operators) leaves the process's floating-point state alone: a library built with
 -ffast-math would flush denormals to zero for every float in the server (pydantic, torch) once loaded."""
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ _PROBE = """
 import json
 import torch
 from tokenmill.models.cpu_attention import load_kernel
+from tokenmill.models.cpu_ops import load_ops_kernel
 
 def denormals_survive():
     return float("5e-324") > 0 and (torch.tensor(1e-40) * 1).item() != 0
 
 before = denormals_survive()
 kernel = load_kernel()
-print(json.dumps({"loaded": kernel is not None, "before": before, "after": denormals_survive()}))
+ops = load_ops_kernel()
+print(json.dumps({"loaded": kernel is not None and ops is not None, "before": before, "after": denormals_survive()}))
 """
 
 
-def test_loading_the_kernel_keeps_denormals(tmp_path: Path) -> None:
+def test_loading_the_kernels_keeps_denormals(tmp_path: Path) -> None:
     env = {**os.environ, "TOKENMILL_DATA_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
@@ -37,5 +39,6 @@ def test_loading_the_kernel_keeps_denormals(tmp_path: Path) -> None:
     if not probe["loaded"]:
         pytest.skip("no C compiler: the engine falls back to the torch backend")
     assert list((tmp_path / "kernels").glob("paged_decode-*.so")), "the kernel was not compiled here"
+    assert list((tmp_path / "kernels").glob("cpu_ops-*.so")), "the kernel was not compiled here"
     assert probe["before"], "denormals were flushed before the kernel was loaded"
-    assert probe["after"], "loading the kernel flushed denormals to zero in the whole process"
+    assert probe["after"], "loading a kernel flushed denormals to zero in the whole process"

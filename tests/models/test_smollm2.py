@@ -62,3 +62,19 @@ def test_answers_paris(llm):
     answer = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0].outputs[0]
     assert "Paris" in answer.text
     assert answer.finish_reason == "stop"
+
+
+def test_bfloat16_with_the_cpu_kernels_knows_its_facts(source):
+    """The serving default on this CPU: bfloat16 weights, decode products by the AVX-512 BF16 kernel. Its
+    numerics are tested against torch elsewhere (tests/models/test_cpu_ops.py); here the real model still
+    answers what it knows."""
+    from tokenmill.models.cpu_ops import CpuKernelOps
+
+    llm = LLM("smollm2", dtype="bfloat16", kv_cache_memory=64 << 20)
+    ops = llm.engine.runner.model.ops
+    if not isinstance(ops, CpuKernelOps) or ops.gemm is None:
+        pytest.skip("this CPU lacks AVX-512 BF16: bfloat16 products run on torch")
+    prompts = [chat_prompt(llm.tokenizer, q) for q in (QUESTIONS[0], QUESTIONS[3])]
+    capital, legs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+    assert "Paris" in capital.outputs[0].text
+    assert "8" in legs.outputs[0].text or "eight" in legs.outputs[0].text

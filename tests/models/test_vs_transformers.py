@@ -75,8 +75,16 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 def test_greedy_batch_equals_transformers(checkpoint, prompts, backend):
+    """With the C kernels (decode attention, fused residual + RMSNorm and rotary) and with torch ops only."""
     directory, hf_model = checkpoint
-    llm = LLM(str(directory), dtype="float32", block_size=8, num_blocks=256, attention_backend=backend)
+    llm = LLM(
+        str(directory),
+        dtype="float32",
+        block_size=8,
+        num_blocks=256,
+        attention_backend=backend,
+        cpu_kernels=backend,
+    )
     outputs = llm.generate(prompts, GREEDY)
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output.prompt_token_ids == prompt

@@ -14,6 +14,8 @@ from tokenmill.engine.hardware import free_memory_bytes, native_bf16_flag
 from tokenmill.engine.model_runner import kv_bytes_per_block
 from tokenmill.models.attention import TorchPagedAttention
 from tokenmill.models.cpu_attention import KernelPagedAttention, kernel_supports, load_kernel
+from tokenmill.models.cpu_ops import CpuKernelOps, load_ops_kernel
+from tokenmill.models.layers import use_ops
 from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, load_tokenizer, resolve_model
 from tokenmill.models.registry import create_model
 
@@ -116,6 +118,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.attention_backend = _attention_backend(
         config.model.attention_backend, model, plan.dtype, plan.device
     )
+    _use_cpu_kernels(config.model.cpu_kernels, model, plan.device)
     return LoadedModel(
         model_id=plan.source.name,
         model=model,
@@ -140,6 +143,16 @@ def _attention_backend(
             "and a working C compiler (cc or gcc)"
         )
     return KernelPagedAttention(kernel) if kernel is not None else TorchPagedAttention()
+
+
+def _use_cpu_kernels(choice: str, model: nn.Module, device: torch.device) -> None:
+    if choice == "torch":
+        return
+    kernel = load_ops_kernel() if device.type == "cpu" else None
+    if kernel is None and choice == "kernel":
+        raise ConfigError("cpu_kernels: the C kernels need a CPU device and a working C compiler (cc or gcc)")
+    if kernel is not None:
+        use_ops(model, CpuKernelOps(kernel))
 
 
 def _device(name: str) -> torch.device:

@@ -1,81 +1,34 @@
 """The CPU attention backend: decode attention by a small C kernel (kernels/paged_decode.c) that reads K/V
-straight from the paged cache; prefill chunks still go through SDPA.
-
-The kernel is compiled with the system C compiler on first use (about a second) into the data directory,
-keyed by its source, the compiler flags and the CPU, and loaded with ctypes: no torch headers, no build
-step at install time. Where no compiler works, `load_kernel` returns None and the torch backend is used.
+straight from the paged cache; prefill chunks still go through SDPA. The kernel is built on first use
+(`native.compile_library`); where it cannot be, `load_kernel` returns None and the torch backend is used.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import platform
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from tokenmill.config import default_data_dir
 from tokenmill.models.attention import TorchPagedAttention
+from tokenmill.models.native import compile_library
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
-_FLAGS = (
-    "-O3", "-march=native", "-shared", "-fPIC",
-    # The parts of -ffast-math the kernel's vectorised reductions need. Not -ffast-math itself (nor -Ofast,
-    # -funsafe-math-optimizations): linked into a shared object it adds crtfastmath.o, whose constructor
-    # flushes denormals to zero in the whole process that loads the library (Python floats, torch).
-    # Not -ffinite-math-only either: the softmax starts its running maximum at -INFINITY.
-    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math",
-)  # fmt: skip
 _SYMBOLS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: using the torch attention backend (slower decode on CPU)")
+    kernel = compile_library("paged_decode.c")
+    if kernel is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:16]
-    library = default_data_dir() / "kernels" / f"paged_decode-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-            built = Path(scratch) / library.name
-            result = subprocess.run(
-                [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True
-            )
-            if result.returncode != 0:
-                logger.warning("compiling the CPU attention kernel failed, using torch:\n%s", result.stderr)
-                return None
-            built.replace(library)  # atomic: concurrent builders each publish a complete file
-    kernel = ctypes.CDLL(str(library))
     for symbol in _SYMBOLS.values():
         function = getattr(kernel, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [_ptr] * 6 + [_i64] * 7 + [ctypes.c_float]
     return kernel
-
-
-def _cpu_identity() -> str:
-    """-march=native code is only valid on the CPU that built it; the data directory may be shared."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + platform.processor() + flags
 
 
 class KernelPagedAttention(TorchPagedAttention):

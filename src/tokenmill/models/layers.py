@@ -19,17 +19,70 @@ if TYPE_CHECKING:
     from tokenmill.models.lora_layers import LoRALayer
 
 
+class TorchOps:
+    """The operators of a decoder layer that a faster backend may take over (models/cpu_ops.py), in plain
+    torch: the reference the backends are tested against, and the path on other devices and dtypes."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, x itself is the new residual."""
+        if residual is not None:
+            x = x + residual
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype), x
+
+    def rope(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> object:
+        """Once per step: whatever `apply_rotary` needs for these positions (here cos and sin, [T, 1, D])."""
+        return rotary.cos[positions].to(dtype).unsqueeze(1), rotary.sin[positions].to(dtype).unsqueeze(1)
+
+    def apply_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, rope: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, KV, D]; rotate-half layout, as in Hugging Face checkpoints."""
+        cos, sin = rope
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
+
+
+TORCH_OPS = TorchOps()
+
+
+def use_ops(model: nn.Module, ops: TorchOps) -> None:
+    """Every module of `model` that computes with `ops` (Linear, RMSNorm, ...) switches to `ops`."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.ops = TORCH_OPS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops = TORCH_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the residual stream first (one fused step with a kernel); returns (normed, residual)."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -78,17 +131,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [T, 1, D]: looked up once per step and shared by every layer."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D], k: [T, KV, D]; rotate-half layout, as in Hugging Face checkpoints."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -101,15 +143,15 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.ops = TORCH_OPS
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoRALayer | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if lora is not None:
             lora.add("gate_up_proj", x, gate_up)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        hidden = nn.functional.silu(gate) * up
+        hidden = self.ops.silu_mul(gate_up)
         out = self.down_proj(hidden)
         if lora is not None:
             lora.add("down_proj", hidden, out)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from tokenmill.models.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
-from tokenmill.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary, rope_parameters
+from tokenmill.models.layers import TORCH_OPS, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_parameters
 from tokenmill.models.lora_layers import LoRALayer, LoRAStep
 
 # HF name fragment -> (our fused parameter, shard index)
@@ -35,15 +35,14 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(
-            self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False)
-        )
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        self.ops = TORCH_OPS
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: object,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -56,7 +55,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = self.ops.apply_rotary(q, k, rope)
         out = backend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(-1, self.q_size)
         projected = self.o_proj(out)
         if lora is not None:
@@ -77,14 +76,19 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        residual: torch.Tensor | None,
+        rope: object,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         backend: AttentionBackend,
         lora: LoRALayer | None = None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the sum of the two is the
+        layer's output, left to the next norm to form in the same pass as its own work."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta, backend, lora)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, lora), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -102,8 +106,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention_backend: AttentionBackend = TorchPagedAttention()
+        self.ops = TORCH_OPS
 
     @property
     def num_kv_heads(self) -> int:
@@ -124,15 +129,16 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm, one row per token of the step. `lora` adds each adapted
         row's LoRA delta (None: the base model for every row, at no extra cost)."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.tables(positions, x.dtype)
+        residual = None
+        rope = self.ops.rope(self.rotary, positions, x.dtype)
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             layer_lora = lora.layer(index) if lora is not None else None
-            x = layer(x, rope, kv_cache, meta, self.attention_backend, layer_lora)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta, self.attention_backend, layer_lora)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return nn.functional.linear(hidden, weight)
+        return self.ops.linear(hidden, weight, None)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

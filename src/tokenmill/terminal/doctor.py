@@ -113,9 +113,9 @@ def _memory() -> Check:
 def _compiler() -> Check:
     compiler = shutil.which("cc") or shutil.which("gcc")
     detail = (
-        f"{compiler}: the CPU decode-attention kernel is built on first use"
+        f"{compiler}: the CPU kernels (decode attention, decode products, fused norms) are built on first use"
         if compiler
-        else "no C compiler: decode attention falls back to torch (slower); install gcc"
+        else "no C compiler: decode runs on torch ops (slower); install gcc"
     )
     return Check("c compiler", True, detail)
 

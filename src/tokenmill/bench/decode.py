@@ -1,0 +1,140 @@
+"""Single-stream decode speed against its ceiling, in one run: the tokens/s one user's stream gets with the
+CPU kernels and with torch ops only, and the memory-bandwidth roofline they are measured against.
+
+Decoding one sequence is memory-bound: every step reads all the weights (and the sequence's KV cache) once,
+so no engine can beat
+
+    roofline tokens/s = memory read bandwidth / bytes read per step
+
+The bandwidth is measured here (all threads reading a buffer far larger than the caches, best of several
+passes), the bytes are the model's: every parameter, the embedding table only where the output head is tied
+to it (otherwise one row of it is read), plus the KV cache at the run's average context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tokenmill.engine.sampling_params import SamplingParams
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30
+"""Far larger than any CPU cache, so the probe reads from memory as a decode step's weights are."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating runs per engine; the best counts")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/decode.json"))
+
+
+def measure_read_bandwidth(passes: int = 5) -> float | None:
+    """Bytes/s all threads read from memory at best; None where the kernel library cannot be built."""
+    import torch
+
+    from tokenmill.models.cpu_ops import load_ops_kernel
+
+    kernel = load_ops_kernel()
+    if kernel is None:
+        return None
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES, dtype=torch.uint8)  # written once: pages are resident
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        kernel.read_memory(buffer.data_ptr(), buffer.numel(), torch.get_num_threads())
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BUFFER_BYTES / best
+
+
+def bytes_per_step(llm: object, context: int) -> int:
+    """What one decode step of one sequence reads: the weights it multiplies with and its KV cache."""
+    from tokenmill.engine.model_runner import kv_bytes_per_block
+
+    model = llm.engine.runner.model
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.embed_tokens.weight
+    if not model.tie_word_embeddings:  # the lookup reads one row; the output head has its own matrix
+        params -= embedding.numel() * embedding.element_size()
+    return params + context * kv_bytes_per_block(model, 1, embedding.dtype)
+
+
+def decode_seconds(llm: object, prompt: list[int], output_len: int) -> float:
+    """Time of one sequence's decode steps alone: generation of output_len tokens minus that of one."""
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    first = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    start = time.perf_counter()
+    llm.generate([prompt], first)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([prompt], params)
+    return time.perf_counter() - start - prefill
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from tokenmill.engine.llm_engine import LLM
+
+    engines = {
+        name: LLM(args.model, dtype=args.dtype, cpu_kernels=name, max_num_seqs=1, kv_cache_memory=256 << 20)
+        for name in ("kernel", "torch")
+    }
+    prompt = list(range(100, 100 + args.prompt_len))
+    steps = args.output_len - 1
+    for llm in engines.values():
+        decode_seconds(llm, prompt, 4)  # warm up: kernels built, memory touched
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(args.repeat):
+        for name, llm in engines.items():
+            best[name] = min(best[name], decode_seconds(llm, prompt, args.output_len))
+            print(
+                f"{name:7s} {steps} decode steps in {best[name]:6.3f} s = {steps / best[name]:7.1f} tokens/s"
+            )
+    bandwidth = measure_read_bandwidth()
+    step_bytes = bytes_per_step(engines["kernel"], args.prompt_len + args.output_len // 2)
+    result: dict = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "repeat": args.repeat,
+        "bytes_per_step": step_bytes,
+        "read_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
+        "roofline_tokens_per_s": None if bandwidth is None else bandwidth / step_bytes,
+    }
+    for name, seconds in best.items():
+        result[f"{name}_tokens_per_s"] = steps / seconds
+    result["kernel_speedup"] = result["kernel_tokens_per_s"] / result["torch_tokens_per_s"]
+    print(
+        f"best of {args.repeat}: C kernels {result['kernel_tokens_per_s']:.1f} tokens/s, torch ops "
+        f"{result['torch_tokens_per_s']:.1f} tokens/s ({result['kernel_speedup']:.2f}x)"
+    )
+    if bandwidth is not None:
+        for name in engines:
+            result[f"{name}_share_of_roofline"] = (
+                result[f"{name}_tokens_per_s"] / result["roofline_tokens_per_s"]
+            )
+        print(
+            f"roofline: {step_bytes / 1e6:.1f} MB read per step at {bandwidth / 1e9:.1f} GB/s = "
+            f"{result['roofline_tokens_per_s']:.1f} tokens/s; C kernels reach "
+            f"{result['kernel_share_of_roofline']:.0%}, torch ops {result['torch_share_of_roofline']:.0%}"
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="tokenmill bench decode", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The decode step's operators on the CPU, by kernels/cpu_ops.c (built on first use by
+`native.compile_library`; where it cannot be, `load_ops_kernel` returns None and TorchOps run).
+
+Matrix products: torch's bfloat16 GEMM streams a weight matrix at a few GB/s when the other operand has one
+row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once with AVX-512
+BF16 dot products at close to memory speed (on SmolLM2's shapes here: 3-6x torch at one row, still ahead
+at eight). Larger products (prefill chunks, big batches) are compute-bound and stay with torch's GEMM, as
+do float32 and CPUs without AVX-512 BF16. The fused small operators (residual add + RMSNorm, rotary)
+run for float32 and bfloat16 and replace about ten torch calls each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.models.layers import RotaryEmbedding, TorchOps
+from tokenmill.models.native import compile_library
+
+MAX_GEMM_ROWS = 8
+"""Up to this many rows the kernel beats torch's GEMM on every SmolLM2 shape; beyond, torch's is as fast."""
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_NORM = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
+_ROTARY = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+_SIGNATURES = {
+    "skinny_gemm_bf16": (ctypes.c_int, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]),
+    "add_rms_norm_f32": (None, _NORM),
+    "add_rms_norm_bf16": (None, _NORM),
+    "rotary_f32": (None, _ROTARY),
+    "rotary_bf16": (None, _ROTARY),
+    "read_memory": (ctypes.c_uint64, [_ptr, _i64, ctypes.c_int]),
+}
+
+
+@functools.cache
+def load_ops_kernel() -> ctypes.CDLL | None:
+    # -fopenmp links libgomp.so.1: torch has loaded that same library (by that name), so the kernel's
+    # parallel loops run on torch's OpenMP thread pool rather than a second one competing for the cores.
+    library = compile_library("cpu_ops.c", ("-fopenmp",))
+    if library is None:
+        return None
+    for symbol, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, symbol)
+        function.restype, function.argtypes = restype, argtypes
+    return library
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRope:
+    """A step's rotary input for the kernel: the positions and the float32 tables they index."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def _kernel_ready(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """2-D CPU tensors of one dtype the kernels handle, rows contiguous (None: an absent optional one)."""
+    if x.dtype not in _SUFFIX or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        return False
+    return all(
+        t is None or (t.dtype == x.dtype and t.device.type == "cpu" and t.stride(-1) == 1) for t in others
+    )
+
+
+class CpuKernelOps(TorchOps):
+    """TorchOps with the kernel taking every call it handles; the rest fall through to torch."""
+
+    def __init__(self, kernel: ctypes.CDLL) -> None:
+        self.gemm = kernel.skinny_gemm_bf16 if kernel.skinny_gemm_supported() else None
+        self.norms = {dtype: getattr(kernel, f"add_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()}
+        self.rotaries = {dtype: getattr(kernel, f"rotary_{suffix}") for dtype, suffix in _SUFFIX.items()}
+        self.num_threads = torch.get_num_threads()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not (
+            self.gemm is not None
+            and x.dtype == torch.bfloat16
+            and x.shape[0] <= MAX_GEMM_ROWS
+            and _kernel_ready(x, weight, bias)
+            and weight.is_contiguous()
+        ):
+            return super().linear(x, weight, bias)
+        out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+        status = self.gemm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), out.stride(0), x.shape[0], weight.shape[0], weight.shape[1], self.num_threads,
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"skinny GEMM kernel failed with status {status}")
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a residual, adds x into it in place (the stream is this forward pass's own tensor)."""
+        if not (_kernel_ready(x, weight, residual) and weight.is_contiguous()):
+            return super().add_rms_norm(x, residual, weight, eps)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self.norms[x.dtype](
+            x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0),
+            x.shape[0], x.shape[1], eps,
+        )  # fmt: skip
+        return out, x if residual is None else residual
+
+    def rope(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> object:
+        if dtype not in _SUFFIX or positions.device.type != "cpu":
+            return super().rope(rotary, positions, dtype)
+        positions = positions.to(torch.int64).contiguous()
+        # The kernel indexes the tables unchecked; torch's lookup would raise here, and so does this.
+        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < rotary.cos.shape[0]:
+            raise IndexError(f"rotary position out of range 0..{rotary.cos.shape[0] - 1}")
+        return KernelRope(positions, rotary.cos, rotary.sin)
+
+    def apply_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, rope: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In place, both in one call: q and k are adjacent heads of this step's fresh projection output."""
+        if not isinstance(rope, KernelRope):
+            return super().apply_rotary(q, k, rope)
+        heads, head_dim = q.shape[1] + k.shape[1], q.shape[2]
+        adjacent = q.stride() == k.stride() == (q.stride(0), head_dim, 1)
+        if not (adjacent and k.data_ptr() == q.data_ptr() + q.shape[1] * head_dim * q.element_size()):
+            tables = rope.cos[rope.positions].to(q.dtype), rope.sin[rope.positions].to(q.dtype)
+            return super().apply_rotary(q, k, (tables[0].unsqueeze(1), tables[1].unsqueeze(1)))
+        self.rotaries[q.dtype](
+            q.data_ptr(), q.stride(0), q.shape[0], heads, head_dim, rope.positions.data_ptr(),
+            rope.cos.data_ptr(), rope.sin.data_ptr(),
+        )  # fmt: skip
+        return q, k

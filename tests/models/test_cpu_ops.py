@@ -1,0 +1,140 @@
+"""The CPU kernels (kernels/cpu_ops.c) against torch on the same inputs: the few-row bfloat16 products are at
+least as accurate as torch's GEMM, the fused residual + RMSNorm and rotary give torch's values, and anything
+the kernels do not handle falls through to torch unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.models.cpu_ops import MAX_GEMM_ROWS, CpuKernelOps, load_ops_kernel
+from tokenmill.models.layers import RotaryEmbedding, TorchOps
+
+TORCH = TorchOps()
+
+
+@pytest.fixture(scope="module")
+def ops() -> CpuKernelOps:
+    kernel = load_ops_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler: the engine runs torch ops")
+    return CpuKernelOps(kernel)
+
+
+@pytest.fixture(scope="module")
+def gemm_ops(ops) -> CpuKernelOps:
+    if ops.gemm is None:
+        pytest.skip("this CPU lacks AVX-512 BF16: torch computes every product")
+    return ops
+
+
+def bf16_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at each value's magnitude (8 significant bits)."""
+    exponent = torch.floor(torch.log2(values.abs().clamp_min(1e-30)))
+    return torch.exp2(exponent - 7)
+
+
+# Weight rows not a multiple of the kernel's block of 4, inner sizes not a multiple of 32, 1..8 rows.
+SHAPES = [(1, 576, 960), (3, 100, 37), (8, 1536, 576), (5, 33, 8), (2, 7, 1), (7, 64, 130)]
+
+
+@pytest.mark.parametrize(("rows", "inner", "outer"), SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_row_products_round_the_exact_result_once(gemm_ops, rows, inner, outer, with_bias):
+    gen = torch.Generator().manual_seed(rows * inner + outer)
+    x = torch.randn(rows, inner, generator=gen).bfloat16()
+    weight = torch.randn(outer, inner, generator=gen).bfloat16()
+    bias = torch.randn(outer, generator=gen).bfloat16() if with_bias else None
+    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+
+    ours = gemm_ops.linear(x, weight, bias)
+
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
+    # One rounding of a float32 sum: within a bfloat16 step of the exact value (torch's GEMM rounds the
+    # product before adding the bias, so it may be off by more), and equal to torch's in most places.
+    assert ((ours.double() - exact).abs() <= bf16_ulp(exact) + 1e-4).all()
+    matches = (ours == TORCH.linear(x, weight, bias)).double().mean().item()
+    assert matches > 0.9, f"only {matches:.0%} of the outputs equal torch's"
+
+
+def test_products_read_rows_of_a_wider_tensor(gemm_ops):
+    """A view whose rows are further apart than its width (a slice of a fused projection's output)."""
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(4, 200, generator=gen).bfloat16()
+    x = wide[:, 40:140]
+    weight = torch.randn(50, 100, generator=gen).bfloat16()
+    assert torch.equal(gemm_ops.linear(x, weight, None), gemm_ops.linear(x.contiguous(), weight, None))
+    exact = x.double() @ weight.double().T
+    assert ((gemm_ops.linear(x, weight, None).double() - exact).abs() <= bf16_ulp(exact) + 1e-4).all()
+
+
+def test_what_the_product_kernel_does_not_take_is_torchs(gemm_ops):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 32, generator=gen).bfloat16()
+    many_rows = torch.randn(MAX_GEMM_ROWS + 1, 32, generator=gen).bfloat16()
+    fp32 = torch.randn(2, 32, generator=gen)
+    for x, w in [(many_rows, weight), (fp32, weight.float()), (many_rows[:2], weight.T.contiguous().T)]:
+        assert torch.equal(gemm_ops.linear(x, w, None), TORCH.linear(x, w, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_residual_add_and_rms_norm_give_torchs_values(ops, dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen).to(dtype)
+    residual = (3 * torch.randn(rows, 576, generator=gen)).to(dtype)
+    weight = torch.randn(576, generator=gen).to(dtype)
+
+    expected, expected_stream = TORCH.add_rms_norm(x, residual, weight, 1e-5)
+    stream = residual.clone()
+    normed, returned = ops.add_rms_norm(x, stream, weight, 1e-5)
+
+    assert returned is stream, "the residual stream is updated in place"
+    assert torch.equal(stream, expected_stream), "x + residual rounds as torch's add does"
+    assert_close_to_torch(normed, expected)
+    # Without a residual the input is the stream, unchanged.
+    normed, returned = ops.add_rms_norm(x, None, weight, 1e-5)
+    assert returned is x
+    assert_close_to_torch(normed, TORCH.add_rms_norm(x, None, weight, 1e-5)[0])
+
+
+def assert_close_to_torch(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32: the sum of squares in another order; bfloat16: that may move a rounding by one step."""
+    if ours.dtype == torch.float32:
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    else:
+        differ = ours != expected
+        assert differ.double().mean().item() < 0.01
+        assert ((ours.float() - expected.float()).abs()[differ] <= bf16_ulp(expected.float())[differ]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_gives_torchs_values(ops, dtype):
+    heads, kv_heads, head_dim, tokens = 9, 3, 64, 6
+    rotary = RotaryEmbedding(head_dim, 4096, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = torch.tensor([0, 1, 17, 500, 4095, 3])
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q_of = lambda t: t[:, : heads * head_dim].view(tokens, heads, head_dim)  # noqa: E731
+    k_of = lambda t: t[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)  # noqa: E731
+    expected_q, expected_k = TORCH.apply_rotary(q_of(qkv), k_of(qkv), TORCH.rope(rotary, positions, dtype))
+
+    ours = qkv.clone()
+    q, k = ops.apply_rotary(q_of(ours), k_of(ours), ops.rope(rotary, positions, dtype))
+
+    assert q.data_ptr() == ours.data_ptr(), "rotated in place"
+    if dtype == torch.bfloat16:  # the same elementwise roundings as torch: equal bit for bit
+        assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    else:
+        torch.testing.assert_close((q, k), (expected_q, expected_k), rtol=1e-6, atol=1e-6)
+    v_start = (heads + kv_heads) * head_dim
+    assert torch.equal(ours[:, v_start:], qkv[:, v_start:]), "values are not rotated"
+
+
+def test_rotary_of_separate_q_and_k_tensors_falls_back_to_torch(ops):
+    rotary = RotaryEmbedding(8, 32, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = torch.tensor([4, 9])
+    q, k = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
+    expected = TORCH.apply_rotary(q, k, TORCH.rope(rotary, positions, torch.float32))
+    ours = ops.apply_rotary(q.clone(), k.clone(), ops.rope(rotary, positions, torch.float32))
+    torch.testing.assert_close(ours, expected)
