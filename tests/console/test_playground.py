@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import time
 from typing import Any
 
 from playwright.sync_api import expect
@@ -36,12 +37,9 @@ WATCH_REPLY = """() => {
 }"""
 
 # Resolves once GET /v1/usage (this browser's session) reports `model` completion tokens matching `wanted`.
-USAGE_SETTLED = """async ([model, wanted]) => {
+BILLED_TOKENS = """async (model) => {
   const usage = await (await fetch('/v1/usage')).json();
-  const rows = usage.data.filter((row) => row.model === model);
-  if (!rows.length) return false;
-  const tokens = rows.reduce((sum, row) => sum + row.completion_tokens, 0);
-  return wanted === null ? tokens : tokens === wanted && tokens;
+  return usage.data.filter((row) => row.model === model).reduce((sum, row) => sum + row.completion_tokens, 0);
 }"""
 
 
@@ -62,9 +60,17 @@ def send(page, text: str) -> None:
     page.get_by_label("Message", exact=True).press("Enter")
 
 
-def billed_completion_tokens(page, model: str, wanted: int | None = None) -> int:
-    """Waits until the server has settled the bill (the usage row appears), then returns its tokens."""
-    return page.wait_for_function(USAGE_SETTLED, arg=[model, wanted], polling=100).json_value()
+def billed_completion_tokens(page, model: str, wanted: int | None = None, timeout_s: float = 15) -> int:
+    """Polls the signed-in user's usage until the server has settled the bill (`wanted` tokens, or any),
+    then returns its completion tokens. (Not wait_for_function: it takes an async predicate's promise for
+    a truthy answer at once, and returned before the bill was settled.)"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tokens = page.evaluate(BILLED_TOKENS, model)  # evaluate awaits the promise
+        if tokens and (wanted is None or tokens == wanted):
+            return tokens
+        assert time.monotonic() < deadline, f"usage shows {tokens} completion tokens of {model}, not {wanted}"
+        page.wait_for_timeout(100)
 
 
 def test_a_reply_streams_in_and_shows_the_tokens_the_server_billed(console):
