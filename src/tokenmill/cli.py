@@ -36,6 +36,7 @@ ENGINE_FLAGS = (
     "seed",
     "max_loras",
     "max_lora_rank",
+    "quantization",
 )
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
 
@@ -253,6 +254,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     engine = parser.add_argument_group("engine (each chat model)")
     engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument(
+        "--quantization", choices=["none", "int8"], help="int8: weight-only int8 at load (faster decode)"
+    )
     engine.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     engine.add_argument("--block-size", type=int, help="tokens per KV block")
     engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache, e.g. 2G")
@@ -342,7 +346,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from tokenmill.bench import decode, offline, serve
+    from tokenmill.bench import decode, offline, quality, serve
 
     modes = parser.add_subparsers(dest="bench_mode", required=True, metavar="mode")
     offline_parser = modes.add_parser("offline", help="tokenmill vs transformers generate, same requests")
@@ -353,6 +357,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decode.add_arguments(decode_parser)
     decode_parser.set_defaults(run=decode.run)
+    quality_parser = modes.add_parser(
+        "quality", help="perplexity of a fixed text, the model as loaded vs quantized, in one run"
+    )
+    quality.add_arguments(quality_parser)
+    quality_parser.set_defaults(run=quality.run)
     serve_parser = modes.add_parser("serve", help="load-test any OpenAI-compatible endpoint")
     serve.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve.run)

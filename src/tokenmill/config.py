@@ -58,6 +58,9 @@ class ModelConfig:
     """"kernel": the C kernels for a decode step's operators (few-row bfloat16 matrix products on CPUs with
     AVX-512 BF16; fused residual + RMSNorm and rotary); "torch": torch ops only, for debugging; "auto":
     the kernels where they compile, else torch."""
+    quantization: str = "none"
+    """"int8": int8 weights with a scale per output row, quantized at load: half the bytes a decode step
+    reads (models/quantization.py; `tokenmill bench quality` measures the cost); "none": as loaded."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
@@ -68,6 +71,7 @@ class ModelConfig:
             "attention_backend",
             "must be auto, kernel or torch",
         )
+        _require(self.quantization in ("none", "int8"), "quantization", "must be none or int8")
         _require(
             self.cpu_kernels in ("auto", "kernel", "torch"),
             "cpu_kernels",

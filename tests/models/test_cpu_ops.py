@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.models.cpu_ops import MAX_GEMM_ROWS, CpuKernelOps, load_ops_kernel
+from tokenmill.models.cpu_ops import MAX_GEMM_ROWS, MAX_Q8_ROWS, CpuKernelOps, load_ops_kernel
 from tokenmill.models.layers import RotaryEmbedding, TorchOps
+from tokenmill.models.quantization import ACTIVATION_BLOCK, block_sums, quantize_int8
 
 TORCH = TorchOps()
 
@@ -75,6 +76,62 @@ def test_what_the_product_kernel_does_not_take_is_torchs(gemm_ops):
     fp32 = torch.randn(2, 32, generator=gen)
     for x, w in [(many_rows, weight), (fp32, weight.float()), (many_rows[:2], weight.T.contiguous().T)]:
         assert torch.equal(gemm_ops.linear(x, w, None), TORCH.linear(x, w, None))
+    values, scales = quantize_int8(weight)
+    assert torch.equal(
+        gemm_ops.linear_int8(fp32, values, scales, None, None),
+        TORCH.linear_int8(fp32, values, scales, None, None),
+    )
+
+
+def test_int8_quantization_keeps_each_weight_within_half_a_step():
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 70, generator=gen)
+    weight[2] = 0  # a row of zeros must not divide by zero
+    values, scales = quantize_int8(weight)
+    assert values.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (6,)
+    assert values.abs().max() <= 127
+    error = (values.float() * scales[:, None] - weight).abs()
+    assert (error <= scales[:, None] / 2 + 1e-7).all()
+    assert (values[2] == 0).all()
+
+
+def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel multiplies with: each row of x in blocks of 64 values, each block scaled to
+    [-127, 127] and rounded in float32 with the kernel's very operations (x * (1 / step); bfloat16 inputs
+    often lie on rounding ties, which x / step could break the other way), then scaled back (float64)."""
+    rows, inner = x.shape
+    padded = torch.nn.functional.pad(x.float(), (0, -inner % ACTIVATION_BLOCK)).view(
+        rows, -1, ACTIVATION_BLOCK
+    )
+    step = padded.abs().amax(dim=2, keepdim=True) * torch.tensor(1 / 127, dtype=torch.float32)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    quantized = torch.round(padded * (1 / step))
+    return (quantized.double() * step.double()).view(rows, -1)[:, :inner]
+
+
+# Up to MAX_Q8_ROWS rows the int8 kernel computes; beyond, a dequantised copy goes to torch's GEMM.
+@pytest.mark.parametrize(
+    ("rows", "inner", "outer"), [*SHAPES, (MAX_Q8_ROWS, 96, 20), (MAX_Q8_ROWS + 3, 64, 9)]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_products_are_exact_on_what_they_multiply(gemm_ops, rows, inner, outer, with_bias):
+    """Few rows: exact int8 sums of the block-quantized rows of x and the int8 weights, rounded once.
+    Many rows: torch's GEMM on x and the dequantised weights rounded to bfloat16 (it may round twice)."""
+    gen = torch.Generator().manual_seed(rows * inner + outer + 1)
+    x = torch.randn(rows, inner, generator=gen).bfloat16()
+    values, scales = quantize_int8(torch.randn(outer, inner, generator=gen))
+    bias = torch.randn(outer, generator=gen).bfloat16() if with_bias else None
+    dequantised = values.double() * scales.double()[:, None]
+    if rows <= MAX_Q8_ROWS:
+        left, steps = blockwise_int8(x), 1
+    else:
+        left, dequantised, steps = x.double(), dequantised.bfloat16().double(), 2
+    exact = left @ dequantised.T + (bias.double() if with_bias else 0)
+
+    ours = gemm_ops.linear_int8(x, values, scales, block_sums(values), bias)
+
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
+    assert ((ours.double() - exact).abs() <= steps * bf16_ulp(exact) + 1e-4).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -109,10 +166,11 @@ def assert_close_to_torch(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_gives_torchs_values(ops, dtype):
-    heads, kv_heads, head_dim, tokens = 9, 3, 64, 6
+@pytest.mark.parametrize("tokens", [1, 6])  # one token: a decode step, whose views have odd first strides
+def test_rotary_in_place_gives_torchs_values(ops, dtype, tokens):
+    heads, kv_heads, head_dim = 9, 3, 64
     rotary = RotaryEmbedding(head_dim, 4096, {"rope_theta": 10000.0, "rope_type": "default"})
-    positions = torch.tensor([0, 1, 17, 500, 4095, 3])
+    positions = torch.tensor([0, 1, 17, 500, 4095, 3])[:tokens]
     gen = torch.Generator().manual_seed(11)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
     q_of = lambda t: t[:, : heads * head_dim].view(tokens, heads, head_dim)  # noqa: E731
@@ -122,7 +180,7 @@ def test_rotary_in_place_gives_torchs_values(ops, dtype):
     ours = qkv.clone()
     q, k = ops.apply_rotary(q_of(ours), k_of(ours), ops.rope(rotary, positions, dtype))
 
-    assert q.data_ptr() == ours.data_ptr(), "rotated in place"
+    assert q.data_ptr() == ours.data_ptr(), "rotated in place (by the kernel, not torch's fallback)"
     if dtype == torch.bfloat16:  # the same elementwise roundings as torch: equal bit for bit
         assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
     else:

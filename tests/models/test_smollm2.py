@@ -78,3 +78,16 @@ def test_bfloat16_with_the_cpu_kernels_knows_its_facts(source):
     capital, legs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
     assert "Paris" in capital.outputs[0].text
     assert "8" in legs.outputs[0].text or "eight" in legs.outputs[0].text
+
+
+def test_int8_weights_keep_the_perplexity_within_2_percent_and_the_facts(source, tmp_path):
+    from tokenmill.bench import quality
+
+    result = quality.main(["--output", str(tmp_path / "quality.json")])
+    assert result["scored_tokens"] > 500
+    assert result["perplexity_ratio"] < 1.02, result
+    llm = LLM("smollm2", dtype="bfloat16", quantization="int8", kv_cache_memory=64 << 20)
+    answer = llm.generate(
+        chat_prompt(llm.tokenizer, QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=24)
+    )
+    assert "Paris" in answer[0].outputs[0].text

@@ -79,6 +79,8 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "1M",
         "--dtype",
         "bfloat16",
+        "--quantization",
+        "int8",
         "--max-model-len",
         "4096",
         "--block-size",
@@ -122,6 +124,7 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
     assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2, no_auth=True)
     assert call["engine_kwargs"] == {
         "dtype": "bfloat16",
+        "quantization": "int8",
         "max_model_len": 4096,
         "block_size": 32,
         "kv_cache_memory": 2 * 1024**3,

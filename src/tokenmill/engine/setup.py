@@ -17,6 +17,7 @@ from tokenmill.models.cpu_attention import KernelPagedAttention, kernel_supports
 from tokenmill.models.cpu_ops import CpuKernelOps, load_ops_kernel
 from tokenmill.models.layers import use_ops
 from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, load_tokenizer, resolve_model
+from tokenmill.models.quantization import quantize_model
 from tokenmill.models.registry import create_model
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer = load_tokenizer(plan.source)
     model = create_model(hf_config, plan.dtype, plan.device, plan.max_model_len)
     model.load_weights(iter_weights(plan.source, plan.dtype))
+    if config.model.quantization != "none":
+        quantize_model(model, config.model.quantization)
     model.attention_backend = _attention_backend(
         config.model.attention_backend, model, plan.dtype, plan.device
     )

@@ -5,8 +5,9 @@ Matrix products: torch's bfloat16 GEMM streams a weight matrix at a few GB/s whe
 row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once with AVX-512
 BF16 dot products at close to memory speed (on SmolLM2's shapes here: 3-6x torch at one row, still ahead
 at eight). Larger products (prefill chunks, big batches) are compute-bound and stay with torch's GEMM, as
-do float32 and CPUs without AVX-512 BF16. The fused small operators (residual add + RMSNorm, rotary)
-run for float32 and bfloat16 and replace about ten torch calls each.
+do float32 and CPUs without AVX-512 BF16. int8 weights (models/quantization.py) go through an AVX-512 VNNI
+kernel up to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm,
+rotary) run for float32 and bfloat16 and replace about ten torch calls each.
 """
 
 from __future__ import annotations
@@ -23,16 +24,27 @@ from tokenmill.models.native import compile_library
 MAX_GEMM_ROWS = 8
 """Up to this many rows the kernel beats torch's GEMM on every SmolLM2 shape; beyond, torch's is as fast."""
 
+MAX_Q8_ROWS = 16
+"""Up to this many rows the int8 kernel computes (its Q8_MAX_ROWS); beyond, torch's GEMM on a dequantised
+copy."""
+
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _NORM = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
 _ROTARY = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
 _SIGNATURES = {
+    "skinny_gemm_supported": (ctypes.c_int, []),
+    "skinny_gemm_q8_supported": (ctypes.c_int, []),
     "skinny_gemm_bf16": (ctypes.c_int, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]),
     "add_rms_norm_f32": (None, _NORM),
     "add_rms_norm_bf16": (None, _NORM),
     "rotary_f32": (None, _ROTARY),
     "rotary_bf16": (None, _ROTARY),
+    "skinny_gemm_q8": (
+        ctypes.c_int,
+        [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
+    ),
+    "dequantize_q8": (None, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]),
     "read_memory": (ctypes.c_uint64, [_ptr, _i64, ctypes.c_int]),
 }
 
@@ -59,13 +71,17 @@ class KernelRope:
     sin: torch.Tensor
 
 
-def _kernel_ready(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """2-D CPU tensors of one dtype the kernels handle, rows contiguous (None: an absent optional one)."""
-    if x.dtype not in _SUFFIX or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+def _kernel_ready(
+    x: torch.Tensor, other: torch.Tensor | None = None, third: torch.Tensor | None = None
+) -> bool:
+    """2-D CPU tensors of one dtype the kernels handle, rows contiguous (None: an absent optional one).
+    Called a few hundred times a step: plain attribute checks, no generators."""
+    if x.dtype not in _SUFFIX or not x.is_cpu or x.dim() != 2 or x.stride(1) != 1:
         return False
-    return all(
-        t is None or (t.dtype == x.dtype and t.device.type == "cpu" and t.stride(-1) == 1) for t in others
-    )
+    for t in (other, third):
+        if t is not None and (t.dtype != x.dtype or not t.is_cpu or t.stride(-1) != 1):
+            return False
+    return True
 
 
 class CpuKernelOps(TorchOps):
@@ -73,6 +89,8 @@ class CpuKernelOps(TorchOps):
 
     def __init__(self, kernel: ctypes.CDLL) -> None:
         self.gemm = kernel.skinny_gemm_bf16 if kernel.skinny_gemm_supported() else None
+        self.gemm_q8 = kernel.skinny_gemm_q8 if kernel.skinny_gemm_q8_supported() else None
+        self.dequantize_q8 = kernel.dequantize_q8
         self.norms = {dtype: getattr(kernel, f"add_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.rotaries = {dtype: getattr(kernel, f"rotary_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.num_threads = torch.get_num_threads()
@@ -93,6 +111,33 @@ class CpuKernelOps(TorchOps):
         )  # fmt: skip
         if status:
             raise RuntimeError(f"skinny GEMM kernel failed with status {status}")
+        return out
+
+    def linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        block_sums: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if not (x.dtype == torch.bfloat16 and _kernel_ready(x, bias) and qweight.is_contiguous()):
+            return super().linear_int8(x, qweight, scales, block_sums, bias)
+        rows, (outer, inner) = x.shape[0], qweight.shape
+        if rows > MAX_Q8_ROWS or self.gemm_q8 is None:  # compute-bound: torch's GEMM on a bfloat16 copy
+            weight = torch.empty((outer, inner), dtype=torch.bfloat16)
+            self.dequantize_q8(
+                qweight.data_ptr(), scales.data_ptr(), weight.data_ptr(), outer, inner, self.num_threads
+            )
+            return super().linear(x, weight, bias)
+        out = torch.empty((rows, outer), dtype=torch.bfloat16)
+        status = self.gemm_q8(
+            x.data_ptr(), x.stride(0), qweight.data_ptr(), scales.data_ptr(), block_sums.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows, outer, inner,
+            self.num_threads,
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"int8 GEMM kernel failed with status {status}")
         return out
 
     def add_rms_norm(
@@ -124,8 +169,11 @@ class CpuKernelOps(TorchOps):
         """In place, both in one call: q and k are adjacent heads of this step's fresh projection output."""
         if not isinstance(rope, KernelRope):
             return super().apply_rotary(q, k, rope)
-        heads, head_dim = q.shape[1] + k.shape[1], q.shape[2]
-        adjacent = q.stride() == k.stride() == (q.stride(0), head_dim, 1)
+        tokens, heads, head_dim = q.shape[0], q.shape[1] + k.shape[1], q.shape[2]
+        # One token's rows may report any stride for their size-1 first dimension: compare the others.
+        adjacent = q.stride()[1:] == k.stride()[1:] == (head_dim, 1) and (
+            tokens == 1 or q.stride(0) == k.stride(0)
+        )
         if not (adjacent and k.data_ptr() == q.data_ptr() + q.shape[1] * head_dim * q.element_size()):
             tables = rope.cos[rope.positions].to(q.dtype), rope.sin[rope.positions].to(q.dtype)
             return super().apply_rotary(q, k, (tables[0].unsqueeze(1), tables[1].unsqueeze(1)))

@@ -26,6 +26,19 @@ class TorchOps:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return nn.functional.linear(x, weight, bias)
 
+    def linear_int8(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        block_sums: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A product with an int8 weight (models/quantization.py), through a dequantised copy; `block_sums`
+        serve kernels that quantize x too."""
+        weight = (qweight.to(torch.float32) * scales[:, None]).to(x.dtype)
+        return nn.functional.linear(x, weight, bias)
+
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
