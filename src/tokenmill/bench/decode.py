@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per engine; the best counts")
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="also run llama.cpp's llama-bench (from this build directory) on the same GGUF, as bf16 and Q8_0",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results/decode.json"))
 
 
@@ -137,6 +143,15 @@ def run(args: argparse.Namespace) -> dict:
                 f"{name:7s} {figures['tokens_per_s']:7.1f} tokens/s, {figures['bytes_per_step'] / 1e6:.1f} MB "
                 f"read per step{roofline}"
             )
+    if args.llama_cpp is not None:
+        result["llama.cpp"] = llama_cpp_figures(args, torch.get_num_threads())
+        for name, ours in (("bf16", "kernel"), ("q8_0", "int8")):
+            theirs = result["llama.cpp"][f"{name}_tokens_per_s"]
+            result["llama.cpp"][f"{ours}_vs_{name}"] = result[ours]["tokens_per_s"] / theirs
+            print(
+                f"llama.cpp {name:5s} {theirs:7.1f} tokens/s: tokenmill {ours} "
+                f"{result[ours]['tokens_per_s']:.1f} = {result['llama.cpp'][f'{ours}_vs_{name}']:.2f}x"
+            )
     if bandwidth is not None:
         print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (all {torch.get_num_threads()} threads)")
     print(
@@ -146,6 +161,26 @@ def run(args: argparse.Namespace) -> dict:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     return result
+
+
+def llama_cpp_figures(args: argparse.Namespace, threads: int) -> dict:
+    """llama-bench on the run's model, requantized to bf16 and Q8_0 in a scratch directory."""
+    import tempfile
+
+    from tokenmill.bench import llama_cpp
+    from tokenmill.models.loader import resolve_model
+
+    source = resolve_model(args.model)
+    if source.gguf_file is None:
+        raise SystemExit("--llama-cpp needs a GGUF model (a .gguf file or the built-in smollm2)")
+    figures: dict = {"threads": threads}
+    with tempfile.TemporaryDirectory(prefix="tokenmill-llama-cpp-") as scratch:
+        ggufs = llama_cpp.requantize(args.llama_cpp, Path(source.path) / source.gguf_file, Path(scratch))
+        for name, gguf in ggufs.items():
+            figures[f"{name}_tokens_per_s"] = llama_cpp.decode_tokens_per_s(
+                args.llama_cpp, gguf, args.output_len - 1, threads, args.repeat
+            )
+    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
