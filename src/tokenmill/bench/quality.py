@@ -1,5 +1,5 @@
 """What quantization costs in quality: the perplexity of a fixed text (quality_text.txt, shipped with
-tokenmill, about 800 tokens of plain English) under the model as loaded and under its quantized form, in
+tokenmill, about 720 tokens of plain English) under the model as loaded and under its quantized form, in
 one run.
 
     perplexity = exp(mean over the text's tokens of -log p(token | the tokens before it))
@@ -37,7 +37,7 @@ def negative_log_likelihoods(llm: object, tokens: list[int], window: int, chunk:
     """-log p of every token after the first of each window, `chunk` tokens per forward pass."""
     import torch
 
-    from tokenmill.models.attention import AttentionMetadata, PrefillChunk
+    from tokenmill.models.attention import AttentionMetadata, PrefillChunk, continuing_chunk_mask
 
     model = llm.engine.runner.model
     cache_dtype = llm.engine.runner.kv_caches[0][0].dtype
@@ -56,7 +56,7 @@ def negative_log_likelihoods(llm: object, tokens: list[int], window: int, chunk:
                 if start == 0:
                     prefill = PrefillChunk(0, end, 0)
                 else:  # a chunk continuing the window: it sees every cached token before it
-                    mask = torch.arange(end)[None, :] <= positions[:, None]
+                    mask = continuing_chunk_mask(start, end)
                     prefill = PrefillChunk(0, end - start, start, torch.arange(end), mask)
                 meta = AttentionMetadata(
                     slot_mapping=positions, num_decodes=0, decodes=None, prefills=(prefill,)

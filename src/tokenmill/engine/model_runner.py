@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
-from tokenmill.models.attention import AttentionMetadata, PrefillChunk
+from tokenmill.models.attention import AttentionMetadata, PrefillChunk, continuing_chunk_mask
 
 if TYPE_CHECKING:
     from tokenmill.engine.lora import LoRASlots
@@ -139,9 +139,7 @@ class ModelRunner:
             if item.start == 0:
                 chunks.append(PrefillChunk(offset, item.num_new_tokens, 0))
             else:
-                # Query i (at position start + i) sees keys 0 .. start + i.
-                causal = np.arange(item.end)[None, :] <= np.arange(item.start, item.end)[:, None]
-                mask = torch.as_tensor(causal, device=self.device)
+                mask = continuing_chunk_mask(item.start, item.end, self.device)
                 slots = self._tensor(self._context_slots(item))
                 chunks.append(PrefillChunk(offset, item.num_new_tokens, item.start, slots, mask))
             offset += item.num_new_tokens

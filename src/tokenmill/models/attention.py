@@ -31,6 +31,11 @@ class PrefillChunk:
     """[num_tokens, start + num_tokens] causal mask offset by `start`, for chunks that continue a sequence."""
 
 
+def continuing_chunk_mask(start: int, end: int, device: torch.device | None = None) -> torch.Tensor:
+    """The `mask` of a chunk of positions start..end-1: query i (at start + i) sees keys 0 .. start + i."""
+    return torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """Everything attention needs about a step, built once and shared by all layers."""
