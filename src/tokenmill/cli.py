@@ -12,12 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenmill.config import ConfigError, default_data_dir, default_database_url, default_redis_url
+from tokenmill.config import (
+    BatchBudget,
+    ConfigError,
+    default_data_dir,
+    default_database_url,
+    default_redis_url,
+)
 from tokenmill.platform.errors import InvalidAmount
 from tokenmill.platform.listings import DEFAULT_PLATFORM_FEE_BPS
 from tokenmill.platform.money import format_micros, parse_units
 from tokenmill.serving.fleet_setup import DEFAULT_MAX_QUEUE
 from tokenmill.serving.settings import SIGNUP_MODES, CompletionLimits, LoraSpec, ModelSpec, ServerSettings
+from tokenmill.serving.tidal import TidalSettings
 
 if TYPE_CHECKING:
     from tokenmill.platform.gateway import PlatformSettings
@@ -252,6 +259,73 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="private single-user deployment: no API keys, no billing, no rate limits",
     )
+    tidal = parser.add_argument_group("batches and tidal scheduling")
+    tide = defaults.tidal
+    tidal.add_argument(
+        "--batch-discount-bps",
+        type=int,
+        default=tide.batch_discount_bps,
+        metavar="N",
+        help=f"batch lines pay the model's prices less N basis points (default: {tide.batch_discount_bps})",
+    )
+    tidal.add_argument(
+        "--batch-lines-in-flight",
+        type=int,
+        default=tide.batch_lines_in_flight,
+        metavar="N",
+        help=f"batch lines each model works on at once (default: {tide.batch_lines_in_flight})",
+    )
+    tidal.add_argument(
+        "--batch-max-slowdown",
+        type=float,
+        default=tide.batch_budget.max_slowdown,
+        metavar="F",
+        help="batch work may make an engine step serving live requests at most F slower, by the engine's "
+        f"measured step costs (default: {tide.batch_budget.max_slowdown}; 0: batch work pauses while live "
+        "work runs)",
+    )
+    tidal.add_argument(
+        "--batch-fill-tokens",
+        type=int,
+        default=tide.batch_budget.fill_tokens,
+        metavar="N",
+        help=f"and adds at most N tokens to it (default: {tide.batch_budget.fill_tokens})",
+    )
+    tidal.add_argument(
+        "--batch-idle-tokens",
+        type=int,
+        default=tide.batch_budget.idle_tokens,
+        metavar="N",
+        help=f"the most batch tokens in a step without live work (default: {tide.batch_budget.idle_tokens})",
+    )
+    tidal.add_argument(
+        "--off-peak",
+        metavar="HH:MM-HH:MM",
+        help="a daily window in which batch work may take more of the machine",
+    )
+    tidal.add_argument("--timezone", default=tide.timezone, help="of --off-peak (default: UTC)")
+    tidal.add_argument(
+        "--off-peak-batch-lines-in-flight", type=int, default=tide.off_peak_batch_lines_in_flight, metavar="N"
+    )
+    tidal.add_argument(
+        "--off-peak-batch-fill-tokens", type=int, default=tide.off_peak_batch_budget.fill_tokens, metavar="N"
+    )
+    tidal.add_argument(
+        "--off-peak-batch-max-slowdown",
+        type=float,
+        default=tide.off_peak_batch_budget.max_slowdown,
+        metavar="F",
+    )
+    tidal.add_argument(
+        "--off-peak-batch-idle-tokens", type=int, default=tide.off_peak_batch_budget.idle_tokens, metavar="N"
+    )
+    tidal.add_argument(
+        "--off-peak-live-discount-bps",
+        type=int,
+        default=tide.off_peak_live_discount_bps,
+        metavar="N",
+        help="off peak, live requests pay the model's prices less N basis points (default: 0)",
+    )
     engine = parser.add_argument_group("engine (each chat model)")
     engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     engine.add_argument(
@@ -298,6 +372,24 @@ def _serve(args: argparse.Namespace) -> int:
         data_sweep_interval_s=args.data_sweep_interval,
         fine_tuning_price_micros=args.fine_tuning_price,
         fine_tuning_workers=args.fine_tuning_workers,
+        tidal=TidalSettings(
+            batch_discount_bps=args.batch_discount_bps,
+            batch_lines_in_flight=args.batch_lines_in_flight,
+            batch_budget=BatchBudget(
+                max_slowdown=args.batch_max_slowdown,
+                fill_tokens=args.batch_fill_tokens,
+                idle_tokens=args.batch_idle_tokens,
+            ),
+            off_peak=args.off_peak,
+            timezone=args.timezone,
+            off_peak_batch_lines_in_flight=args.off_peak_batch_lines_in_flight,
+            off_peak_batch_budget=BatchBudget(
+                max_slowdown=args.off_peak_batch_max_slowdown,
+                fill_tokens=args.off_peak_batch_fill_tokens,
+                idle_tokens=args.off_peak_batch_idle_tokens,
+            ),
+            off_peak_live_discount_bps=args.off_peak_live_discount_bps,
+        ),
         completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),
     )
     if args.config is not None and (args.model or args.embedding_model):

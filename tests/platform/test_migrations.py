@@ -42,6 +42,8 @@ TABLES = {
     "fine_tuning_events",
     "fine_tuning_checkpoints",
     "adapter_models",
+    "batches",
+    "batch_lines",
 }
 
 

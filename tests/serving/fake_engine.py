@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.config import BatchBudget
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.request import CompletionOutput, RequestOutput, TokenLogprob
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
@@ -64,6 +65,8 @@ class FakeEngine:
         ]
         self._num_prompt_tokens = 0
         self._num_generated = 0
+        self.batch_budget = BatchBudget()
+        """What `set_batch_budget` last set (the fake has no scheduler to apply it to)."""
 
     async def start(self) -> None:
         while self.start_gate is not None and not self.start_gate.is_set():
@@ -93,6 +96,9 @@ class FakeEngine:
             num_cached_prompt_tokens=0,
             num_generated_tokens=self._num_generated,
         )
+
+    def set_batch_budget(self, budget: BatchBudget) -> None:
+        self.batch_budget = budget
 
     def reply_for(self, prompt_ids: list[int], params: SamplingParams, index: int = 0) -> list[int]:
         """Greedy: one reply per prompt. Sampling: varies with the sample index and the seed."""

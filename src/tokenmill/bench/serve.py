@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tokenmill.bench import tidal
 from tokenmill.bench.client import Target, first_model, send
 from tokenmill.bench.cost import cost_report
 from tokenmill.bench.load import LoadShape, run_load
@@ -101,6 +102,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no traffic: report a run saved with --save-requests again (e.g. under another SLO or price)",
     )
     load.add_argument("--num-warmup", type=int, default=1, help="unmeasured requests first (default: 1)")
+    load.add_argument(
+        "--with-batch",
+        type=int,
+        metavar="N",
+        help="tokenmill only: run the load alone, then beside a batch of N lines (same workload, Batch API) "
+        "and compare live TTFT/TPOT and total output tokens/s",
+    )
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="R",
+        help="--with-batch: alternate alone / beside R times and report the median ratios (default: 1)",
+    )
 
     report = parser.add_argument_group("SLO, cost and output")
     report.add_argument("--slo-ttft", type=float, default=1.0, help="seconds (default: 1)")
@@ -151,9 +166,10 @@ def load_shapes(args: argparse.Namespace) -> list[LoadShape]:
 
 async def measure(
     args: argparse.Namespace, shapes: list[LoadShape]
-) -> tuple[Target, list[tuple[LoadShape, list[RequestRecord]]]]:
+) -> tuple[Target, list[tuple[LoadShape, list[RequestRecord]]], list[tidal.BatchWindow] | None]:
     """Warm up, then run each load point in turn, each with its own prompts (a later point must not find
-    an earlier point's prompts in the prefix cache)."""
+    an earlier point's prompts in the prefix cache); with --with-batch, the first point again beside a batch
+    (what the batch did in that window comes back too)."""
     import httpx
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -168,6 +184,8 @@ async def measure(
                 raise ValueError(
                     f"warmup request to {target.url} failed: {record.error} {record.error_detail}"
                 )
+        if args.with_batch:
+            return target, *await _interference(args, client, target, shapes[0])
         results = []
         for point, shape in enumerate(shapes):
             workload = make_workload(args, args.seed + point)
@@ -177,7 +195,48 @@ async def measure(
 
             records = await run_load(shape, sender, seed=args.seed + point, progress=not args.no_progress)
             results.append((shape, records))
-    return target, results
+    return target, results, None
+
+
+async def _interference(
+    args: argparse.Namespace, client: Any, target: Target, shape: LoadShape
+) -> tuple[list[tuple[LoadShape, list[RequestRecord]]], list[tidal.BatchWindow]]:
+    """Rounds of the load alone then beside a batch: on a shared machine one pair can differ by chance as
+    much as by the batch, so rounds alternate and the report takes medians."""
+    results, windows = [], []
+    for round_ in range(args.rounds):
+        seed = args.seed + round_
+        workload = make_workload(args, seed)
+
+        async def sender(index: int, start: float, workload: Workload = workload) -> RequestRecord:
+            return await send(client, target, workload.request(index), start)
+
+        results.append((shape, await run_load(shape, sender, seed=seed, progress=not args.no_progress)))
+        records, window = await _beside_batch(args, client, target, shape, seed)
+        results.append((shape, records))
+        windows.append(window)
+    return results, windows
+
+
+async def _beside_batch(
+    args: argparse.Namespace, client: Any, target: Target, shape: LoadShape, seed: int
+) -> tuple[list[RequestRecord], tidal.BatchWindow]:
+    """The round's load again, the same lengths at the same arrival times (reworded, so the prefix cache
+    holds nothing of it), while a batch runs."""
+    batch_work = make_workload(args, seed + tidal.BATCH_SEED_OFFSET)
+    batch_id = await tidal.start_batch(client, target, tidal.batch_input(target, batch_work, args.with_batch))
+    workload = tidal.Reworded(make_workload(args, seed))
+
+    async def sender(index: int, start: float) -> RequestRecord:
+        return await send(client, target, workload.request(index), start)
+
+    try:
+        before = await tidal.lines_done(client, target, batch_id)
+        records = await run_load(shape, sender, seed=seed, progress=not args.no_progress)
+        done = await tidal.lines_done(client, target, batch_id) - before
+    finally:
+        await tidal.cancel_batch(client, target, batch_id)
+    return records, tidal.BatchWindow(batch_id, done, done * args.output_len)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -188,6 +247,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
     if args.from_results is None:
         make_workload(args, args.seed)  # a bad --prompts-file
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.with_batch is not None and (
+        args.with_batch < 1 or args.sweep is not None or args.from_results is not None
+    ):
+        raise ValueError("--with-batch N needs N >= 1 and one load point (--request-rate or --concurrency)")
 
 
 def _title(config: dict[str, Any]) -> str:
@@ -197,12 +262,20 @@ def _title(config: dict[str, Any]) -> str:
 
 
 def _report(
-    config: dict[str, Any], measured: list[tuple[LoadShape, list[RequestRecord]]], args: argparse.Namespace
+    config: dict[str, Any],
+    measured: list[tuple[LoadShape, list[RequestRecord]]],
+    args: argparse.Namespace,
+    windows: list[tidal.BatchWindow] | None = None,
 ) -> dict[str, Any]:
     """Metrics and cost from the request logs; writes results.json (settings without the API key, the SLO,
     each point's metrics, its request log with --save-requests, the cost report), summary.md and the chart."""
     slo = Slo(args.slo_ttft, args.slo_tokens_per_s)
     points = [(shape.label, summarize(records, slo)) for shape, records in measured]
+    if windows:
+        points = [
+            (f"{label} {'beside a batch' if n % 2 else 'alone'}, round {n // 2 + 1}", metrics)
+            for n, (label, metrics) in enumerate(points)
+        ]
     cost = None
     if args.price_per_hour is not None:
         cost = cost_report(points, args.price_per_hour, slo, args.slo_attainment)
@@ -227,6 +300,10 @@ def _report(
     (out / "summary.md").write_text(summary)
     plot_latency_vs_throughput(points, slo, out / "latency_vs_throughput.png", _title(config))
     print(summary)
+    if windows:
+        rounds = [tidal.compare(points[2 * n][1], points[2 * n + 1][1], w) for n, w in enumerate(windows)]
+        write_json(out / "tidal.json", tidal.as_json(rounds))
+        print("\n" + tidal.markdown(rounds))
     print(f"wrote {out}/results.json, summary.md, latency_vs_throughput.png", file=sys.stderr)
     return json.loads((out / "results.json").read_text())
 
@@ -241,8 +318,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reported = ("slo_ttft", "slo_tokens_per_s", "slo_attainment", "price_per_hour", "output_dir")
         config = {**config, **{key: settings[key] for key in reported}}
     else:
-        target, measured = asyncio.run(measure(args, load_shapes(args)))
+        target, measured, windows = asyncio.run(measure(args, load_shapes(args)))
         config = {**settings, "model": target.model, "url": target.url}
+        return _report(config, measured, args, windows)
     return _report(config, measured, args)
 
 

@@ -10,12 +10,12 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import BatchBudget, EngineConfig
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.lora import LoRARequest
 from tokenmill.engine.request import RequestOutput
-from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, Priority, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,13 @@ class EngineError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    final_only: bool = False
+    """Batch work: nobody reads it token by token, so only its last snapshot crosses to the event loop
+    (each one costs the loop a wake-up that live streams would wait behind)."""
 
     def push(self, item: RequestOutput | BaseException) -> None:
+        if self.final_only and isinstance(item, RequestOutput) and not item.finished:
+            return
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
@@ -89,7 +94,7 @@ class AsyncLLM:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running", param="request_id")
         prompt_ids = self.engine.encode(prompt)
         self.engine.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.priority is Priority.BATCH)
         self._streams[request_id] = stream
         self._commands.put(
             ("add", request_id, prompt_ids, params, prompt if isinstance(prompt, str) else None)
@@ -115,6 +120,10 @@ class AsyncLLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def set_batch_budget(self, budget: BatchBudget) -> None:
+        """Thread-safe without a command (see `LLMEngine.set_batch_budget`)."""
+        self.engine.set_batch_budget(budget)
 
     # -- the engine thread -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from tokenmill.config import BatchBudget
 from tokenmill.engine.request import RequestOutput
 from tokenmill.engine.sampling_params import Guidance, SamplingParams
 
@@ -28,6 +29,14 @@ class EngineStats:
     """Totals since start: prompt tokens admitted, of which served from the prefix cache, generated."""
     num_cached_prompt_tokens: int
     num_generated_tokens: int
+    num_batch_running_seqs: int = 0
+    """Of the running and waiting sequences, those of batch work (batch-API lines)."""
+    num_batch_waiting_seqs: int = 0
+    num_batch_tokens: int = 0
+    """Totals since start: tokens scheduled for batch and for interactive work (their sum is all the tokens
+    computed), and preemptions of batch sequences. Together they show the capacity batch work used."""
+    num_interactive_tokens: int = 0
+    num_batch_preemptions: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -37,7 +46,8 @@ class EngineStats:
 class EngineClient(Protocol):
     """Contract:
     - `generate` validates before any work (raises `InvalidRequestError` naming the field) and then yields
-      cumulative `RequestOutput` snapshots; the last one has `finished=True`.
+      cumulative `RequestOutput` snapshots; the last one has `finished=True`. A batch-priority request may
+      yield only that last one.
     - Leaving the iterator early (break, cancellation, client disconnect) aborts the request and frees its
       KV blocks at once; `abort` does the same from outside.
     """
@@ -72,6 +82,10 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def set_batch_budget(self, budget: BatchBudget) -> None:
+        """How much of each step batch work may take from the next step on. Thread-safe."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence as Seq
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import BatchBudget, EngineConfig
 from tokenmill.engine.block_pool import BlockPool
 from tokenmill.engine.client import EngineStats
 from tokenmill.engine.guidance import GuidedDecoder
@@ -21,6 +22,7 @@ from tokenmill.engine.sampler import Sampler, SamplingRow
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.setup import LoadedModel, load_model
+from tokenmill.engine.step_costs import StepCosts
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             loaded.model, plan.num_blocks, plan.block_size, plan.dtype, plan.device, self.loras
         )
+        self.step_costs = StepCosts()
+        """What its steps cost by size: the scheduler fits batch work beside live work by it."""
         self.scheduler = Scheduler(
             self.pool,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -46,6 +50,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=loaded.eos_token_ids,
             loras=self.loras,
+            batch_budget=config.scheduler.batch_budget,
+            step_costs=self.step_costs,
         )
         self.sampler = Sampler(
             self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=plan.device
@@ -126,6 +132,12 @@ class LLMEngine:
             self._free(seq)
         return self.outputs.abort(request_id)
 
+    def set_batch_budget(self, budget: BatchBudget) -> None:
+        """Change how much of each step batch work may take (an off-peak window widens it). Safe from another
+        thread: one reference store (atomic in CPython) of a frozen value, which the scheduler reads once
+        per step, so it takes effect from the next step."""
+        self.scheduler.batch_budget = budget
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -136,12 +148,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
         logits = self.runner.execute(batch)
         seqs = [item.seq for item in batch.sampling_items]
         seq_ids = [seq.seq_id for seq in seqs]
         # Only constrained rows cost anything: their masks in one batched call, then one token each.
         grammar = self.guided.masks(enumerate(seq_ids)) if self.guided.active else None
         samples = self.sampler(logits, [_row(seq) for seq in seqs], grammar)
+        self.step_costs.observe(batch.num_tokens, time.perf_counter() - started)
         for seq, (_, logprob) in zip(seqs, samples, strict=True):
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -166,6 +180,11 @@ class LLMEngine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_prompt_tokens=self.scheduler.num_cached_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,
+            num_batch_running_seqs=len(self.scheduler.running.batch),
+            num_batch_waiting_seqs=len(self.scheduler.waiting.batch),
+            num_batch_tokens=self.scheduler.num_batch_tokens,
+            num_interactive_tokens=self.scheduler.num_interactive_tokens,
+            num_batch_preemptions=self.scheduler.num_batch_preemptions,
         )
 
     # -- internals ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # engine.lora imports torch; this module stays light for the CLI and the HTTP layer
@@ -23,6 +24,15 @@ class InvalidRequestError(ValueError):
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{param}: {message}", param=param)
+
+
+class Priority(StrEnum):
+    """Who a request is served for. Live API calls are interactive: someone is waiting on each token. Batch-API
+    lines are batch: they only fill the capacity interactive work leaves, and are the first to give memory
+    back. The class changes when a sequence runs, never what it generates."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 GUIDANCE_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
@@ -125,6 +135,8 @@ class SamplingParams:
     """Constrain the output to a JSON schema, a regex or a choice (structured output)."""
     lora: LoRARequest | None = None
     """The LoRA adapter to generate with; None: the base model. Validated by the engine at submission."""
+    priority: Priority = Priority.INTERACTIVE
+    """The scheduling class (a Priority or its string value): batch work yields to interactive work."""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
     """Free-form caller data that travels with the request (never read by the engine)."""
 
@@ -167,6 +179,12 @@ class SamplingParams:
             f"must be a Guidance of one of the kinds {', '.join(GUIDANCE_KINDS)}",
         )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        _check(
+            self.priority in tuple(Priority),
+            "priority",
+            f"must be one of {', '.join(Priority)}",
+        )
+        object.__setattr__(self, "priority", Priority(self.priority))
         if self.lora is not None:
             from tokenmill.engine.lora import LoRARequest
 

@@ -4,18 +4,28 @@ and preempts (recompute later) instead of failing when KV blocks run out. Pure P
 There is no prefill or decode phase: a sequence has `num_computed_tokens` of `num_tokens` in the cache and
 each step closes part of that gap. A decode is a gap of 1; a chunked prefill is a gap larger than the
 budget; a preempted sequence simply restarts from 0 (minus whatever the prefix cache still holds).
+
+Priority classes: interactive work is served first and batch work only gets the capacity left. Beside live
+work, batch items get as many tokens as keep the step within `BatchBudget.max_slowdown` of the live work
+alone, by the engine's measured step costs (and at most `fill_tokens`); with no live work, a step of up to
+`idle_tokens` (a live request arriving meanwhile waits for the step under way). When memory runs short,
+batch sequences give it back first.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from tokenmill.config import BatchBudget
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
 from tokenmill.engine.block_pool import BlockHash, BlockPool, hash_block, hash_salt
+from tokenmill.engine.priority_queues import RunningSeqs, WaitingQueues, is_batch
 from tokenmill.engine.request import RequestStatus, Sequence
 from tokenmill.engine.sampling_params import InvalidRequestError
+from tokenmill.engine.step_costs import StepCosts
 
 if TYPE_CHECKING:
     from tokenmill.engine.lora import LoRARequest
@@ -41,6 +51,8 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
         loras: AdapterSlots | None = None,
+        batch_budget: BatchBudget | None = None,
+        step_costs: StepCosts | None = None,
     ) -> None:
         self.pool = block_pool
         self.loras = loras
@@ -49,10 +61,18 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.batch_budget = batch_budget or BatchBudget()
+        """Another thread may replace it (`LLMEngine.set_batch_budget`): `schedule` reads it once per step."""
+        self.step_costs = step_costs
+        """Measured by the engine; None (tests of the policy alone): batch work beside live work is bounded
+        by `fill_tokens` only."""
+        self.waiting = WaitingQueues()
+        self.running = RunningSeqs()
         self.num_cached_prompt_tokens = 0
         self.num_preemptions = 0
+        self.num_batch_preemptions = 0
+        self.num_batch_tokens = 0
+        self.num_interactive_tokens = 0
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -96,50 +116,27 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
+        """One step, in this order: running interactive, admitted interactive, running batch (within the
+        batch share), admitted batch. Preemption only ever takes from sequences later in that order."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        # Running sequences first (oldest first): they hold memory, finishing them frees it.
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._reserve_slots(seq, num_new, batch):
-                break  # `seq` itself was preempted: everything after it already was.
-            batch.items.append(self._item(seq, num_new))
-            budget -= num_new
-            index += 1
-        # Admit waiting sequences only when nobody had to give memory back this step. A sequence whose LoRA
-        # adapter cannot get a slot (every slot is pinned) steps aside until one frees up.
-        stepped_aside: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            seq = self.waiting[0]
-            lora = seq.params.lora
-            if lora is not None and not self._can_pin(lora):
-                stepped_aside.append(self.waiting.popleft())
-                continue
-            hits = self._match_prefix(seq)
-            num_cached = len(hits) * self.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
-            blocks_needed = self._blocks_needed(num_cached + num_new) - len(hits)
-            # Cached blocks nobody references sit in the free queue: reusing them uses up free capacity too.
-            num_revived = sum(1 for block_id in hits if self.pool.ref_counts[block_id] == 0)
-            if blocks_needed + num_revived > self.pool.num_free_blocks:
-                break  # first come, first served: do not let later requests overtake this one
-            self.waiting.popleft()
-            if lora is not None:
-                self.loras.pin(lora)  # type: ignore[union-attr]  # _can_pin checked it exists
-            self.pool.acquire(hits)
-            seq.block_ids = hits
-            seq.num_computed_tokens = num_cached
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = num_cached
-                self.num_cached_prompt_tokens += num_cached
-            seq.block_ids.extend(self.pool.allocate(blocks_needed))
-            seq.status = RequestStatus.RUNNING
-            self.running.append(seq)
-            batch.items.append(self._item(seq, num_new))
-            budget -= num_new
-        self.waiting.extendleft(reversed(stepped_aside))
+        live = bool(self.running.interactive or self.waiting.interactive)
+        budgets = self.batch_budget  # read once: another thread may replace it
+        # Running sequences first (oldest first): they hold memory, finishing them frees it. Then admission,
+        # but only while no interactive sequence had to give memory back this step (batch ones may have).
+        budget -= self._run(self.running.interactive, budget, batch)
+        if not any(not is_batch(seq) for seq in batch.preempted):
+            budget -= self._admit(self.waiting.interactive, budget, batch, take_from_batch=True)
+        batch_share = min(budget, self._batch_share(live, self.max_num_batched_tokens - budget, budgets))
+        batch_share -= self._run(self.running.batch, batch_share, batch)
+        # Batch work is admitted only behind every interactive request, and never under memory pressure.
+        if not self.waiting.interactive and not batch.preempted:
+            self._admit(self.waiting.batch, batch_share, batch, take_from_batch=False)
+        for item in batch.items:
+            if is_batch(item.seq):
+                self.num_batch_tokens += item.num_new_tokens
+            else:
+                self.num_interactive_tokens += item.num_new_tokens
         return batch
 
     def update(
@@ -180,14 +177,119 @@ class Scheduler:
     def _blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _batch_share(self, live: bool, live_tokens: int, budgets: BatchBudget) -> int:
+        """Tokens batch work may take in a step whose live work takes `live_tokens`."""
+        if not live:
+            return budgets.idle_tokens
+        if self.step_costs is None or budgets.max_slowdown == 0:
+            return budgets.fill_tokens if budgets.max_slowdown else 0
+        return self.step_costs.affordable(live_tokens, budgets.max_slowdown, budgets.fill_tokens)
+
+    def _run(self, running: list[Sequence], budget: int, batch: ScheduledBatch) -> int:
+        """Schedule the next chunk of each of `running` (one class, oldest first) within `budget`; returns
+        the tokens used."""
+        used = 0
+        index = 0
+        while index < len(running) and used < budget:
+            seq = running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget - used)
+            if not self._reserve_slots(seq, num_new, batch):
+                break  # `seq` itself was preempted: everything after it already was.
+            batch.items.append(self._item(seq, num_new))
+            used += num_new
+            index += 1
+        return used
+
+    def _admit(
+        self, waiting: deque[Sequence], budget: int, batch: ScheduledBatch, take_from_batch: bool
+    ) -> int:
+        """Admit from the head of `waiting` (one class) within `budget`; returns the tokens used. A sequence
+        whose LoRA adapter cannot get a slot (every slot is pinned) steps aside until one frees up. With
+        `take_from_batch` (interactive admission), running batch sequences are preempted, newest first, for
+        the blocks, the sequence slot or the adapter slot the head needs."""
+        used = 0
+        stepped_aside: list[Sequence] = []
+        while waiting and used < budget:
+            seq = waiting[0]
+            lora = seq.params.lora
+            if (
+                lora is not None
+                and not self._can_pin(lora)
+                and not (take_from_batch and self._free_adapter_slot(lora, batch))
+            ):
+                stepped_aside.append(waiting.popleft())
+                continue
+            plan = self._plan(seq, budget - used)
+            if take_from_batch and not self._fits(plan):
+                self._make_room(plan, batch)
+            if not self._fits(plan):
+                break  # first come, first served: do not let later requests overtake this one
+            waiting.popleft()
+            self._start(seq, plan, batch)
+            used += plan.num_new
+        waiting.extendleft(reversed(stepped_aside))
+        return used
+
+    def _plan(self, seq: Sequence, budget: int) -> _Admission:
+        hits = self._match_prefix(seq)
+        num_cached = len(hits) * self.block_size
+        num_new = min(seq.num_tokens - num_cached, budget)
+        return _Admission(hits, num_cached, num_new, self._blocks_needed(num_cached + num_new) - len(hits))
+
+    def _fits(self, plan: _Admission) -> bool:
+        # Cached blocks nobody references sit in the free queue: reusing them uses up free capacity too.
+        num_revived = sum(1 for block_id in plan.hits if self.pool.ref_counts[block_id] == 0)
+        return (
+            len(self.running) < self.max_num_seqs
+            and plan.blocks_needed + num_revived <= self.pool.num_free_blocks
+        )
+
+    def _make_room(self, plan: _Admission, batch: ScheduledBatch) -> None:
+        """Preempt running batch sequences, newest first, until `plan` fits; none at all when even all of
+        them would not be enough, since their work would be thrown away for nothing."""
+        if len(self.running.interactive) >= self.max_num_seqs:
+            return
+        # A prefix hit among the blocks that would come free is freed and taken again: it gains nothing.
+        reclaimable = self.running.blocks_only_batch_holds(self.pool.ref_counts)
+        revived = sum(1 for b in plan.hits if self.pool.ref_counts[b] == 0 or b in reclaimable)
+        if plan.blocks_needed + revived > self.pool.num_free_blocks + len(reclaimable):
+            return
+        while self.running.batch and not self._fits(plan):
+            self._preempt_into(self.running.batch[-1], batch)
+
+    def _free_adapter_slot(self, lora: LoRARequest, batch: ScheduledBatch) -> bool:
+        """Preempt running batch sequences, newest first, until `lora` can get an adapter slot. Only those
+        whose adapter no running interactive sequence uses can help: the others' slots stay pinned."""
+        while not self._can_pin(lora):
+            victim = self.running.newest_batch_pinning_alone()
+            if victim is None:
+                return False
+            self._preempt_into(victim, batch)
+        return True
+
+    def _start(self, seq: Sequence, plan: _Admission, batch: ScheduledBatch) -> None:
+        lora = seq.params.lora
+        if lora is not None:
+            self.loras.pin(lora)  # type: ignore[union-attr]  # _can_pin checked it exists
+        self.pool.acquire(plan.hits)
+        seq.block_ids = plan.hits
+        seq.num_computed_tokens = plan.num_cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = plan.num_cached
+            self.num_cached_prompt_tokens += plan.num_cached
+        seq.block_ids.extend(self.pool.allocate(plan.blocks_needed))
+        seq.status = RequestStatus.RUNNING
+        self.running.add(seq)
+        batch.items.append(self._item(seq, plan.num_new))
+
     def _reserve_slots(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
-        """Make room for `num_new` more tokens of a running sequence, preempting the newest running
-        sequences as needed. False if `seq` had to preempt itself."""
+        """Make room for `num_new` more tokens of a running sequence, preempting the newest running batch
+        sequences, then (for an interactive `seq` only) the newest interactive ones, as needed. False if
+        `seq` had to preempt itself."""
         needed = self._blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_ids)
         while needed > self.pool.num_free_blocks:
-            victim = self.running[-1]
-            self._preempt(victim)
-            batch.preempted.append(victim)
+            victim = self.running.victim_for(seq)
+            self._preempt_into(victim, batch)
             if victim is seq:
                 return False
         if needed > 0:
@@ -204,7 +306,7 @@ class Scheduler:
         if seq.params.lora is not None and self.loras is not None:
             self.loras.unpin(seq.params.lora)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt_into(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self._leave_running(seq)
         self.pool.release(seq.block_ids)
         seq.block_ids = []
@@ -212,7 +314,9 @@ class Scheduler:
         seq.status = RequestStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self.num_batch_preemptions += int(is_batch(seq))
         self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`. At least one token is always left to compute, because
@@ -266,3 +370,13 @@ def _cache_salt(seq: Sequence) -> BlockHash | None:
     is wrong for any other."""
     lora = seq.params.lora
     return None if lora is None else hash_salt("lora", lora.name, lora.path)
+
+
+@dataclass(slots=True)
+class _Admission:
+    """What admitting a waiting sequence takes: its prefix-cache hits and the blocks for its first chunk."""
+
+    hits: list[int]
+    num_cached: int
+    num_new: int
+    blocks_needed: int

@@ -16,10 +16,10 @@ from tokenmill.platform import admin_actions as do
 from tokenmill.platform import admin_invite_actions as invites
 from tokenmill.platform import admin_market_actions as market
 from tokenmill.platform.audit import MAX_ID, MAX_PAGE
+from tokenmill.platform.content_owners import platform_owners
 from tokenmill.platform.data_controls import sweep
 from tokenmill.platform.db import Database
 from tokenmill.platform.file_store import local_store
-from tokenmill.platform.fine_tuning_data import fine_tuning_owner
 from tokenmill.platform.gateway import PlatformSettings, open_migrated_database
 from tokenmill.platform.invites import MAX_USES
 from tokenmill.platform.pricing import BPS_PER_UNIT
@@ -225,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _sweep_data(db: Database, args: argparse.Namespace) -> None:
     """The files in `<data dir>/files` and the fine-tuning artifacts in `<data dir>/fine_tuning`, as `serve`
     keeps them."""
-    report = sweep(db, local_store(args.data_dir), owners=(fine_tuning_owner(db, args.data_dir),))
+    report = sweep(db, local_store(args.data_dir), owners=platform_owners(db, args.data_dir))
     print(
         f"deleted {report.expired_files} expired file(s) and {report.retained_files} past their "
         "organization's retention"

@@ -5,7 +5,10 @@ answer 404 or 503) before anything is held."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
 
 from tokenmill.platform.audit import record_foreign_access
 from tokenmill.platform.auth import authorize_model
@@ -31,13 +34,12 @@ from tokenmill.platform.tiers import principal_tier
 class Admission:
     principal: KeyPrincipal
     reservation: Reservation
-    rate_limit: RateLimitDecision
-    """Its `headers()` go on the response."""
+    rate_limit: RateLimitDecision | None
+    """Its `headers()` go on the response; None for work admitted outside the rate limits (batch lines)."""
 
     @property
-    def lease(self) -> Lease:
-        assert self.rate_limit.lease is not None  # an allowed decision always carries its lease
-        return self.rate_limit.lease
+    def lease(self) -> Lease | None:
+        return None if self.rate_limit is None else self.rate_limit.lease
 
 
 class AdmissionControl:
@@ -75,31 +77,46 @@ class AdmissionControl:
             raise
 
     def admit(
-        self, principal: KeyPrincipal, listing: ListingInfo, prompt_tokens: int, max_tokens: int
+        self,
+        principal: KeyPrincipal,
+        listing: ListingInfo,
+        prompt_tokens: int,
+        max_tokens: int,
+        *,
+        rate_limited: bool = True,
     ) -> Admission:
         """Admit a request for `listing` (from `resolve`, at its price and terms as resolved: no second
         read). Raises RateLimited (429 with headers), then InsufficientQuota (429 insufficient_quota);
         nothing is held when it raises. `max_tokens` is the request's whole completion budget
-        (n x max_tokens)."""
+        (n x max_tokens). Batch lines pass `rate_limited=False`: their pace is the batch dispatcher's, and
+        they must not take the key's live requests' share of its limits (the balance still holds them)."""
+        if not rate_limited:
+            reservation = self._reserve(principal, listing, prompt_tokens, max_tokens)
+            return Admission(principal=principal, reservation=reservation, rate_limit=None)
         tier = principal_tier(self.db, principal)
         scope = resolve_scope(principal.key_id, tier, principal.overrides, free_model=listing.price.is_free)
         decision = self.limiter.acquire(scope.bucket, scope.limits, prompt_tokens + max_tokens)
         if not decision.allowed or decision.lease is None:
             raise RateLimited(decision, scope, prompt_tokens=prompt_tokens)
         try:
-            reservation = reserve(
-                self.db,
-                principal,
-                listing,
-                prompt_tokens,
-                max_tokens,
-                owner=self.owner,
-                fee_bps=listing.fee_bps(self.default_fee_bps),
-            )
+            reservation = self._reserve(principal, listing, prompt_tokens, max_tokens)
         except BaseException:
             self.limiter.release(decision.lease, unused_tokens=prompt_tokens + max_tokens)
             raise
         return Admission(principal=principal, reservation=reservation, rate_limit=decision)
+
+    def _reserve(
+        self, principal: KeyPrincipal, listing: ListingInfo, prompt_tokens: int, max_tokens: int
+    ) -> Reservation:
+        return reserve(
+            self.db,
+            principal,
+            listing,
+            prompt_tokens,
+            max_tokens,
+            owner=self.owner,
+            fee_bps=listing.fee_bps(self.default_fee_bps),
+        )
 
     def finish(
         self,
@@ -108,20 +125,26 @@ class AdmissionControl:
         completion_tokens: int,
         status: UsageStatus | str,
         latency_s: float,
+        *,
+        also: Callable[[Session], None] | None = None,
     ) -> UsageInfo:
         """Settle with the engine's final counts; also for dropped streams (`client_disconnected`: what was
-        generated is charged) and engine failures (`error`: nothing is charged)."""
+        generated is charged) and engine failures (`error`: nothing is charged). `also`: see `settle`."""
         try:
-            return settle(self.db, admission.reservation, prompt_tokens, completion_tokens, status, latency_s)
-        finally:
-            asked = admission.reservation.prompt_tokens + admission.reservation.max_tokens
-            self.limiter.release(
-                admission.lease, unused_tokens=max(asked - prompt_tokens - completion_tokens, 0)
+            return settle(
+                self.db, admission.reservation, prompt_tokens, completion_tokens, status, latency_s, also=also
             )
+        finally:
+            if admission.lease is not None:
+                asked = admission.reservation.prompt_tokens + admission.reservation.max_tokens
+                self.limiter.release(
+                    admission.lease, unused_tokens=max(asked - prompt_tokens - completion_tokens, 0)
+                )
 
     def abort(self, admission: Admission) -> None:
         """The request never reached the engine (e.g. no replica had room): release everything."""
         try:
             release(self.db, admission.reservation)
         finally:
-            self.limiter.release(admission.lease, unused_tokens=admission.lease.num_tokens)
+            if admission.lease is not None:
+                self.limiter.release(admission.lease, unused_tokens=admission.lease.num_tokens)

@@ -73,6 +73,19 @@ def principal_of_key(db: Database, key_id: str) -> KeyPrincipal:
     return _principal(*found)
 
 
+def active_principal_of_key(db: Database, key_id: str) -> KeyPrincipal:
+    """For work a key started earlier (a batch): the key as of now, refused as `authenticate` would refuse
+    it if it has since been revoked or has expired."""
+    with db.read() as session:
+        found = session.execute(_principal_query().where(ApiKey.id == key_id)).first()
+    if found is None:
+        raise UnknownKey("no such API key")
+    row, tier, tier_row = found
+    if row.revoked_at is not None:
+        raise RevokedKey(f"API key {row.prefix}... was revoked")
+    return reject_expired(_principal(row, tier, tier_row), db.now())
+
+
 def _principal_query() -> Select[tuple[ApiKey, str, RateLimitTier | None]]:
     # An outer join: a tier row missing (only a hand-edited database can lose one) must not make the key
     # look unknown; `tiers.effective_limits` then reports the tier itself as not found.

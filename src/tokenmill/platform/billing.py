@@ -6,6 +6,7 @@ twice; the provider is credited by an insert and never locked (see `ledger.appen
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -167,10 +168,13 @@ def settle(
     completion_tokens: int,
     status: UsageStatus | str,
     latency_s: float,
+    *,
+    also: Callable[[Session], None] | None = None,
 ) -> UsageInfo:
     """Close the reservation, charge the actual usage at the quoted price (nothing for `error`), credit the
     provider its share at the quoted fee and write the one usage record, all in one transaction. Token
-    counts are the engine's, never estimates."""
+    counts are the engine's, never estimates. `also` writes the caller's own record of the result in that
+    same transaction (a batch line's answer), so the two commit together or not at all."""
     try:
         status = UsageStatus(status)
     except ValueError:
@@ -217,6 +221,8 @@ def settle(
         )
         session.add(record)
         row.state, row.closed_at = "settled", now
+        if also is not None:
+            also(session)
     return UsageInfo(
         reservation_id=row.id,
         org_id=row.org_id,

@@ -54,6 +54,18 @@ class Price:
 FREE = Price(0, 0)
 
 
+def discounted(price: Price, discount_bps: int) -> Price:
+    """`price` less `discount_bps` basis points (batch lines, off-peak hours), each rate rounded down: a
+    discount never costs the buyer a fraction of a micro more than its exact share."""
+    if type(discount_bps) is not int or not 0 <= discount_bps <= BPS_PER_UNIT:
+        raise InvalidArgument(f"discount_bps: must be an integer from 0 to {BPS_PER_UNIT}")
+    keep = BPS_PER_UNIT - discount_bps
+    return Price(
+        price.input_micros_per_mtok * keep // BPS_PER_UNIT,
+        price.output_micros_per_mtok * keep // BPS_PER_UNIT,
+    )
+
+
 def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
     """ceil((prompt_tokens * input + completion_tokens * output) / 1e6), in integer arithmetic only."""
     for field, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):

@@ -453,3 +453,81 @@ class AdapterModel(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"), unique=True)
     path: Mapped[str] = mapped_column(String(1000))
     created_at: Mapped[datetime]
+
+
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+BATCH_LINE_STATUSES = ("pending", "succeeded", "failed")
+
+
+class Batch(Base):
+    """One Batch API job: its input lines (`batch_lines`) are answered at batch priority by the gateway
+    that created it (`owner`), and its results written to output and error files when it closes."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint(one_of("status", BATCH_STATUSES), name="ck_batch_status"),
+        Index("ix_batches_org_created", "org_id", "created_at"),
+        Index("ix_batches_owner_status", "owner", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    """The key that created it: every line is billed to it, under its grants and spend limit."""
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    discount_bps: Mapped[int]
+    """The share of each model's prices taken off its lines, quoted when the batch was created."""
+    status: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(200))
+    """The gateway that dispatches its lines (and resumes them after a restart)."""
+    errors: Mapped[Any | None] = mapped_column(JSON)
+    """Why the input file was refused (OpenAI's `errors.data`: code, message, line), when it was."""
+    user_metadata: Mapped[Any | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class BatchLine(Base):
+    """One request of a batch. `pending` until answered; the answer (the response body, or the error) is
+    written in the same transaction that charges it, so a line is never answered or charged twice."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (
+        CheckConstraint(one_of("status", BATCH_LINE_STATUSES), name="ck_batch_line_status"),
+        Index("ix_batch_lines_batch_status", "batch_id", "status", "line"),
+    )
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    """1-based line number in the input file."""
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    model: Mapped[str | None] = mapped_column(String(200))
+    body: Mapped[Any | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None]
+    """The HTTP status the request got (200, or the error's); None for an error outside any request
+    (expired before it ran)."""
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[Any | None] = mapped_column(JSON)
+    """The response body: the completion, or OpenAI's {"error": {...}}."""
+    finished_at: Mapped[datetime | None]

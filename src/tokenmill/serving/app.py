@@ -14,11 +14,12 @@ from tokenmill.catalog.lifecycle import Fleet
 from tokenmill.config import ConfigError
 from tokenmill.engine.client import EngineClient
 from tokenmill.engine.embedder import Embedder
+from tokenmill.platform.content_owners import platform_owners
 from tokenmill.platform.data_controls import ContentOwner
 from tokenmill.platform.file_store import FileStore, local_store
 from tokenmill.platform.files import FileLimits
-from tokenmill.platform.fine_tuning_data import fine_tuning_owner
 from tokenmill.platform.gateway import Gateway
+from tokenmill.serving.batch_dispatcher import BatchDispatcher
 from tokenmill.serving.deps import get_admin, get_principal, require_valid_text
 from tokenmill.serving.errors import install_error_handlers
 from tokenmill.serving.middleware import RequestContext
@@ -26,10 +27,12 @@ from tokenmill.serving.openapi import openapi_schema
 from tokenmill.serving.routes import (
     account,
     admin,
+    admin_batches,
     admin_invites,
     admin_market,
     admin_models,
     auth,
+    batches,
     catalog,
     chat,
     completions,
@@ -57,9 +60,16 @@ V1_ROUTES = (
     keys,
     data_controls,
     fine_tuning,
+    batches,
 )
 """Every /v1 route authenticates and refuses invalid text (router-level dependencies), so a new route cannot
 forget to."""
+BATCH_ROUTES = {
+    "/v1/chat/completions": chat.create_chat_completion,
+    "/v1/completions": completions.create_completion,
+    "/v1/embeddings": embeddings.create_embeddings,
+}
+"""The routes a batch line runs through, by the batch's endpoint."""
 STREAMED_ROUTES = (files,)
 """/v1 routes that read their body as a stream (file uploads): they authenticate like the others, but no
 dependency may read the body first; they check the text of their fields themselves."""
@@ -71,17 +81,15 @@ def data_services(
     file_store: FileStore | None,
     content_owners: Sequence[ContentOwner] | None,
 ) -> DataServices | None:
-    """Files live in `<data dir>/files` unless a store is given; the other content defaults to fine-tuning's
-    (`<data dir>/fine_tuning`)."""
+    """Files live in `<data dir>/files` unless a store is given; the other content defaults to the platform's
+    own owners (fine-tuning's `<data dir>/fine_tuning`, batches' lines)."""
     if gateway is None:
         return None
     data_dir = gateway.settings.data_dir
     return DataServices(
         store=file_store or local_store(data_dir),
         limits=FileLimits(settings.max_file_bytes, settings.max_org_file_bytes),
-        owners=tuple(
-            (fine_tuning_owner(gateway.db, data_dir),) if content_owners is None else content_owners
-        ),
+        owners=tuple(platform_owners(gateway.db, data_dir) if content_owners is None else content_owners),
     )
 
 
@@ -122,17 +130,27 @@ def create_app(
     state = ServingState(fleet, dict(embedders), settings, gateway, served, data=data)
     if job_queued is not None:
         state.job_queued = job_queued
+    dispatcher = None if gateway is None else BatchDispatcher(state, BATCH_ROUTES)
+    if dispatcher is not None:
+        state.batches = dispatcher
+        state.metrics.registry.register(dispatcher.collector())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        startup = asyncio.create_task(state.start(), name="tokenmill-startup")
-        sweeper = asyncio.create_task(state.sweep_data_forever(), name="tokenmill-data-sweeper")
+        tasks = [
+            asyncio.create_task(state.start(), name="tokenmill-startup"),
+            asyncio.create_task(state.sweep_data_forever(), name="tokenmill-data-sweeper"),
+        ]
+        if dispatcher is not None:
+            tasks.append(asyncio.create_task(dispatcher.run_forever(), name="tokenmill-batches"))
         try:
             yield
         finally:
-            for task in (startup, sweeper):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(startup, sweeper, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if dispatcher is not None:
+                await dispatcher.stop()  # before the engines drain: unfinished lines stay pending
             await state.shutdown()
 
     # /openapi.json only: FastAPI's /docs and /redoc pages load their scripts from a CDN, which an offline
@@ -152,6 +170,7 @@ def create_app(
         admin_invites,
         admin_market,
         admin_models,
+        admin_batches,
     ):  # the operator's routes: the admin key, never a user key
         app.include_router(module.router, dependencies=[Depends(get_admin), Depends(require_valid_text)])
     # Signing in is how one gets a principal: these routes authenticate themselves where they need to.

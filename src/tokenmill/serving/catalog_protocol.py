@@ -75,6 +75,8 @@ class ListingCard(BaseModel):
     license: str
     context_length: int | None
     pricing: Pricing
+    batch_pricing: Pricing
+    """What its tokens cost through the Batch API (the server's batch discount off `pricing`)."""
 
 
 class CatalogModel(ListingCard):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -194,18 +195,22 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return text or None
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
+def validation_error(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """(message, param) of pydantic's first error, worded for the caller."""
     if not errors:
-        return error_response(400, "The request is invalid.")
+        return "The request is invalid.", None
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return error_response(400, "We could not parse the JSON body of your request: it is not valid JSON.")
+        return "We could not parse the JSON body of your request: it is not valid JSON.", None
     param = _param_from_loc(tuple(first.get("loc", ())))
     if param is None:
-        return error_response(400, "The request body must be a JSON object.")
-    message = str(first.get("msg", "invalid value"))
-    return error_response(400, f"Invalid value for '{param}': {message}.", param=param)
+        return "The request body must be a JSON object.", None
+    return f"Invalid value for '{param}': {first.get('msg', 'invalid value')}.", param
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_error(list(exc.errors()))
+    return error_response(400, message, param=param)
 
 
 async def _api_error(_: Request, exc: Exception) -> Response:
@@ -259,14 +264,30 @@ async def _client_disconnected(request: Request, _: Exception) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
+_HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    APIError: _api_error,
+    InvalidRequestError: _invalid_request,
+    PlatformError: _platform_error,
+    ModelOverloaded: _model_overloaded,
+    ModelUnavailable: _model_unavailable,
+    RequestValidationError: _request_validation,
+    StarletteHTTPException: _http_exception,
+    ClientDisconnected: _client_disconnected,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Unexpected exceptions are not handled here but in `middleware.RequestContext`, so that the 500 they
     become still carries the request id header."""
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(InvalidRequestError, _invalid_request)
-    app.add_exception_handler(PlatformError, _platform_error)
-    app.add_exception_handler(ModelOverloaded, _model_overloaded)
-    app.add_exception_handler(ModelUnavailable, _model_unavailable)
-    app.add_exception_handler(RequestValidationError, _request_validation)
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
-    app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    for exc_type, handler in _HANDLERS.items():
+        app.add_exception_handler(exc_type, handler)
+
+
+async def handled_response(request: Request, exc: Exception) -> Response | None:
+    """The response the app's handlers give `exc`, for a route run outside HTTP (a batch line); None for an
+    unexpected exception (a 500, which must not show its text)."""
+    for exc_type in type(exc).__mro__:
+        handler = _HANDLERS.get(exc_type)
+        if handler is not None:
+            return await handler(request, exc)
+    return None

@@ -7,17 +7,22 @@ the request ends:
     client left (disconnect, dropped stream) .... settle "client_disconnected": what was generated
     engine or server error ...................... settle "error": nothing is charged
 
+A batch line's meter is deferred (`Origin.on_admitted`): its success is settled by the dispatcher together
+with the line's answer (`settle_answered`), and any other ending charges nothing (the line runs again).
+
 Token counts are the engine's (`DeltaTracker`), never re-estimated. Database and Redis calls run in worker
 threads; from contexts that cannot await (a cancelled task, a response's close callback) they are spawned."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from tokenmill.platform.admission import Admission
@@ -27,6 +32,7 @@ from tokenmill.platform.listings import ListingInfo
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.errors import ClientDisconnected
 from tokenmill.serving.generation import Spawn
+from tokenmill.serving.origin import LIVE, Origin
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,13 @@ class Meter:
     every method is a no-op."""
 
     def __init__(
-        self, gateway: Gateway | None, admission: Admission | None, spawn: Spawn, request_id: str
+        self,
+        gateway: Gateway | None,
+        admission: Admission | None,
+        spawn: Spawn,
+        request_id: str,
+        *,
+        deferred: bool = False,
     ) -> None:
         self._gateway = gateway
         self._admission = admission
@@ -47,11 +59,18 @@ class Meter:
         self._request_id = request_id
         self._start = time.monotonic()
         self._closed = admission is None
+        self._deferred = deferred
+        """A batch line's meter: success is settled by `settle_answered`, and an unfinished line is
+        charged nothing (it will run again), where a live request is charged what it generated."""
+        self._answered_counts: Counts | None = None
+        self._unfinished = UsageStatus.ERROR if deferred else UsageStatus.CLIENT_DISCONNECTED
 
     @property
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the response."""
-        return {} if self._admission is None else self._admission.rate_limit.headers()
+        if self._admission is None or self._admission.rate_limit is None:
+            return {}
+        return self._admission.rate_limit.headers()
 
     async def settle(self, status: UsageStatus, counts: Counts) -> None:
         if self._take():
@@ -88,15 +107,31 @@ class Meter:
         try:
             yield
         except ClientDisconnected:
-            await self.settle(UsageStatus.CLIENT_DISCONNECTED, counts)
+            await self.settle(self._unfinished, counts)
             raise
         except asyncio.CancelledError:
-            self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+            self.settle_soon(self._unfinished, counts)
             raise
         except Exception:
             await self.settle(UsageStatus.ERROR, counts)
             raise
-        await self.settle(UsageStatus.OK, counts)
+        if self._deferred:
+            self._answered_counts = counts
+        else:
+            await self.settle(UsageStatus.OK, counts)
+
+    async def settle_answered(self, also: Callable[[Session], None]) -> None:
+        """A deferred meter whose request succeeded: charge it and run `also` (write the answer) in one
+        transaction. If that transaction fails, nothing was charged or written, and the reservation is
+        released."""
+        counts = self._answered_counts
+        if counts is None or not self._take():
+            raise RuntimeError(f"request {self._request_id}: nothing to settle")
+        try:
+            await run_in_threadpool(self._settle, UsageStatus.OK, *counts(), also)
+        except BaseException:
+            self._spawn(run_in_threadpool(self._logged, self._release))
+            raise
 
     async def stream(self, events: AsyncGenerator[str, None], counts: Counts) -> AsyncGenerator[str, None]:
         """Passes `events` through. A stream that ends normally is settled before its last event ([DONE])
@@ -110,13 +145,13 @@ class Meter:
             await self.settle(UsageStatus.ERROR, counts)
             raise
         except BaseException:  # GeneratorExit or cancellation: the client is gone
-            self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+            self.settle_soon(self._unfinished, counts)
             raise
         await self.settle(UsageStatus.OK, counts)
 
     def close(self, counts: Counts) -> None:
         """The response's close callback: settles a stream that closed before its generator ever ran."""
-        self.settle_soon(UsageStatus.CLIENT_DISCONNECTED, counts)
+        self.settle_soon(self._unfinished, counts)
 
     # -- in worker threads -----------------------------------------------------------------------------
 
@@ -126,10 +161,21 @@ class Meter:
         self._closed = True
         return True
 
-    def _settle(self, status: UsageStatus, prompt_tokens: int, completion_tokens: int) -> None:
+    def _settle(
+        self,
+        status: UsageStatus,
+        prompt_tokens: int,
+        completion_tokens: int,
+        also: Callable[[Session], None] | None = None,
+    ) -> None:
         assert self._gateway is not None and self._admission is not None
         usage = self._gateway.admission.finish(
-            self._admission, prompt_tokens, completion_tokens, status, time.monotonic() - self._start
+            self._admission,
+            prompt_tokens,
+            completion_tokens,
+            status,
+            time.monotonic() - self._start,
+            also=also,
         )
         logger.info(
             "request %s: %s, %d+%d tokens, %d micros (%s)",
@@ -161,15 +207,21 @@ async def admit(
     num_prompt_tokens: int,
     max_completion_tokens: int,
     request_id: str,
+    origin: Origin = LIVE,
 ) -> Meter:
     """Raises the platform's refusals (429) having held nothing. `listing` is what `resolve` found for this
-    caller: its price, provider and fee are quoted on the reservation. The admission runs in a worker
-    thread; if this task is cancelled meanwhile, whatever the thread admits is released when it finishes."""
+    caller: its price (less the `origin`'s discount), provider and fee are quoted on the reservation. The
+    admission runs in a worker thread; if this task is cancelled meanwhile, whatever the thread admits is
+    released when it finishes."""
     if gateway is None:
         return Meter(None, None, spawn, request_id)
     work = asyncio.ensure_future(
         run_in_threadpool(
-            gateway.admission.admit, principal, listing, num_prompt_tokens, max_completion_tokens
+            functools.partial(gateway.admission.admit, rate_limited=origin.rate_limited),
+            principal,
+            origin.priced(listing),
+            num_prompt_tokens,
+            max_completion_tokens,
         )
     )
     try:
@@ -177,7 +229,10 @@ async def admit(
     except asyncio.CancelledError:
         work.add_done_callback(lambda done: _release_orphan(done, gateway, spawn, request_id))
         raise
-    return Meter(gateway, admission, spawn, request_id)
+    meter = Meter(gateway, admission, spawn, request_id, deferred=origin.on_admitted is not None)
+    if origin.on_admitted is not None:
+        origin.on_admitted(meter)
+    return meter
 
 
 def _release_orphan(done: asyncio.Future[Admission], gateway: Gateway, spawn: Spawn, request_id: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, SamplingParams
+from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, Priority, SamplingParams
 from tokenmill.serving.protocol import (
     GenerationRequest,
     JSONObjectFormat,
@@ -76,6 +76,7 @@ def sampling_params(
     logprobs: int | None,
     tools: ToolUse | None = None,
     lora: LoRARequest | None = None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> SamplingParams:
     """`tools`: the chat request's `tool_use`, which the route has already read for the prompt; `lora`: the
     adapter of an adapter model (its ticket's)."""
@@ -97,6 +98,7 @@ def sampling_params(
         logprobs=logprobs,
         guidance=guidance(request, tools),
         lora=lora,
+        priority=priority,
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tokenmill.config import ConfigError
+from tokenmill.serving.tidal import TidalSettings
 
 SIGNUP_MODES = ("open", "invite", "closed")
 """Who may create an account in the web console: anyone, people with an invite code, or no one."""
@@ -58,6 +59,8 @@ class ServerSettings:
     """The price of 1M trained tokens (tokens of the training file times epochs), in micro-units."""
     fine_tuning_workers: int = 1
     """Trainer worker processes this server keeps running; 0: none (jobs wait for a `tokenmill worker`)."""
+    tidal: TidalSettings = field(default_factory=TidalSettings)
+    """Batch prices and pace, and the off-peak window."""
     signup: str = "invite"
     """One of `SIGNUP_MODES`. By invitation unless the operator opens it: a server reachable from a network
     should not hand out free accounts to whoever finds it."""

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -33,6 +33,10 @@ from tokenmill.serving.logprobs import TokenTexts
 from tokenmill.serving.metrics import ServingMetrics
 from tokenmill.serving.served import ServedModel, local_listing
 from tokenmill.serving.settings import ServerSettings
+from tokenmill.serving.tidal import TidalSchedule
+
+if TYPE_CHECKING:
+    from tokenmill.serving.batch_dispatcher import BatchDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +73,14 @@ class ServingState:
     """None with --no-auth: files need a database."""
     job_queued: Callable[[], None] = lambda: None
     """Called after a fine-tuning job is queued: `serve` starts its trainer workers with the first job."""
+    batches: BatchDispatcher | None = None
+    """Answers this gateway's batch lines (None with --no-auth: batches need the platform)."""
     live: LiveStats = field(default_factory=LiveStats)
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
     """True once the pinned models and the embedders have started; model routes answer 503 before."""
     metrics: ServingMetrics = field(init=False)
+    tidal: TidalSchedule = field(init=False)
     _started: list[Embedder] = field(default_factory=list)
     _failed_embedders: dict[str, str] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -90,6 +97,7 @@ class ServingState:
             served = self.served.get(model_id) or ServedModel(model_id, "embedding", None)
             self.served[model_id] = replace(served, context_length=embedder.max_input_tokens)
         self.metrics = ServingMetrics(self.engine_stats, self.fleet, self.live)
+        self.tidal = TidalSchedule(self.settings.tidal)
 
     # -- lookups for routes ------------------------------------------------------------------------
 
@@ -201,6 +209,11 @@ class ServingState:
     def engine_stats(self) -> Iterator[tuple[str, EngineStats]]:
         for model, _, engine in self.fleet.engines():
             yield model, engine.stats()
+
+    def batches_changed(self) -> None:
+        """A batch was created or cancelled: the dispatcher looks at once rather than at its next poll."""
+        if self.batches is not None:
+            self.batches.wake()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` outside the current request; safe to call from a cancelled task's cleanup."""

@@ -16,7 +16,7 @@ from tokenmill.catalog.search import CatalogEntry, CatalogQuery, request_cost_mi
 from tokenmill.platform.listing_terms import ListingChanges
 from tokenmill.platform.listings import ListingInfo, own_listings, update_own_listing
 from tokenmill.platform.money import format_micros, parse_units
-from tokenmill.platform.pricing import Price
+from tokenmill.platform.pricing import Price, discounted
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.validation import MAX_COUNT
 from tokenmill.serving.catalog_protocol import (
@@ -94,6 +94,7 @@ def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) ->
         license=entry.license,
         context_length=entry.context_length,
         pricing=Pricing.of(listing.price),
+        batch_pricing=Pricing.of(discounted(listing.price, state.tidal.settings.batch_discount_bps)),
         state=entry.state,
         live=LiveFiguresBody(
             window_s=live.window_s,
@@ -250,6 +251,7 @@ def _provider_listing(state: ServingState, listing: ListingInfo) -> ProviderList
         license=listing.license,
         context_length=listing.context_length or (served.context_length if served is not None else None),
         pricing=Pricing.of(listing.price),
+        batch_pricing=Pricing.of(discounted(listing.price, state.tidal.settings.batch_discount_bps)),
         yours=_provider_view(state, listing),
         created_at=int(listing.created_at.timestamp()),
         updated_at=int(listing.updated_at.timestamp()),

@@ -19,6 +19,7 @@ from tokenmill.serving.generation import EngineRequest, merged
 from tokenmill.serving.logprobs import TokenTexts, chat_logprobs
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.openapi import GENERATION, documented
+from tokenmill.serving.origin import OriginDep
 from tokenmill.serving.prompts import render_chat
 from tokenmill.serving.protocol import (
     AssistantMessage,
@@ -216,6 +217,7 @@ async def create_chat_completion(
     state: StateDep,
     principal: PrincipalDep,
     request_id: RequestIdDep,
+    origin: OriginDep,
 ) -> Response:
     listing = await state.resolve(body.model, principal)
     _check_supported(body)
@@ -241,12 +243,13 @@ async def create_chat_completion(
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             tools=tools,
             lora=ticket.lora,
+            priority=origin.priority,
         )
         engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
         await check_guidance(engine, params)
         response = _Response(body, state.token_texts(ticket), params, tools=tools is not None)
         requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
-        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
+        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model, live=origin.is_live)
         logger.debug(
             "request %s: %s, model %s, n=%d, stream=%s",
             request_id,
@@ -264,6 +267,7 @@ async def create_chat_completion(
             requests,
             len(prompt_ids),
             params.n * params.max_tokens,
+            origin,
         )
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)

@@ -23,6 +23,7 @@ from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import EngineRequest, close_all, collect_outputs, start_requests
 from tokenmill.serving.metering import Meter, admit
 from tokenmill.serving.metrics import RequestTimer
+from tokenmill.serving.origin import Origin
 from tokenmill.serving.protocol import GenerationRequest
 from tokenmill.serving.sampling import completion_length
 from tokenmill.serving.state import ServingState
@@ -124,11 +125,19 @@ async def admit_and_start(
     requests: list[EngineRequest],
     num_prompt_tokens: int,
     max_completion_tokens: int,
+    origin: Origin,
 ) -> Meter:
     """Reserve the worst case (the prompts plus `max_completion_tokens`), then hand the requests to the
     engine; a submission the engine refuses releases the reservation."""
     meter = await admit(
-        state.gateway, state.spawn, principal, listing, num_prompt_tokens, max_completion_tokens, request_id
+        state.gateway,
+        state.spawn,
+        principal,
+        listing,
+        num_prompt_tokens,
+        max_completion_tokens,
+        request_id,
+        origin,
     )
     async with meter.submitting():
         await start_requests(receive, requests)

@@ -18,6 +18,7 @@ from tokenmill.serving.generation import EngineRequest, merged
 from tokenmill.serving.logprobs import TokenTexts, completion_logprobs
 from tokenmill.serving.metrics import RequestTimer
 from tokenmill.serving.openapi import GENERATION, documented
+from tokenmill.serving.origin import OriginDep
 from tokenmill.serving.prompts import encode_prompt, prompt_list
 from tokenmill.serving.protocol import (
     Completion,
@@ -123,6 +124,7 @@ async def create_completion(
     state: StateDep,
     principal: PrincipalDep,
     request_id: RequestIdDep,
+    origin: OriginDep,
 ) -> Response:
     listing = await state.resolve(body.model, principal)
     _check_supported(body)
@@ -149,6 +151,7 @@ async def create_completion(
                     vocab_size=len(tokenizer),
                     logprobs=body.logprobs,
                     lora=ticket.lora,
+                    priority=origin.priority,
                 )
             )
         echoes = [
@@ -169,7 +172,7 @@ async def create_completion(
             )
             for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]
-        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model)
+        tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model, live=origin.is_live)
         logger.debug(
             "request %s: %s, model %s, n=%d, stream=%s",
             request_id,
@@ -187,6 +190,7 @@ async def create_completion(
             requests,
             num_prompt_tokens,
             max_completion_tokens,
+            origin,
         )
     if body.stream:
         events = _events(response, requests, body.n, tracker, timer)

@@ -14,6 +14,7 @@ from tokenmill.serving.errors import APIError
 from tokenmill.serving.generation import until_disconnected
 from tokenmill.serving.metering import admit
 from tokenmill.serving.openapi import GENERATION, documented
+from tokenmill.serving.origin import OriginDep
 from tokenmill.serving.prompts import prompt_list
 from tokenmill.serving.protocol import EmbeddingData, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from tokenmill.serving.routes.common import json_response
@@ -43,6 +44,7 @@ async def create_embeddings(
     state: StateDep,
     principal: PrincipalDep,
     request_id: RequestIdDep,
+    origin: OriginDep,
 ) -> Response:
     listing = await state.resolve(body.model, principal)
     embedder = state.embedder(listing)
@@ -57,7 +59,7 @@ async def create_embeddings(
     # the reservation is the exact token count.
     token_ids = await embedder.tokenize(_inputs(body.input))
     num_tokens = sum(len(ids) for ids in token_ids)
-    meter = await admit(state.gateway, state.spawn, principal, listing, num_tokens, 0, request_id)
+    meter = await admit(state.gateway, state.spawn, principal, listing, num_tokens, 0, request_id, origin)
     async with meter.running(lambda: (num_tokens, 0)):
         vectors = await until_disconnected(request.receive, embedder.embed(token_ids))
     state.metrics.prompt_tokens.labels(body.model).inc(num_tokens)

@@ -95,6 +95,8 @@ export default {
   "square.unknown": "Not known yet",
   "square.input_price": "Input price per 1M tokens",
   "square.output_price": "Output price per 1M tokens",
+  "square.batch_price": "Batch API price per 1M tokens",
+  "square.batch_price_value": "{input} in / {output} out",
   "square.live": "Live (last {minutes} min)",
   "square.live_value": "{speed} tokens/s · TTFT {ttft}",
   "square.no_traffic": "No traffic yet",

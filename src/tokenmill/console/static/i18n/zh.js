@@ -95,6 +95,8 @@ export default {
   "square.unknown": "暂未知",
   "square.input_price": "输入价格（每百万 tokens）",
   "square.output_price": "输出价格（每百万 tokens）",
+  "square.batch_price": "批量 API 价格（每百万 tokens）",
+  "square.batch_price_value": "输入 {input} / 输出 {output}",
   "square.live": "实时数据（近 {minutes} 分钟）",
   "square.live_value": "{speed} tokens/s · 首字延迟 {ttft}",
   "square.no_traffic": "暂无调用数据",

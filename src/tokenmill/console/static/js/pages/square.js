@@ -89,6 +89,7 @@ function card(model, onPick) {
     [t("square.context"), model.context_length == null ? t("square.unknown") : t("square.tokens", { n: number(model.context_length) })],
     [t("square.input_price"), money(pricing.input_micros_per_mtok)],
     [t("square.output_price"), money(pricing.output_micros_per_mtok)],
+    [t("square.batch_price"), t("square.batch_price_value", { input: money(model.batch_pricing.input_micros_per_mtok), output: money(model.batch_pricing.output_micros_per_mtok) })],
   ];
   const view = h(
     "article",
