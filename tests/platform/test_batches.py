@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.platform.helpers import FakeDateTime, make_account, priced_model, reopen, reserve_model
-from tokenmill.platform import batches
+from tokenmill.platform import batch_results, batches
 from tokenmill.platform.batch_data import batches_owner
 from tokenmill.platform.billing import settle
 from tokenmill.platform.db import Database
@@ -70,7 +70,7 @@ def test_cancel_expire_and_finalize(db: Database, tmp_path) -> None:
     cancelling = batches.cancel_batch(db, account.org.id, batch.id)
     assert cancelling.status == "cancelling"
     assert batches.cancel_batch(db, account.org.id, batch.id).status == "cancelling"  # harmless again
-    closed = batches.finalize(db, store, batch.id)
+    closed = batch_results.finalize(db, store, batch.id)
     assert closed.status == "cancelled" and closed.error_file_id is None
     output = read_file_bytes(db, store, account.org.id, closed.output_file_id).decode().splitlines()
     assert [json.loads(line)["custom_id"] for line in output] == ["id-2"]
@@ -78,14 +78,16 @@ def test_cancel_expire_and_finalize(db: Database, tmp_path) -> None:
         batches.cancel_batch(db, account.org.id, batch.id)
 
     late = batches.create_batch(db, account.principal, _spec(), _lines(model, 2))
-    assert batches.expire_pending(db, late.id) == 2
-    expired = batches.finalize(db, store, late.id)
+    assert batch_results.expire_pending(db, late.id) == 2
+    expired = batch_results.finalize(db, store, late.id)
     assert expired.status == "expired" and expired.output_file_id is None
     errors = [
         json.loads(line)
         for line in read_file_bytes(db, store, account.org.id, expired.error_file_id).splitlines()
     ]
-    assert {e["error"]["code"] for e in errors} == {batches.EXPIRED_CODE} and errors[0]["response"] is None
+    assert {e["error"]["code"] for e in errors} == {batch_results.EXPIRED_CODE} and errors[0][
+        "response"
+    ] is None
 
 
 def test_a_refused_file_makes_a_failed_batch_without_lines(db: Database) -> None:
@@ -124,7 +126,7 @@ def test_retention_deletes_the_lines_of_batches_closed_long_enough_ago(db: Datab
         store = LocalFileStore(tmp_path / "files")
         old = batches.create_batch(timed, account.principal, _spec(), _lines(model, 2))
         batches.cancel_batch(timed, account.org.id, old.id)
-        batches.finalize(timed, store, old.id)
+        batch_results.finalize(timed, store, old.id)
         clock.advance(days=10)
         running = batches.create_batch(timed, account.principal, _spec(), _lines(model, 2))
         assert batches_owner(timed).sweep(clock.now, {account.org.id: 7}) == 2

@@ -50,10 +50,7 @@ def authenticate(db: Database, raw_key: str | None) -> KeyPrincipal:
     # final check constant-time anyway.
     if found is None or not hmac.compare_digest(found[0].key_hash, digest):
         raise UnknownKey("no such API key")
-    row, tier, tier_row = found
-    if row.revoked_at is not None:
-        raise RevokedKey(f"API key {row.prefix}... was revoked")
-    return reject_expired(_principal(row, tier, tier_row), db.now())
+    return _active(db, *found)
 
 
 def reject_expired(principal: KeyPrincipal, now: datetime) -> KeyPrincipal:
@@ -80,7 +77,11 @@ def active_principal_of_key(db: Database, key_id: str) -> KeyPrincipal:
         found = session.execute(_principal_query().where(ApiKey.id == key_id)).first()
     if found is None:
         raise UnknownKey("no such API key")
-    row, tier, tier_row = found
+    return _active(db, *found)
+
+
+def _active(db: Database, row: ApiKey, tier: str, tier_row: RateLimitTier | None) -> KeyPrincipal:
+    """The key's principal, refused if it has been revoked or has expired."""
     if row.revoked_at is not None:
         raise RevokedKey(f"API key {row.prefix}... was revoked")
     return reject_expired(_principal(row, tier, tier_row), db.now())

@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from tokenmill.platform.batches import OPEN, output_line
+from tokenmill.platform.batch_results import output_line
+from tokenmill.platform.batches import OPEN
 from tokenmill.platform.data_controls import ContentOwner
 from tokenmill.platform.db import Database
 from tokenmill.platform.tables import Batch, BatchLine

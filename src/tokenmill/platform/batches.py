@@ -5,16 +5,12 @@ its good lines `pending` and its bad ones answered with their error, or `failed`
 refused. The gateway that created it (`owner`) answers its pending lines at batch priority; each answer is
 written by `record_answer` inside the transaction that charges the line (`billing.settle(also=...)`), so a
 line is answered and charged exactly once even when the server is killed in between. When nothing is left
-to answer (or the batch was cancelled or expired) it is finalized: the answers go to an output file and an
-error file, and the batch closes as `completed`, `cancelled` or `expired`."""
+to answer (or the batch was cancelled or expired) it is closed (`batch_results.finalize`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,8 +20,6 @@ from sqlalchemy.orm import Session
 
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import Conflict, InvalidArgument, NotFound
-from tokenmill.platform.file_store import FileStore
-from tokenmill.platform.files import store_result_file
 from tokenmill.platform.fine_tuning import Page
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.platform.tables import Batch, BatchLine
@@ -35,7 +29,6 @@ COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 OPEN = ("in_progress", "cancelling", "finalizing")
 """Statuses a dispatcher still has work in."""
-EXPIRED_CODE = "batch_expired"
 _BATCH_ID_RE = re.compile(r"batch_[0-9a-f]{24}")
 
 
@@ -159,7 +152,7 @@ def create_batch(
 
 def get_batch(db: Database, org_id: str, batch_id: str) -> BatchInfo:
     with db.read() as session:
-        return _info(session, _own_row(session, org_id, batch_id))
+        return info(session, _own_row(session, org_id, batch_id))
 
 
 def find_foreign_batch(db: Database, org_id: str, batch_id: str) -> bool:
@@ -182,7 +175,7 @@ def list_batches(db: Database, org_id: str, *, after: str | None, limit: int) ->
         rows = session.scalars(
             query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
         ).all()
-        return Page([_info(session, row) for row in rows[:limit]], len(rows) > limit)
+        return Page([info(session, row) for row in rows[:limit]], len(rows) > limit)
 
 
 def cancel_batch(db: Database, org_id: str, batch_id: str) -> BatchInfo:
@@ -210,7 +203,7 @@ def open_batches(db: Database, owner: str) -> list[BatchInfo]:
             .where(Batch.owner == owner, Batch.status.in_(OPEN))
             .order_by(Batch.created_at, Batch.id)
         ).all()
-        return [_info(session, row) for row in rows]
+        return [info(session, row) for row in rows]
 
 
 def pending_lines(db: Database, batch_id: str, *, after_line: int, limit: int) -> list[PendingLine]:
@@ -267,114 +260,7 @@ def fail_line(
         )
 
 
-def expire_pending(db: Database, batch_id: str) -> int:
-    """The completion window has passed: every line not yet answered is answered `batch_expired`."""
-    now = db.now()
-    error = {
-        "code": EXPIRED_CODE,
-        "message": "This request could not be executed before the completion window expired.",
-    }
-    with db.write() as session:
-        done = session.execute(
-            update(BatchLine)
-            .where(BatchLine.batch_id == batch_id, BatchLine.status == "pending")
-            .values(status="failed", status_code=None, result={"error": error}, finished_at=now)
-        )
-        row = session.get(Batch, batch_id)
-        assert row is not None
-        if row.expired_at is None:
-            row.expired_at = now
-        return int(done.rowcount or 0)  # type: ignore[attr-defined]
-
-
-def finalize(db: Database, store: FileStore, batch_id: str) -> BatchInfo:
-    """Write the answers to the output file (successes) and the error file (failures), in line order, and
-    close the batch: `cancelled` if it was being cancelled, `expired` if its window passed, else
-    `completed`. Safe to run again after a crash part way (the batch stays `finalizing` until the last
-    write)."""
-    with db.write() as session:
-        row = session.get(Batch, batch_id)
-        assert row is not None
-        if row.status not in OPEN:
-            return _info(session, row)
-        if row.status != "finalizing":
-            row.status, row.finalizing_at = "finalizing", db.now()
-        org_id, cancelled, expired = row.org_id, row.cancelling_at is not None, row.expired_at is not None
-    output_id = _result_file(db, store, org_id, batch_id, "succeeded", "output")
-    error_id = _result_file(db, store, org_id, batch_id, "failed", "errors")
-    now = db.now()
-    with db.write() as session:
-        row = session.get(Batch, batch_id)
-        assert row is not None
-        row.output_file_id, row.error_file_id = output_id, error_id
-        if cancelled:
-            row.status, row.cancelled_at = "cancelled", now
-        elif expired:
-            row.status = "expired"
-        else:
-            row.status, row.completed_at = "completed", now
-        return _info(session, row)
-
-
-def output_line(batch_id: str, row: BatchLine) -> dict[str, Any]:
-    """A line of the output or error file, as OpenAI writes them: the HTTP response a request got, or (for
-    a line that never ran) an `error` of its own."""
-    error = None
-    response = None
-    if row.status_code is None:
-        error = (row.result or {}).get("error")
-    else:
-        response = {"status_code": row.status_code, "request_id": row.request_id, "body": row.result}
-    return {
-        "id": _request_id(batch_id, row.line),
-        "custom_id": row.custom_id,
-        "response": response,
-        "error": error,
-    }
-
-
 # -- internals ---------------------------------------------------------------------------------------
-
-
-def _result_file(
-    db: Database, store: FileStore, org_id: str, batch_id: str, status: str, name: str
-) -> str | None:
-    with db.read() as session:
-        has_any = session.scalar(
-            select(func.count()).where(BatchLine.batch_id == batch_id, BatchLine.status == status)
-        )
-    if not has_any:
-        return None
-    info = store_result_file(
-        db,
-        store,
-        org_id,
-        filename=f"{batch_id}_{name}.jsonl",
-        purpose="batch_output",
-        content=_jsonl(db, batch_id, status),
-    )
-    return info.id
-
-
-def _jsonl(db: Database, batch_id: str, status: str, page: int = 500) -> Iterator[bytes]:
-    """Read in pages so a 50,000-line batch is never all in memory."""
-    after = 0
-    while True:
-        with db.read() as session:
-            rows = session.scalars(
-                select(BatchLine)
-                .where(BatchLine.batch_id == batch_id, BatchLine.status == status, BatchLine.line > after)
-                .order_by(BatchLine.line)
-                .limit(page)
-            ).all()
-        if not rows:
-            return
-        yield "".join(json.dumps(output_line(batch_id, row)) + "\n" for row in rows).encode()
-        after = rows[-1].line
-
-
-def _request_id(batch_id: str, line: int) -> str:
-    return "batch_req_" + hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:24]
 
 
 def _line_row(batch_id: str, spec: LineSpec, now: datetime) -> BatchLine:
@@ -426,7 +312,8 @@ def _counts(session: Session, batch_id: str) -> RequestCounts:
     )
 
 
-def _info(session: Session, row: Batch) -> BatchInfo:
+def info(session: Session, row: Batch) -> BatchInfo:
+    """The batch as the API shows it, its request counts read in `session`."""
     return BatchInfo(
         id=row.id,
         org_id=row.org_id,

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tokenmill.engine.sampling_params import Priority
-from tokenmill.platform import batches
+from tokenmill.platform import batch_results, batches
 from tokenmill.platform.auth import active_principal_of_key
 from tokenmill.platform.batches import BatchInfo, LineAlreadyAnswered, PendingLine
 from tokenmill.platform.errors import PlatformError
@@ -133,9 +133,9 @@ class BatchDispatcher:
                     self._abort_lines(batch.id)
                 continue
             elif batch.status == "in_progress":
-                expired = await run_in_threadpool(batches.expire_pending, self.db, batch.id)
+                expired = await run_in_threadpool(batch_results.expire_pending, self.db, batch.id)
                 logger.info("batch %s: completion window passed, %d line(s) expired", batch.id, expired)
-            closed = await run_in_threadpool(batches.finalize, self.db, self.store, batch.id)
+            closed = await run_in_threadpool(batch_results.finalize, self.db, self.store, batch.id)
             logger.info("batch %s %s: %s", closed.id, closed.status, closed.request_counts)
         self.queued_lines = queued
 

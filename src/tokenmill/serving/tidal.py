@@ -10,8 +10,8 @@ from datetime import UTC, datetime, time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tokenmill.config import BatchBudget, ConfigError
+from tokenmill.platform.pricing import BPS_PER_UNIT
 
-BPS_PER_UNIT = 10_000
 _WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
