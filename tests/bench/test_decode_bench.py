@@ -15,10 +15,13 @@ def test_decode_benchmark_compares_kernels_with_torch_against_the_roofline(tiny_
     result = decode.main(
         ["--model", str(tiny_llama_dir), "--output-len", "16", "--repeat", "1", "--output", str(out)]
     )
-    for name in ("kernel", "torch", "int8"):
+    for name in ("kernel", "per-op", "torch", "int8"):
         assert result[name]["tokens_per_s"] > 0
     assert result["kernel_speedup"] == pytest.approx(
         result["kernel"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    )
+    assert result["whole_step_speedup"] == pytest.approx(
+        result["kernel"]["tokens_per_s"] / result["per-op"]["tokens_per_s"]
     )
     # int8 weights: a byte per weight instead of two (the scales, norms and embedding table stay wider).
     assert result["int8"]["bytes_per_step"] < 0.75 * result["kernel"]["bytes_per_step"]

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from tokenmill.catalog.deployments import (
+    AutoscalingSettings,
     Deployment,
     EngineSettings,
     LimitSettings,
     ListingSettings,
     PriceSettings,
+    ResourceSettings,
     load_deployments,
 )
+from tokenmill.catalog.fleet_model import Autoscaling
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.serving.settings import CompletionLimits
 
@@ -53,7 +56,18 @@ def test_the_example_serves_the_builtin_models():
     assert embedding.listing.price_micros() == (0, 0)
 
 
-@pytest.mark.parametrize("model", [Deployment, EngineSettings, LimitSettings, ListingSettings, PriceSettings])
+@pytest.mark.parametrize(
+    "model",
+    [
+        Deployment,
+        EngineSettings,
+        LimitSettings,
+        ListingSettings,
+        PriceSettings,
+        AutoscalingSettings,
+        ResourceSettings,
+    ],
+)
 def test_the_example_documents_every_field(model):
     text = EXAMPLE.read_text()
     undocumented = [
@@ -136,6 +150,22 @@ models:
         ("replicas: '2'", "replicas: must be a valid integer, not '2'"),
         ("replicas: 0", "replicas: must be greater than or equal to 1, not 0"),
         ("task: chatbot", "task: must be 'chat' or 'embedding', not 'chatbot'"),
+        (
+            "autoscaling: {min_replicas: 3, max_replicas: 2}",
+            "autoscaling.max_replicas: must be at least 1 and at least min_replicas (3), got 2",
+        ),
+        (
+            "replicas: 3\n    autoscaling: {max_replicas: 2}",
+            "replicas: must lie between autoscaling's min_replicas and max_replicas",
+        ),
+        (
+            "pinned: true\n    autoscaling: {min_replicas: 0}",
+            "autoscaling.min_replicas: 0 unloads an idle model; a pinned one never is",
+        ),
+        (
+            "autoscaling: {target_in_flight: 0}",
+            "autoscaling.target_in_flight: must be greater than or equal to 1, not 0",
+        ),
         ("engine: {max_model_len: 8}", "engine.max_model_len: must be >= 16"),
         (
             "engine: {kv_cache_memory: 2 gigs}",
@@ -168,7 +198,13 @@ def test_a_mistake_names_the_file_the_model_and_the_field(tmp_path, extra, messa
 
 
 @pytest.mark.parametrize(
-    "field", ["engine: {dtype: float32}", "limits: {default_max_tokens: 8}", "replicas: 2"]
+    "field",
+    [
+        "engine: {dtype: float32}",
+        "limits: {default_max_tokens: 8}",
+        "replicas: 2",
+        "autoscaling: {max_replicas: 2}",
+    ],
 )
 def test_embedding_models_refuse_chat_settings(tmp_path, field):
     message = load_error(tmp_path, f"models:\n  - id: e\n    source: s\n    task: embedding\n    {field}\n")
@@ -236,3 +272,19 @@ def test_every_mistake_is_reported_at_once(tmp_path):
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read it: No such file or directory"):
         load_deployments(tmp_path / "nope.yaml")
+
+
+def test_autoscaling_starts_each_load_at_its_minimum_unless_replicas_says_otherwise(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        models:
+          - {id: a, source: s, autoscaling: {min_replicas: 0, max_replicas: 3, scale_down_delay_s: 30}}
+          - {id: b, source: s, replicas: 2, autoscaling: {min_replicas: 1, max_replicas: 4}}
+          - {id: c, source: s, replicas: 2}
+        """,
+    )
+    a, b, c = load_deployments(path).models
+    assert (a.num_replicas, a.max_replicas, b.num_replicas, b.max_replicas) == (1, 3, 2, 4)
+    assert a.autoscaling_policy() == Autoscaling(min_replicas=0, max_replicas=3, scale_down_delay_s=30)
+    assert (c.num_replicas, c.max_replicas, c.autoscaling_policy()) == (2, 2, None)

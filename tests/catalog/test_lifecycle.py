@@ -14,6 +14,7 @@ import pytest
 from tests.serving.fake_engine import FakeEngine
 from tokenmill.catalog.fleet_model import ModelDeployment, ModelState, ModelUnavailable, UnknownModel
 from tokenmill.catalog.lifecycle import Fleet, Ticket
+from tokenmill.catalog.router import ModelOverloaded
 from tokenmill.config import ConfigError
 from tokenmill.engine.request import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
@@ -269,3 +270,36 @@ def test_settings_that_could_never_work_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match="num_replicas"):
         ModelDeployment("x", MiB, lambda: None, num_replicas=0)  # type: ignore[arg-type,return-value]
     Fleet([_deployment("x", 300, pinned=True), _deployment("y", 300)], 300 * MiB)  # fits one at a time
+
+
+async def test_a_request_waits_a_bounded_time_for_its_model_to_start(smollm2_tokenizer):
+    factory = Factory(smollm2_tokenizer, "a")
+    factory.start_gate = gate = threading.Event()
+    fleet = Fleet([ModelDeployment("a", 100 * MiB, factory)], start_wait_s=0.2)
+    with pytest.raises(ModelUnavailable) as refused:
+        await fleet.checkout("a")  # the load takes longer than the request may wait
+    assert refused.value.state is ModelState.LOADING and refused.value.retry_after_s == 5
+    assert "still starting" in str(refused.value)
+    gate.set()  # the load went on meanwhile, for the next requests
+    assert await _use(fleet, "a")
+    await fleet.shutdown()
+
+
+async def test_a_request_waits_a_bounded_time_for_a_restarting_replica(smollm2_tokenizer):
+    factory = Factory(smollm2_tokenizer, "a")
+    fleet = Fleet([ModelDeployment("a", 100 * MiB, factory)], start_wait_s=0.5)
+    assert await _use(fleet, "a")
+    factory.engine.healthy = False  # its worker died and is restarting
+
+    async def restarted() -> None:
+        await asyncio.sleep(0.1)
+        factory.engine.healthy = True
+
+    back = asyncio.create_task(restarted())
+    assert await _use(fleet, "a")  # waited for it rather than being refused at once
+    await back
+    factory.engine.healthy = False  # and stays down: past the wait, the router refuses (503 + Retry-After)
+    with await fleet.checkout("a") as ticket, pytest.raises(ModelOverloaded, match="restarting") as refused:
+        ticket.assign(work_tokens=64)
+    assert refused.value.retry_after_s == 2
+    await fleet.shutdown()

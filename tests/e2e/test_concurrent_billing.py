@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, NO_EOS, Platform, books, org_of_key
+from tests.e2e.conftest import MODEL, NO_EOS, Books, Platform, books, org_of_key
 from tests.serving.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -47,15 +47,12 @@ async def _all_at_once(url: str, key: str) -> list[tuple[int, dict[str, Any]]]:
         return await asyncio.gather(*(_stream(http, url, key, i) for i in range(NUM_REQUESTS)))
 
 
-def test_concurrent_streams_never_overdraw_and_reconcile(
-    platform: Platform, servers: Callable[[ServerProcess], ServerProcess]
-) -> None:
-    platform.admin("set-price", MODEL, str(INPUT_MICROS), str(OUTPUT_MICROS))
-    key = platform.account(f"0.{BALANCE_MICROS:06d}")
-    server = servers(platform.server())
-
-    results = asyncio.run(_all_at_once(server.url, key))
-
+def check_books(
+    platform: Platform, key: str, results: list[tuple[int, dict[str, Any]]], balance_micros: int
+) -> Books:
+    """The invariants of streams racing for one balance: only 429 insufficient_quota refusals, exactly as
+    many served as the balance pays for, never overdrawn, and usage, charges and tokens x prices equal to the
+    micro. Returns the account's books for the caller's own checks."""
     served = [usage for status, usage in results if status == 200]
     refused = [body for status, body in results if status != 200]
     assert all(status in (200, 429) for status, _ in results)
@@ -64,8 +61,8 @@ def test_concurrent_streams_never_overdraw_and_reconcile(
     (prompt_tokens,) = {u["prompt_tokens"] for u in served}
     worst_case = prompt_tokens * INPUT_MICROS + MAX_TOKENS * OUTPUT_MICROS
     # Each served request costs exactly its worst case, so the balance admits exactly this many, whatever
-    # the order in which the 200 arrived.
-    assert len(served) == BALANCE_MICROS // worst_case and 0 < len(served) < NUM_REQUESTS
+    # the order in which the requests arrived.
+    assert len(served) == balance_micros // worst_case and 0 < len(served) < len(results)
 
     db = platform.open()
     try:
@@ -78,10 +75,23 @@ def test_concurrent_streams_never_overdraw_and_reconcile(
     assert money.completion_tokens == sum(u["completion_tokens"] for u in served)
     assert (
         money.lowest_running_balance_micros >= 0
-        and money.balance_micros == BALANCE_MICROS - tokens_times_prices
+        and money.balance_micros == balance_micros - tokens_times_prices
     )
     assert (money.num_open, money.num_released) == (0, 0)  # refusals never held a reservation
     assert money.num_settled == money.num_usage_records == len(served)
+    return money
+
+
+def test_concurrent_streams_never_overdraw_and_reconcile(
+    platform: Platform, servers: Callable[[ServerProcess], ServerProcess]
+) -> None:
+    platform.admin("set-price", MODEL, str(INPUT_MICROS), str(OUTPUT_MICROS))
+    key = platform.account(f"0.{BALANCE_MICROS:06d}")
+    server = servers(platform.server())
+
+    results = asyncio.run(_all_at_once(server.url, key))
+
+    money = check_books(platform, key, results, BALANCE_MICROS)
     # The engine saw the served requests and nothing else: refusals happened before any token.
     assert server.metric("tokenmill_engine_prompt_tokens_total", MODEL) == money.prompt_tokens
     assert server.metric("tokenmill_engine_generated_tokens_total", MODEL) == money.completion_tokens

@@ -9,7 +9,7 @@ import pytest
 from tokenmill import LLM, AsyncLLM, SamplingParams
 from tokenmill.config import ConfigError
 from tokenmill.engine.sampling_params import InvalidRequestError
-from tokenmill.models.loader import ModelLoadError
+from tokenmill.models.errors import ModelLoadError
 
 PROMPTS = ["Hello, my name is", "你好，世界", "The capital of France is", "1 2 3 4 5"]
 
@@ -108,6 +108,20 @@ def test_bad_models_and_settings_name_the_problem(tmp_path, tiny_llama_dir):
         LLM(str(tiny_llama_dir), block_size=3)
     with pytest.raises(ConfigError, match="no_such_setting"):
         LLM(str(tiny_llama_dir), no_such_setting=1)
+    with pytest.raises(ConfigError, match="chat_template: must be Jinja template text"):
+        LLM(str(tiny_llama_dir), chat_template=str(tmp_path / "no-such-template.jinja"))
+
+
+def test_a_configured_chat_template_replaces_the_tokenizers(tmp_path, tiny_llama_dir):
+    """What a base model without a template (Gemma 3 270M) is given to chat with: text or a file."""
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    file = tmp_path / "plain.jinja"
+    file.write_text(template)
+    messages = [{"role": "user", "content": "hi"}]
+    for setting in (template, str(file)):
+        tokenizer = LLM(str(tiny_llama_dir), num_blocks=8, chat_template=setting).tokenizer
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == "[user] hi\n[assistant]"
 
 
 async def test_async_stream_deltas_reassemble_and_abort_frees_blocks(tiny_llama_dir):
@@ -131,7 +145,17 @@ async def test_async_stream_deltas_reassemble_and_abort_frees_blocks(tiny_llama_
                 break
             await asyncio.sleep(0.01)
         assert engine.stats().num_free_blocks == 64 and engine.stats().num_running_seqs == 0
+        # An abort from outside ends the reader's stream with an "abort" snapshot, not a wait forever.
+        stream = engine.generate("abort me from outside", long, "r2b")
+        await anext(stream)
+        await engine.abort("r2b")
+        rest = await asyncio.wait_for(_collect(stream), timeout=60)
+        assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
         with pytest.raises(InvalidRequestError):
             await anext(engine.generate("x", SamplingParams(max_tokens=10**6), "r3"))
     finally:
         await engine.shutdown()
+
+
+async def _collect(stream) -> list:
+    return [out async for out in stream]

@@ -284,13 +284,15 @@ def test_randomized_mixed_classes_finish_whole_and_counters_add_up():
 
 
 def test_priority_changes_the_order_never_the_tokens(tiny_llama_dir):
-    # 12 blocks of 8 tokens for four requests of up to 4 blocks each: preemption is certain.
+    # 12 blocks of 8 tokens for four requests of up to 4 blocks each: preemption is certain. A slowdown bound
+    # no step reaches (11x) lets batch work join live steps whatever the measured step costs of the moment:
+    # the schedule, and with it the preemption, does not depend on the machine's timing.
     llm = LLM(
         str(tiny_llama_dir),
         dtype="float32",
         block_size=8,
         num_blocks=12,
-        batch_budget=BatchBudget(fill_tokens=4, idle_tokens=8),
+        batch_budget=BatchBudget(max_slowdown=10.0, fill_tokens=4, idle_tokens=8),
     )
     prompts = ["Hello, my name is", "The capital of France is", "1 2 3 4 5", "Once upon a time there"]
     kinds = ["batch", "interactive", "batch", "interactive"]

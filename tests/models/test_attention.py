@@ -1,5 +1,6 @@
 """The C decode kernel against the torch backend on the same paged cache: same outputs for every layout the
-engine produces (GQA group sizes, block sizes, ragged contexts, one or several threads)."""
+engine produces (GQA group sizes, block sizes, ragged contexts, one or several threads, sliding windows, one
+tensor read as K and V)."""
 
 from __future__ import annotations
 
@@ -45,18 +46,38 @@ def paged_case(context_lens, num_kv_heads, group, head_dim, block_size, dtype, s
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 1, 32), (1, 8, 128), (4, 4, 16)])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
-def test_kernel_equals_torch_backend_float32(kernel, num_kv_heads, group, head_dim, block_size, num_threads):
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_equals_torch_backend_float32(
+    kernel, num_kv_heads, group, head_dim, block_size, num_threads, window
+):
     contexts = [1, 2, 17, 300, 64, 5, 129, 33]
     q, k_cache, v_cache, tables, lens = paged_case(
         contexts, num_kv_heads, group, head_dim, block_size, torch.float32
     )
     reference, fast = TorchPagedAttention(), KernelPagedAttention(kernel, num_threads)
     scale = head_dim**-0.5
-    expected = reference.decode(
-        q, k_cache, v_cache, reference.prepare_decodes(tables, lens, block_size, CPU), scale
-    )
-    got = fast.decode(q, k_cache, v_cache, fast.prepare_decodes(tables, lens, block_size, CPU), scale)
+    groups = reference.prepare_decodes(tables, lens, block_size, CPU)
+    expected = reference.decode(q, k_cache, v_cache, groups, scale, window)
+    got = fast.decode(q, k_cache, v_cache, fast.prepare_decodes(tables, lens, block_size, CPU), scale, window)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    if window is not None:  # the window changes the answer wherever a context is longer than it
+        full = reference.decode(q, k_cache, v_cache, groups, scale)
+        longer = torch.as_tensor(lens > window)
+        assert not torch.allclose(full[longer], expected[longer])
+        torch.testing.assert_close(full[~longer], expected[~longer])
+
+
+def test_one_tensor_read_as_keys_and_values(kernel):
+    """Multi-head Latent Attention's layout: one cached latent per token, shared by every query head."""
+    q, k_cache, _, tables, lens = paged_case([40, 9, 130], 1, 16, 48, 16, torch.float32)
+    reference, fast = TorchPagedAttention(), KernelPagedAttention(kernel, 2)
+    expected = reference.decode(
+        q, k_cache, k_cache.clone(), reference.prepare_decodes(tables, lens, 16, CPU), 0.1
+    )
+    got = fast.decode(q, k_cache, k_cache, fast.prepare_decodes(tables, lens, 16, CPU), 0.1)
+    shared = reference.decode(q, k_cache, k_cache, reference.prepare_decodes(tables, lens, 16, CPU), 0.1)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(shared, expected, atol=2e-6, rtol=1e-5)
 
 
 def test_kernel_bfloat16_is_within_rounding_of_the_float32_reference(kernel):

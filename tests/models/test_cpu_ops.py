@@ -24,8 +24,15 @@ def ops() -> CpuKernelOps:
 
 @pytest.fixture(scope="module")
 def gemm_ops(ops) -> CpuKernelOps:
-    if ops.gemm is None:
-        pytest.skip("this CPU lacks AVX-512 BF16: torch computes every product")
+    if torch.bfloat16 not in ops.gemms:
+        pytest.skip("this CPU lacks AVX-512 and AVX2: torch computes every product")
+    return ops
+
+
+@pytest.fixture(scope="module")
+def q8_ops(ops) -> CpuKernelOps:
+    if ops.gemm_q8 is None:
+        pytest.skip("this CPU lacks AVX-512 VNNI: int8 products go through a dequantised copy")
     return ops
 
 
@@ -58,6 +65,20 @@ def test_few_row_products_round_the_exact_result_once(gemm_ops, rows, inner, out
     assert matches > 0.9, f"only {matches:.0%} of the outputs equal torch's"
 
 
+@pytest.mark.parametrize(("rows", "inner", "outer"), SHAPES)
+def test_few_row_float32_products_sum_in_float32(gemm_ops, rows, inner, outer):
+    if torch.float32 not in gemm_ops.gemms:
+        pytest.skip("this CPU has the bfloat16 product kernel only")
+    gen = torch.Generator().manual_seed(rows + inner * outer)
+    x, weight = torch.randn(rows, inner, generator=gen), torch.randn(outer, inner, generator=gen)
+    bias = torch.randn(outer, generator=gen)
+    ours = gemm_ops.linear(x, weight, bias)
+    exact = x.double() @ weight.double().T + bias.double()
+    # float32 sums in another order than torch's: both within a few float32 roundings of the exact value.
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * inner**0.5)
+    torch.testing.assert_close(ours, TORCH.linear(x, weight, bias), rtol=1e-5, atol=1e-5 * inner**0.5)
+
+
 def test_products_read_rows_of_a_wider_tensor(gemm_ops):
     """A view whose rows are further apart than its width (a slice of a fused projection's output)."""
     gen = torch.Generator().manual_seed(7)
@@ -74,13 +95,28 @@ def test_what_the_product_kernel_does_not_take_is_torchs(gemm_ops):
     weight = torch.randn(16, 32, generator=gen).bfloat16()
     many_rows = torch.randn(MAX_GEMM_ROWS + 1, 32, generator=gen).bfloat16()
     fp32 = torch.randn(2, 32, generator=gen)
-    for x, w in [(many_rows, weight), (fp32, weight.float()), (many_rows[:2], weight.T.contiguous().T)]:
+    for x, w in [(many_rows, weight), (many_rows[:2], weight.T.contiguous().T)]:
         assert torch.equal(gemm_ops.linear(x, w, None), TORCH.linear(x, w, None))
     values, scales = quantize_int8(weight)
     assert torch.equal(
         gemm_ops.linear_int8(fp32, values, scales, None, None),
         TORCH.linear_int8(fp32, values, scales, None, None),
     )
+
+
+def test_without_native_bfloat16_larger_products_are_computed_in_float32(ops):
+    """On AVX2 CPUs torch's bfloat16 GEMM is ~7x slower than its float32 one: prompt-sized products widen."""
+    widening = CpuKernelOps(ops.kernel, native_bf16=False)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 96, generator=gen).bfloat16()
+    weight, bias = torch.randn(24, 96, generator=gen).bfloat16(), torch.randn(24, generator=gen).bfloat16()
+    wide = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).bfloat16()
+    assert torch.equal(widening.linear(x, weight, bias), wide)
+    values, scales = quantize_int8(weight.float())
+    dequantised = (values.float() * scales[:, None]).bfloat16().float()
+    expected = torch.nn.functional.linear(x.float(), dequantised).bfloat16()
+    assert torch.equal(widening.linear_int8(x, values, scales, block_sums(values), None), expected)
+    assert torch.equal(ops.linear(x, weight, bias), TORCH.linear(x, weight, bias))  # native: torch's own
 
 
 def test_int8_quantization_keeps_each_weight_within_half_a_step():
@@ -114,7 +150,7 @@ def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
     ("rows", "inner", "outer"), [*SHAPES, (MAX_Q8_ROWS, 96, 20), (MAX_Q8_ROWS + 3, 64, 9)]
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_products_are_exact_on_what_they_multiply(gemm_ops, rows, inner, outer, with_bias):
+def test_int8_products_are_exact_on_what_they_multiply(q8_ops, rows, inner, outer, with_bias):
     """Few rows: exact int8 sums of the block-quantized rows of x and the int8 weights, rounded once.
     Many rows: torch's GEMM on x and the dequantised weights rounded to bfloat16 (it may round twice)."""
     gen = torch.Generator().manual_seed(rows * inner + outer + 1)
@@ -128,7 +164,7 @@ def test_int8_products_are_exact_on_what_they_multiply(gemm_ops, rows, inner, ou
         left, dequantised, steps = x.double(), dequantised.bfloat16().double(), 2
     exact = left @ dequantised.T + (bias.double() if with_bias else 0)
 
-    ours = gemm_ops.linear_int8(x, values, scales, block_sums(values), bias)
+    ours = q8_ops.linear_int8(x, values, scales, block_sums(values), bias)
 
     assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
     assert ((ours.double() - exact).abs() <= steps * bf16_ulp(exact) + 1e-4).all()
@@ -196,3 +232,18 @@ def test_rotary_of_separate_q_and_k_tensors_falls_back_to_torch(ops):
     expected = TORCH.apply_rotary(q, k, TORCH.rope(rotary, positions, torch.float32))
     ours = ops.apply_rotary(q.clone(), k.clone(), ops.rope(rotary, positions, torch.float32))
     torch.testing.assert_close(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_times_up_gives_torchs_values(ops, dtype):
+    gen = torch.Generator().manual_seed(11)
+    wide = (torch.randn(5, 2 * 300 + 8, generator=gen) * 4).to(dtype)
+    gate_up = wide[:, : 2 * 300]  # rows further apart than their width, as in a wider buffer
+    ours = ops.silu_mul(gate_up)
+    expected = TORCH.silu_mul(gate_up)
+    assert ours.dtype == dtype and ours.shape == (5, 300)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    else:  # silu rounded to bfloat16 before the product, as torch does: equal but where exp differs by an ulp
+        assert ((ours.float() - expected.float()).abs() <= bf16_ulp(expected.float())).all()
+        assert (ours == expected).float().mean() > 0.99

@@ -10,6 +10,7 @@ import torch
 
 from tests.tiny_models import ARCHITECTURES, VOCAB_SIZE, build_tiny_model, load_reference
 from tokenmill import LLM, SamplingParams
+from tokenmill.models.attention import sliding_windows
 
 PROMPT_LENGTHS = (3, 17, 40, 9, 64, 1, 25, 33)
 MAX_TOKENS = 12
@@ -29,14 +30,33 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(VOCAB_SIZE) for _ in range(n)] for n in PROMPT_LENGTHS]
 
 
+def _remembered(kind: str, hf_model, tokens: list[int], compute, *args):
+    """The reference's answers, computed once per model and input (kept on the model, so they go with it):
+    several tests compare against the same ones."""
+    if not hasattr(hf_model, "tokenmill_answers"):
+        hf_model.tokenmill_answers = {}
+    key = (kind, tuple(tokens), *args)
+    if key not in hf_model.tokenmill_answers:
+        hf_model.tokenmill_answers[key] = compute(hf_model, tokens, *args)
+    return hf_model.tokenmill_answers[key]
+
+
 def reference_logprobs(hf_model, tokens: list[int]) -> torch.Tensor:
     """log_softmax of the reference logits at every position of `tokens`."""
+    return _remembered("logprobs", hf_model, tokens, _reference_logprobs)
+
+
+def reference_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    return list(_remembered("greedy", hf_model, prompt, _reference_greedy, max_tokens))
+
+
+def _reference_logprobs(hf_model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = hf_model(torch.tensor([tokens])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def reference_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+def _reference_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
     with torch.no_grad():
         out = hf_model.generate(
             torch.tensor([prompt]),
@@ -92,16 +112,29 @@ def test_greedy_batch_equals_transformers(checkpoint, prompts, backend):
         assert_matches_reference(hf_model, prompt, output.outputs[0])
 
 
-def test_chunked_prefill_and_preemption_give_the_same_tokens(checkpoint, prompts):
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_chunked_prefill_and_preemption_give_the_same_tokens(checkpoint, prompts, backend):
     directory, hf_model = checkpoint
-    # 8 tokens per step forces chunked prefill; 24 blocks of 4 cannot hold every sequence at once.
-    llm = LLM(str(directory), dtype="float32", block_size=4, num_blocks=24, max_num_batched_tokens=8)
+    # 8 tokens per step forces chunked prefill; 24 blocks of 4 cannot hold every sequence at once (nor 10
+    # when every layer attends through a window: sequences then hold a window of blocks each).
+    config = hf_model.config
+    windowed = None not in sliding_windows(config, config.num_hidden_layers)
+    num_blocks = 10 if windowed else 24
+    llm = LLM(
+        str(directory),
+        dtype="float32",
+        block_size=4,
+        num_blocks=num_blocks,
+        max_num_batched_tokens=8,
+        attention_backend=backend,
+        cpu_kernels=backend,
+    )
     outputs = llm.generate(prompts, GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, output in zip(prompts, outputs, strict=True):
         assert_matches_reference(hf_model, prompt, output.outputs[0])
     llm.engine.pool.check_invariants()
-    assert llm.engine.pool.num_free_blocks == 24
+    assert llm.engine.pool.num_free_blocks == num_blocks
 
 
 def test_prefix_cache_hits_give_the_same_outputs_as_misses(checkpoint, prompts):

@@ -11,6 +11,7 @@ import pytest
 
 from tests.platform.helpers import make_account, priced_model
 from tokenmill.platform import fine_tuning as jobs
+from tokenmill.platform import fine_tuning_runs as runs
 from tokenmill.platform.data_controls import delete_all_data, set_data_controls, sweep
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import InsufficientQuota, ListingRetired, ModelNotFound
@@ -48,7 +49,7 @@ def trained(db: Database, data_dir: Path, org_id: str, job: jobs.JobInfo, worker
         path = out / "checkpoints" / f"step-{step}"
         path.mkdir(parents=True)
         (path / "adapter_model.safetensors").write_bytes(b"w" * 64)
-        jobs.add_checkpoint(db, job.id, step, {"train_loss": 1.0}, str(path))
+        runs.add_checkpoint(db, job.id, step, {"train_loss": 1.0}, str(path))
     adapter = out / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"a" * 64)
@@ -63,12 +64,12 @@ def test_a_job_is_reserved_claimed_and_becomes_a_private_model(db: Database, tmp
     with pytest.raises(InsufficientQuota):
         jobs.create_job(db, make_account(db, 999_999).principal, spec(base))
 
-    claimed = jobs.claim_next(db, "w1", stale_after_s=60)
+    claimed = runs.claim_next(db, "w1", stale_after_s=60)
     while claimed is not None and claimed.id != job.id:  # jobs other tests on this database left queued
-        claimed = jobs.claim_next(db, "w1", stale_after_s=60)
+        claimed = runs.claim_next(db, "w1", stale_after_s=60)
     assert claimed is not None and claimed.status == "running"
     adapter = trained(db, tmp_path, buyer.org.id, claimed, "w1")
-    done = jobs.succeed(
+    done = runs.succeed(
         db, claimed, "w1", trained_tokens=400_000, adapter_path=str(adapter), context_length=None
     )
 
@@ -91,11 +92,11 @@ def test_a_lost_workers_job_is_queued_again_then_failed(db: Database) -> None:
     account = make_account(db, 5_000_000)
     job = jobs.create_job(db, account.principal, spec(priced_model(db, 0, 0)))
     for attempt in (1, 2):
-        claimed = jobs.claim_next(db, f"w{attempt}", stale_after_s=60)
+        claimed = runs.claim_next(db, f"w{attempt}", stale_after_s=60)
         while claimed is not None and claimed.id != job.id:
-            claimed = jobs.claim_next(db, f"w{attempt}", stale_after_s=60)
+            claimed = runs.claim_next(db, f"w{attempt}", stale_after_s=60)
         assert claimed is not None and claimed.attempts == attempt
-        failed = jobs.recover_stale_jobs(db, stale_after_s=60, worker=f"w{attempt}")
+        failed = runs.recover_stale_jobs(db, stale_after_s=60, worker=f"w{attempt}")
     assert failed == [job.id]
     lost = jobs.get_job(db, account.org.id, job.id)
     assert lost.status == "failed" and lost.error["code"] == "worker_lost"
@@ -106,12 +107,12 @@ def test_retention_deletes_checkpoints_and_delete_all_leaves_nothing(db: Databas
     account = make_account(db, 5_000_000)
     base = priced_model(db, 0, 0)
     job = jobs.create_job(db, account.principal, spec(base))
-    claimed = jobs.claim_next(db, "w", stale_after_s=60)
+    claimed = runs.claim_next(db, "w", stale_after_s=60)
     while claimed is not None and claimed.id != job.id:
-        claimed = jobs.claim_next(db, "w", stale_after_s=60)
+        claimed = runs.claim_next(db, "w", stale_after_s=60)
     assert claimed is not None
     adapter = trained(db, tmp_path, account.org.id, claimed, "w")
-    done = jobs.succeed(db, claimed, "w", trained_tokens=10, adapter_path=str(adapter), context_length=None)
+    done = runs.succeed(db, claimed, "w", trained_tokens=10, adapter_path=str(adapter), context_length=None)
     owner = fine_tuning_owner(db, tmp_path)
     store = local_store(tmp_path)
     job_dir = artifacts_dir(tmp_path, account.org.id, job.id)

@@ -79,6 +79,16 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    def wait_ready(self, timeout_s: float = 60) -> LiveServer:
+        """Until /ready answers 200 (the app's models have loaded)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while httpx.get(f"{self.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.02)
+        return self
+
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
@@ -88,12 +98,7 @@ class LiveServer:
 def live_fake(fake_engine: FakeEngine, minilm: Embedder) -> Iterator[tuple[str, FakeEngine]]:
     app = create_app({"fake-chat": fake_engine}, {"all-MiniLM-L6-v2": minilm}, ServerSettings(no_auth=True))
     with LiveServer(app) as live:
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{live.url}/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        live.wait_ready()
         yield live.url, fake_engine
 
 

@@ -56,6 +56,9 @@ class FakeEngine:
         self.started = False
         self.start_gate: threading.Event | None = None
         """When set, start() waits for it (to observe /ready before the engine is up)."""
+        self.healthy = True
+        self.fail_at_submit: BaseException | None = None
+        """When set, generate() raises it before any output (a worker that died before the first token)."""
         self.fail_with: BaseException | None = None
         """When set, generate() raises it after the first token (a mid-stream engine failure)."""
         self.endless = False
@@ -128,6 +131,8 @@ class FakeEngine:
     ) -> AsyncIterator[RequestOutput]:
         if not self.started:
             raise RuntimeError("engine not started")
+        if self.fail_at_submit is not None:
+            raise self.fail_at_submit
         prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         self.check_fits(len(prompt_ids), params.max_tokens)
         if request_id in self.running:

@@ -6,12 +6,10 @@ the full platform, called with a valid key and without one, on SQLite and on Pos
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -88,10 +86,7 @@ def target(
     app = create_app({"tiny": engine}, {"all-MiniLM-L6-v2": minilm}, settings, gateway)
     try:
         with LiveServer(app) as live:
-            deadline = time.monotonic() + 60
-            while httpx.get(f"{live.url}/ready").status_code != 200:
-                assert time.monotonic() < deadline, "the fuzzing server did not become ready"
-                time.sleep(0.05)
+            live.wait_ready()
             yield Target(live.url, headers)
     finally:
         if gateway is not None:

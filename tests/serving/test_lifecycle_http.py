@@ -86,10 +86,7 @@ def cloud(smollm2_tokenizer: Any, gateway: Gateway) -> Iterator[Cloud]:
     admin_key = (gateway.settings.data_dir / "admin_key").read_text().strip()
     app = create_app(fleet, {}, ServerSettings(shutdown_timeout_s=5), gateway)
     with LiveServer(app) as live:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{live.url}/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        live.wait_ready()
         yield Cloud(live.url, key, admin_key, engines)
 
 
@@ -141,6 +138,8 @@ def test_a_cold_model_loads_on_demand_and_the_least_recently_used_idle_one_makes
     assert 'tokenmill_model_loads_total{model="c"} 1.0' in metrics
     catalog = httpx.get(f"{cloud.url}/v1/catalog/models", headers={"authorization": f"Bearer {cloud.key}"})
     assert {m["id"]: m["state"] for m in catalog.json()["data"]} == cloud.states()
+    # The square shows how many engines serve each model now: none for the one unloaded.
+    assert {m["id"]: m["replicas"] for m in catalog.json()["data"]} == {"a": 1, "b": 0, "c": 1}
 
 
 def test_a_model_with_a_stream_in_flight_is_never_the_one_unloaded(cloud: Cloud) -> None:
@@ -191,3 +190,30 @@ def test_user_keys_cannot_drive_the_models(cloud: Cloud) -> None:
         response = httpx.request(method, f"{cloud.url}{path}", headers=headers)
         assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
     assert cloud.states()["a"] == "unloaded"
+
+
+def test_the_operator_switches_a_models_routing(cloud: Cloud) -> None:
+    switched = cloud.admin("POST", "/v1/admin/models/a/routing", json={"routing": "least-load"})
+    assert switched.status_code == 200 and switched.json()["routing"] == "least-load"
+    assert cloud.chat("a").status_code == 200  # loads it: the pool takes the model's routing
+    body = cloud.admin("GET", "/v1/admin/models").json()
+    listed = {m["id"]: m for m in body["data"]}
+    assert listed["a"]["routing"] == "least-load" and listed["b"]["routing"] == "prefix"
+    assert listed["a"]["prefix_cache_hit_rate"] is not None  # a prompt went through: a rate, maybe 0
+    assert body["prefix_cache_hit_rate"] == listed["a"]["prefix_cache_hit_rate"]  # the only model used
+    session = cloud.admin("POST", "/v1/admin/models/a/routing", json={"routing": "session"})
+    assert session.status_code == 200 and session.json()["routing"] == "session"
+    refused = cloud.admin("POST", "/v1/admin/models/a/routing", json={"routing": "random"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "routing"
+    assert cloud.admin("POST", "/v1/admin/models/zzz/routing", json={"routing": "prefix"}).status_code == 404
+
+
+def test_the_operator_cannot_drain_a_models_last_replica_or_one_it_lacks(cloud: Cloud) -> None:
+    assert cloud.chat("a").status_code == 200
+    last = cloud.admin("POST", "/v1/admin/models/a/replicas/0/drain")
+    assert last.status_code == 409 and last.json()["error"]["param"] == "replica"
+    assert "drain the model" in last.json()["error"]["message"]
+    missing = cloud.admin("POST", "/v1/admin/models/a/replicas/5/drain")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "replica_not_found"
+    assert cloud.admin("POST", "/v1/admin/models/zzz/replicas/0/drain").status_code == 404
+    assert cloud.chat("a").status_code == 200  # nothing changed

@@ -55,8 +55,8 @@ def test_cancelled_non_streaming_request_is_aborted(live_fake: tuple[str, FakeEn
     body = {"model": "fake-chat", "messages": USER, "max_tokens": 900}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
-    assert engine.running  # still generating when the client gave up
-    _poll(lambda: not engine.running, 1.0)
+    _poll(lambda: not engine.running, 1.0)  # 900 tokens take 18 s: only the cancel ends it this soon
+    assert len(engine.submitted) == 1
 
 
 def test_openai_sdk_sync(live_fake: tuple[str, FakeEngine]) -> None:

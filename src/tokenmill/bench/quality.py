@@ -45,11 +45,7 @@ def negative_log_likelihoods(llm: object, tokens: list[int], window: int, chunk:
     with torch.inference_mode():
         for first in range(0, len(tokens) - 1, window):
             text = tokens[first : first + window]
-            shape = (model.num_kv_heads, len(text), model.head_dim)
-            caches = [
-                (torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype))
-                for _ in model.layers
-            ]
+            caches = [layer.allocate(len(text), cache_dtype) for layer in model.cache_layout]
             for start in range(0, len(text) - 1, chunk):
                 end = min(start + chunk, len(text))
                 positions = torch.arange(start, end)

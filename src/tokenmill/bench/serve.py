@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tokenmill.bench import tidal
+from tokenmill.bench import routing, tidal
 from tokenmill.bench.client import Target, first_model, send
 from tokenmill.bench.cost import cost_report
 from tokenmill.bench.load import LoadShape, run_load
@@ -29,6 +30,7 @@ from tokenmill.bench.workload import SyntheticWorkload, Workload, load_jsonl
 
 DEFAULT_NUM_REQUESTS = 100
 WARMUP_SEED_OFFSET = 1_000_003  # warmup prompts share nothing with measured ones (no prefix-cache help)
+ROUTING_SEED_STRIDE = 7_919  # --compare-routing: every run's prompts are its own
 
 
 def rate_list(text: str) -> list[float]:
@@ -56,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="default: %(default)s")
     target.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    target.add_argument(
+        "--admin-key",
+        default=os.environ.get("TOKENMILL_ADMIN_KEY"),
+        help="tokenmill's admin key, for --compare-routing (default: $TOKENMILL_ADMIN_KEY)",
+    )
     target.add_argument("--model", help="model id (default: the first one GET /models lists)")
     target.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     target.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
@@ -110,11 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and compare live TTFT/TPOT and total output tokens/s",
     )
     load.add_argument(
+        "--compare-routing",
+        action="store_true",
+        help="tokenmill only (needs --admin-key): run the load under least-load routing, then under prefix "
+        "routing across the model's replicas, and compare the prefix-cache hit rate and TTFT",
+    )
+    load.add_argument(
         "--rounds",
         type=int,
         default=1,
         metavar="R",
-        help="--with-batch: alternate alone / beside R times and report the median ratios (default: 1)",
+        help="--with-batch / --compare-routing: repeat the pair R times (the order alternating) and report "
+        "the median ratios (default: 1)",
     )
 
     report = parser.add_argument_group("SLO, cost and output")
@@ -186,6 +200,8 @@ async def measure(
                 )
         if args.with_batch:
             return target, *await _interference(args, client, target, shapes[0])
+        if args.compare_routing:
+            return target, await _routing_rounds(args, client, target, shapes[0]), None
         results = []
         for point, shape in enumerate(shapes):
             workload = make_workload(args, args.seed + point)
@@ -216,6 +232,29 @@ async def _interference(
         results.append((shape, records))
         windows.append(window)
     return results, windows
+
+
+async def _routing_rounds(
+    args: argparse.Namespace, client: Any, target: Target, shape: LoadShape
+) -> list[tuple[LoadShape, list[RequestRecord]]]:
+    """Per round, the load under each policy: the same arrival times, but prompts (and shared prefixes) of
+    each run's own, so no run finds another's in a replica's cache. Results are least-load first in each
+    round, whichever ran first."""
+    results = []
+    for round_ in range(args.rounds):
+        runs = {}
+        for turn, policy in enumerate(routing.order(round_)):
+            await routing.set_routing(client, target, args.admin_key, policy)
+            workload = make_workload(args, args.seed + ROUTING_SEED_STRIDE * (round_ + 1) + turn)
+
+            async def sender(index: int, start: float, workload: Workload = workload) -> RequestRecord:
+                return await send(client, target, workload.request(index), start)
+
+            seed = args.seed + round_
+            runs[policy] = await run_load(shape, sender, seed=seed, progress=not args.no_progress)
+        results += [(shape, runs[policy]) for policy in routing.POLICIES]
+    await routing.set_routing(client, target, args.admin_key, "prefix")  # the server's default again
+    return results
 
 
 async def _beside_batch(
@@ -253,6 +292,15 @@ def _check(args: argparse.Namespace) -> None:
         args.with_batch < 1 or args.sweep is not None or args.from_results is not None
     ):
         raise ValueError("--with-batch N needs N >= 1 and one load point (--request-rate or --concurrency)")
+    if args.compare_routing:
+        if args.with_batch is not None or args.sweep is not None or args.from_results is not None:
+            raise ValueError("--compare-routing needs one load point (--request-rate or --concurrency)")
+        if not args.admin_key:
+            raise ValueError("--compare-routing switches the server's routing: give --admin-key")
+        if args.workload == "jsonl":
+            raise ValueError(
+                "--compare-routing needs a synthetic workload (each run gets prompts of its own)"
+            )
 
 
 def _title(config: dict[str, Any]) -> str:
@@ -274,6 +322,11 @@ def _report(
     if windows:
         points = [
             (f"{label} {'beside a batch' if n % 2 else 'alone'}, round {n // 2 + 1}", metrics)
+            for n, (label, metrics) in enumerate(points)
+        ]
+    if config.get("compare_routing"):
+        points = [
+            (f"{label} {routing.POLICIES[n % 2]} routing, round {n // 2 + 1}", metrics)
             for n, (label, metrics) in enumerate(points)
         ]
     cost = None
@@ -304,6 +357,10 @@ def _report(
         rounds = [tidal.compare(points[2 * n][1], points[2 * n + 1][1], w) for n, w in enumerate(windows)]
         write_json(out / "tidal.json", tidal.as_json(rounds))
         print("\n" + tidal.markdown(rounds))
+    if config.get("compare_routing"):
+        pairs = [routing.RoutingRound(points[n][1], points[n + 1][1]) for n in range(0, len(points), 2)]
+        write_json(out / "routing.json", routing.as_json(pairs))
+        print("\n" + routing.markdown(pairs))
     print(f"wrote {out}/results.json, summary.md, latency_vs_throughput.png", file=sys.stderr)
     return json.loads((out / "results.json").read_text())
 
@@ -312,7 +369,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measures (or, with --from-results, reads a saved run) and reports. Returns the results JSON as
     written (strict JSON: an infinite rate reads "inf")."""
     _check(args)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "api_key", "from_results")}
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("run", "api_key", "admin_key", "from_results")
+    }
     if args.from_results is not None:
         config, measured = load_run(args.from_results)
         reported = ("slo_ttft", "slo_tokens_per_s", "slo_attainment", "price_per_hour", "output_dir")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from yaml.constructor import ConstructorError
 
+from tokenmill.catalog.fleet_model import Autoscaling
 from tokenmill.config import ConfigError, EngineConfig
 from tokenmill.platform.errors import InvalidAmount, InvalidArgument
 from tokenmill.platform.money import parse_units
@@ -114,6 +115,36 @@ class EngineSettings(_Strict):
     block_size: int | None = None
     device: str | None = None
     seed: int | None = None
+    quantization: Literal["none", "int8"] | None = None
+    chat_template: Annotated[str, _text(65536)] | None = None
+    """Jinja text or a file path (config.ModelConfig.chat_template), e.g. for a base model."""
+
+
+class AutoscalingSettings(_Strict):
+    """`fleet_model.Autoscaling`, which checks the bounds against each other."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    target_in_flight: Annotated[int, Field(ge=1)] = 8
+    scale_up_delay_s: Annotated[float, Field(ge=0)] = 0.0
+    scale_down_delay_s: Annotated[float, Field(ge=0)] = 60.0
+
+    def policy(self) -> Autoscaling:
+        try:
+            return Autoscaling(**self.model_dump())
+        except ConfigError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise _AtField(("autoscaling", field), message) from None
+
+
+class ResourceSettings(_Strict):
+    """What each replica asks of a Ray node, when `tokenmill serve --ray-address` places replicas as Ray
+    actors (`cluster.ray_engine.ReplicaResources`)."""
+
+    num_cpus: Annotated[float, Field(gt=0)] = 1
+    num_gpus: Annotated[float, Field(ge=0)] = 0
+    memory: Annotated[int | None, BeforeValidator(_byte_size), Field(gt=0)] = None
+    """Default: the engine's estimate of its weights plus KV cache."""
 
 
 class LimitSettings(_Strict):
@@ -204,6 +235,9 @@ class Deployment(_Strict):
     """Never unloaded; otherwise loaded on demand and unloaded (least recently used first) when idle and
     its memory is needed."""
     replicas: Annotated[int, Field(ge=1)] = 1
+    """With autoscaling: how many each load starts with (default: min_replicas, at least 1)."""
+    autoscaling: AutoscalingSettings | None = None
+    resources: ResourceSettings = ResourceSettings()
     max_queue: Annotated[int, Field(ge=0)] | None = None
     """Requests that may wait per replica beyond the ones running; more get 503 at once. None: the
     server's --max-queue."""
@@ -214,7 +248,7 @@ class Deployment(_Strict):
     @model_validator(mode="after")
     def _fits_task(self) -> Deployment:
         if self.task == "embedding":
-            for name in ("engine", "limits", "replicas"):
+            for name in ("engine", "limits", "replicas", "autoscaling", "resources"):
                 if name in self.model_fields_set:
                     raise _AtField((name,), "only chat models take it; remove it from this embedding model")
             return self
@@ -223,7 +257,29 @@ class Deployment(_Strict):
         except ConfigError as exc:
             field, _, message = str(exc).partition(": ")
             raise _AtField(("engine", field), message) from None
+        policy = self.autoscaling_policy()
+        if policy is not None:
+            if self.pinned and policy.min_replicas == 0:
+                raise _AtField(
+                    ("autoscaling", "min_replicas"), "0 unloads an idle model; a pinned one never is"
+                )
+            if not max(1, policy.min_replicas) <= self.num_replicas <= policy.max_replicas:
+                raise _AtField(("replicas",), "must lie between autoscaling's min_replicas and max_replicas")
         return self
+
+    def autoscaling_policy(self) -> Autoscaling | None:
+        return None if self.autoscaling is None else self.autoscaling.policy()
+
+    @property
+    def num_replicas(self) -> int:
+        """Replicas each load starts: `replicas`, or with autoscaling and no `replicas`, its minimum."""
+        if self.autoscaling is None or "replicas" in self.model_fields_set:
+            return self.replicas
+        return max(1, self.autoscaling.min_replicas)
+
+    @property
+    def max_replicas(self) -> int:
+        return self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
 
     def engine_kwargs(self) -> dict[str, object]:
         """The settings this file sets, as `AsyncLLM(model, **kwargs)` / `EngineConfig.from_kwargs` take

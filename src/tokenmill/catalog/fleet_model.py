@@ -4,7 +4,7 @@ the deployments before anything loads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -22,6 +22,34 @@ class ModelState(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Autoscaling:
+    """How a model's replica count follows its demand (catalog/autoscaler.py decides)."""
+
+    min_replicas: int = 1
+    """0: an idle model is unloaded entirely, and its next request loads it again (a cold start)."""
+    max_replicas: int = 1
+    target_in_flight: int = 8
+    """Requests per replica the count aims at: ceil(requests in flight / this) replicas are wanted."""
+    scale_up_delay_s: float = 0.0
+    """How long demand must want more replicas before one is added (0: at the next check)."""
+    scale_down_delay_s: float = 60.0
+    """... and fewer, before one is drained and removed (each further step waits as long again)."""
+
+    def __post_init__(self) -> None:
+        _require(self.min_replicas >= 0, "min_replicas", f"must not be negative, got {self.min_replicas}")
+        _require(
+            self.max_replicas >= max(1, self.min_replicas),
+            "max_replicas",
+            f"must be at least 1 and at least min_replicas ({self.min_replicas}), got {self.max_replicas}",
+        )
+        _require(
+            self.target_in_flight >= 1, "target_in_flight", f"must be at least 1, got {self.target_in_flight}"
+        )
+        for name in ("scale_up_delay_s", "scale_down_delay_s"):
+            _require(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDeployment:
     model_id: str
     memory_bytes: int
@@ -35,6 +63,10 @@ class ModelDeployment:
     """Sequences one replica runs at once: its engine's max_num_seqs."""
     max_queue: int = 16
     """Sequences one replica lets wait beyond those; past that it is full and requests are refused."""
+    routing: str = "prefix"
+    """How a request picks among several replicas (catalog/router.py): "prefix" or "least-load"."""
+    autoscaling: Autoscaling | None = None
+    """None: always `num_replicas`. Set: `num_replicas` at each load, then as many as demand wants."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model_id), "model_id", "must not be empty")
@@ -42,6 +74,18 @@ class ModelDeployment:
         _require(self.num_replicas >= 1, "num_replicas", f"must be at least 1, got {self.num_replicas}")
         _require(self.max_running >= 1, "max_running", f"must be at least 1, got {self.max_running}")
         _require(self.max_queue >= 0, "max_queue", f"must not be negative, got {self.max_queue}")
+        scaling = self.autoscaling
+        if scaling is not None:
+            _require(
+                max(1, scaling.min_replicas) <= self.num_replicas <= scaling.max_replicas,
+                "num_replicas",
+                f"must lie between min_replicas and max_replicas, got {self.num_replicas}",
+            )
+            _require(
+                not (self.pinned and scaling.min_replicas == 0),
+                "min_replicas",
+                "0 unloads an idle model, which a pinned model never is",
+            )
 
     @property
     def total_memory_bytes(self) -> int:
@@ -74,6 +118,16 @@ class ReplicaStatus:
     """Sequences the router has assigned and not seen released (running, queued, or not yet submitted)."""
     outstanding_tokens: int
     kv_cache_usage: float
+    healthy: bool = True
+    draining: bool = False
+    """Being removed: it takes no new requests and stops once its open ones end."""
+    pid: int | None = None
+    """Its engine's process (None: the server's own, or while it restarts)."""
+    node: str | None = None
+    """The Ray node it runs on (None: this machine)."""
+    prompt_tokens: int = 0
+    """Since the replica started: prompt tokens admitted, of which found in its prefix cache."""
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +145,24 @@ class ModelStatus:
     num_loads: int
     last_load_s: float | None
     replicas: tuple[ReplicaStatus, ...]
+    routing: str = "prefix"
+    autoscaling: Autoscaling | None = None
+    last_scaling: str | None = None
+    """The autoscaler's last decision for the model, as it was logged."""
+    num_scale_ups: int = 0
+    num_scale_downs: int = 0
+    """Replicas added and removed by the autoscaler (an unload to zero counts as a scale-down)."""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        return prefix_cache_hit_rate(self.replicas)
+
+
+def prefix_cache_hit_rate(replicas: Iterable[ReplicaStatus]) -> float | None:
+    """The share of the replicas' prompt tokens their prefix caches served (None before any)."""
+    replicas = list(replicas)
+    prompt = sum(r.prompt_tokens for r in replicas)
+    return sum(r.cached_prompt_tokens for r in replicas) / prompt if prompt else None
 
 
 def check_budget(deployments: Sequence[ModelDeployment], budget: int | None) -> None:

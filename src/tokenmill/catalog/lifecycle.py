@@ -1,7 +1,8 @@
 """The fleet: every chat model under one memory budget. A model loads when first asked for (pinned ones at
 start), idle models are unloaded least-recently-used first to make room, and an operator can drain one:
-new requests are refused while the open ones finish. A `Ticket` is one request's hold on a loaded model, and
-no model with an open ticket is ever unloaded to make room.
+new requests are refused while the open ones finish. A `Ticket` (fleet_state.py) is one request's hold on a
+loaded model, and no model with an open ticket is ever unloaded to make room. Replicas come and go while a
+model serves (scaling.py).
 
 Every decision (which model loads, which ones make room, what state a model is in) is taken synchronously
 between two awaits on the event loop, so two loads or evictions can never interleave; only the slow parts
@@ -13,9 +14,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from tokenmill.catalog.autoscaler import Scaler
 from tokenmill.catalog.fleet_model import (
     ModelDeployment,
     ModelState,
@@ -26,130 +26,42 @@ from tokenmill.catalog.fleet_model import (
     check_budget,
     format_bytes,
 )
-from tokenmill.catalog.router import Assignment, Replica, ReplicaPool
+from tokenmill.catalog.fleet_state import Instance, ManagedModel, Ticket
+from tokenmill.catalog.router import ROUTINGS, Replica, ReplicaPool
+from tokenmill.catalog.scaling import AUTOSCALE_INTERVAL_S, ReplicaScaling
 from tokenmill.engine.client import EngineClient
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from tokenmill.engine.lora import LoRARequest
+__all__ = ["Fleet", "Ticket"]
 
 logger = logging.getLogger(__name__)
 
 NO_MEMORY_RETRY_AFTER_S = 1
 """Busy models free their memory as soon as their requests end, so a refused client should retry soon."""
+START_WAIT_S = 60.0
+"""How long a request waits for its model's replicas to start (a cold load, or every replica restarting)
+before it is answered 503 + Retry-After: a client's timeout is longer, an operator's patience shorter."""
+STILL_STARTING_RETRY_AFTER_S = 5
+REPLICA_POLL_S = 0.05
 
 
-@dataclass(eq=False)
-class _Instance:
-    """One load of a model. Tickets hold the instance, not the model, so a ticket that outlives a forced
-    drain releases into the old instance and never miscounts a later load."""
-
-    pool: ReplicaPool
-    loaded_at_s: float
-    open_tickets: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    @property
-    def engines(self) -> list[EngineClient]:
-        return [r.engine for r in self.pool.replicas]
-
-
-@dataclass(eq=False)
-class _Model:
-    deployment: ModelDeployment
-    state: ModelState = ModelState.UNLOADED
-    reason: str | None = None
-    instance: _Instance | None = None
-    reserved_bytes: int = 0
-    """Memory counted against the budget: set when a load is decided, cleared once the engines are down."""
-    last_used_s: float | None = None
-    num_loads: int = 0
-    last_load_s: float | None = None
-    load_task: asyncio.Task[None] | None = None
-    stop_task: asyncio.Task[None] | None = None
-
-    @property
-    def model_id(self) -> str:
-        return self.deployment.model_id
-
-    def recency_s(self) -> float:
-        """A fresh load counts as a use, so a model is not evicted before its first request reaches it."""
-        loaded_at = self.instance.loaded_at_s if self.instance else float("-inf")
-        return max(loaded_at, self.last_used_s if self.last_used_s is not None else float("-inf"))
-
-
-class Ticket:
-    """One request's hold on a loaded model, from checkout until `release` (call it on every path that ends
-    the request; a second call does nothing). It routes the request to a replica at most once."""
-
-    def __init__(self, model: _Model, instance: _Instance, clock: Callable[[], float]) -> None:
-        engine = instance.pool.replicas[0].engine
-        self.model_id: str = model.model_id
-        self.tokenizer: PreTrainedTokenizerBase = engine.tokenizer
-        self.max_model_len: int = engine.max_model_len
-        self._model = model
-        self._instance = instance
-        self._clock = clock
-        self._assignment: Assignment | None = None
-        self._released = False
-        self.lora: LoRARequest | None = None
-        """Set for an adapter model's request: the adapter its base model's engine applies."""
-        instance.open_tickets += 1
-        instance.idle.clear()
-        model.last_used_s = clock()
-
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Replicas of one model share its context length, so the first one answers for all."""
-        self._instance.pool.replicas[0].engine.check_fits(num_prompt_tokens, max_tokens)
-
-    def check_room(self, num_seqs: int = 1) -> None:
-        """`ModelOverloaded` at once when every replica is full (before the request is even tokenized)."""
-        self._instance.pool.check_room(num_seqs)
-
-    def assign(self, work_tokens: int, num_seqs: int = 1) -> EngineClient:
-        """The replica to run the request on; raises `ModelOverloaded` when every replica is full."""
-        if self._released:
-            raise RuntimeError(f"the ticket for {self.model_id!r} was already released")
-        if self._assignment is not None:
-            raise RuntimeError(f"the ticket for {self.model_id!r} was already assigned a replica")
-        self._assignment = self._instance.pool.assign(work_tokens, num_seqs)
-        return self._assignment.engine
-
-    def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        if self._assignment is not None:
-            self._assignment.release()
-        self._instance.open_tickets -= 1
-        if self._instance.open_tickets == 0:
-            self._instance.idle.set()
-        self._model.last_used_s = self._clock()
-
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
-class Fleet:
+class Fleet(ReplicaScaling):
     def __init__(
         self,
         deployments: Sequence[ModelDeployment],
         memory_budget_bytes: int | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        autoscale_interval_s: float = AUTOSCALE_INTERVAL_S,
+        start_wait_s: float = START_WAIT_S,
     ) -> None:
         check_budget(deployments, memory_budget_bytes)
-        self._models = {d.model_id: _Model(d) for d in deployments}
+        self._models = {d.model_id: ManagedModel(d) for d in deployments}
         self._budget = memory_budget_bytes
         self._clock = clock
         self._closing = False
+        self._autoscale_interval_s = autoscale_interval_s
+        self._start_wait_s = start_wait_s
+        self._autoscale_task: asyncio.Task[None] | None = None
         self._unloading: set[asyncio.Task[None]] = set()
         """Shutdowns of evicted models; a load waits for them so memory is really free before it reads."""
 
@@ -162,21 +74,37 @@ class Fleet:
         return sum(m.reserved_bytes for m in self._models.values())
 
     async def start(self) -> None:
-        """Loads the pinned models; one that fails is left FAILED (its reason logged) and the rest serve."""
+        """Loads the pinned models; one that fails is left FAILED (its reason logged) and the rest serve.
+        Then the autoscaler runs, if any model has a policy."""
         pinned = [m.model_id for m in self._models.values() if m.deployment.pinned]
         await asyncio.gather(*(self._load_pinned(model_id) for model_id in pinned))
+        scaled = any(m.deployment.autoscaling is not None for m in self._models.values())
+        if scaled and self._autoscale_task is None:
+            self._autoscale_task = asyncio.create_task(self._autoscale_forever(), name="autoscaler")
 
     async def checkout(self, model_id: str) -> Ticket:
-        """A ticket on the model, loading it first if needed: a cold start is this request's latency."""
+        """A ticket on the model, loading it first if needed: a cold start is this request's latency. Waits
+        at most `start_wait_s` for the model to load or, when every replica is restarting, for one to be back;
+        past that a load still going raises `ModelUnavailable` (retry after a few seconds), and a model still
+        without a replica gets its ticket, which the router refuses (`ModelOverloaded`)."""
         m = self._get(model_id)
+        deadline = time.monotonic() + self._start_wait_s
         while True:
             if self._closing:
                 raise ModelUnavailable(model_id, m.state, "the server is shutting down")
             if m.state is ModelState.LOADED:
                 assert m.instance is not None
+                if not m.instance.pool.any_healthy and time.monotonic() < deadline:
+                    await asyncio.sleep(REPLICA_POLL_S)  # a restarting worker comes back in seconds
+                    continue
                 return Ticket(m, m.instance, self._clock)
             if m.state is ModelState.LOADING:
-                await self._wait_for_load(m)
+                try:
+                    await asyncio.wait_for(self._wait_for_load(m), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise ModelUnavailable(
+                        model_id, m.state, "it is still starting", retry_after_s=STILL_STARTING_RETRY_AFTER_S
+                    ) from None
             elif m.state is ModelState.UNLOADED:
                 self._begin_load(m)
             else:
@@ -210,25 +138,42 @@ class Fleet:
     async def shutdown(self, timeout_s: float | None = None) -> None:
         """Graceful stop: refuse new requests, let open ones finish up to the deadline, stop every engine."""
         self._closing = True
+        if self._autoscale_task is not None:
+            self._autoscale_task.cancel()
+            await asyncio.gather(self._autoscale_task, return_exceptions=True)
         await asyncio.gather(
             *(self._stop(m, timeout_s, ModelState.STOPPED, "shutdown") for m in self._models.values())
         )
+        await asyncio.gather(*(m.scale_task for m in self._models.values() if m.scale_task is not None))
         await asyncio.gather(*self._unloading)
 
     def status(self) -> list[ModelStatus]:
         return [self._status(m) for m in self._models.values()]
 
+    def deployment(self, model_id: str) -> ModelDeployment:
+        return self._get(model_id).deployment
+
     def status_of(self, model_id: str) -> ModelStatus:
         return self._status(self._get(model_id))
 
+    def set_routing(self, model_id: str, routing: str) -> ModelStatus:
+        """From the next request on (and for later loads); raises ValueError for an unknown routing."""
+        m = self._get(model_id)
+        if m.instance is not None:
+            m.instance.pool.routing = routing  # validates
+        elif routing not in ROUTINGS:
+            raise ValueError(f"routing: must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        m.routing = routing
+        return self._status(m)
+
     def engines(self) -> Iterator[tuple[str, int, EngineClient]]:
-        """(model id, replica index, engine) of every started replica, for metrics."""
+        """(model id, replica number, engine) of every started replica, for metrics."""
         for m in self._models.values():
             if m.instance is not None:
-                for index, engine in enumerate(m.instance.engines):
-                    yield m.model_id, index, engine
+                for replica in m.instance.pool.replicas:
+                    yield m.model_id, replica.number, replica.engine
 
-    def _get(self, model_id: str) -> _Model:
+    def _get(self, model_id: str) -> ManagedModel:
         try:
             return self._models[model_id]
         except KeyError:
@@ -240,18 +185,18 @@ class Fleet:
         except ModelUnavailable as exc:
             logger.warning("pinned model %s is not serving: %s", model_id, exc.reason)
 
-    def _begin_load(self, m: _Model) -> None:
+    def _begin_load(self, m: ManagedModel) -> None:
         """Decides the load and the evictions it needs in one synchronous step; raises when there is no room,
         having changed nothing."""
         if self._closing:
             raise ModelUnavailable(m.model_id, m.state, "the server is shutting down")
         for victim in self._victims_for(m):
-            self._evict(victim, m.model_id)
+            self._evict(victim, f"to make room for {m.model_id}")
         pending = list(self._unloading)
         m.state, m.reason, m.reserved_bytes = ModelState.LOADING, None, m.deployment.total_memory_bytes
         m.load_task = asyncio.create_task(self._run_load(m, pending), name=f"load {m.model_id}")
 
-    def _victims_for(self, m: _Model) -> list[_Model]:
+    def _victims_for(self, m: ManagedModel) -> list[ManagedModel]:
         """Idle, unpinned, loaded models, least recently used first, until `m` fits."""
         if self._budget is None:
             return []
@@ -266,7 +211,7 @@ class Fleet:
             and o.instance.open_tickets == 0
         ]
         victims = []
-        for other in sorted(idle, key=_Model.recency_s):
+        for other in sorted(idle, key=ManagedModel.recency_s):
             if free >= need:
                 break
             victims.append(other)
@@ -281,25 +226,33 @@ class Fleet:
             )
         return victims
 
-    def _evict(self, victim: _Model, for_model_id: str) -> None:
+    def _evict(self, victim: ManagedModel, why: str) -> None:
+        """Unloads a model no request holds, at once: the next request loads it again."""
         assert victim.instance is not None
         engines = victim.instance.engines
         victim.state, victim.instance, victim.reserved_bytes = ModelState.UNLOADED, None, 0
-        logger.info("unloading %s to make room for %s", victim.model_id, for_model_id)
+        logger.info("unloading %s: %s", victim.model_id, why)
         task = asyncio.create_task(self._shutdown_engines(victim.model_id, engines))
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
 
-    async def _run_load(self, m: _Model, pending_unloads: list[asyncio.Task[None]]) -> None:
+    async def _run_load(self, m: ManagedModel, pending_unloads: list[asyncio.Task[None]]) -> None:
         """Never raises: a failure becomes the model's FAILED state, so one bad model cannot stop others."""
         dep = m.deployment
         engines: list[EngineClient] = []
         started_s = self._clock()
         try:
             await asyncio.gather(*pending_unloads)
-            for _ in range(dep.num_replicas):
-                engine = await asyncio.to_thread(dep.make_replica)
-                engines.append(engine)
+            # Replicas in worker processes load side by side; whatever was built is shut down on failure.
+            built = await asyncio.gather(
+                *(asyncio.to_thread(dep.make_replica) for _ in range(dep.num_replicas)),
+                return_exceptions=True,
+            )
+            engines.extend(e for e in built if not isinstance(e, BaseException))
+            failure = next((e for e in built if isinstance(e, BaseException)), None)
+            if failure is not None:
+                raise failure
+            for engine in engines:
                 await engine.start()
         except Exception as exc:
             logger.error("loading %s failed: %s: %s", m.model_id, type(exc).__name__, exc, exc_info=exc)
@@ -308,9 +261,12 @@ class Fleet:
         except asyncio.CancelledError:
             await self._fail_load(m, engines, "the load was cancelled")
             raise
-        pool = ReplicaPool(m.model_id, [Replica(e, dep.max_running, dep.max_queue) for e in engines])
+        replicas = [Replica(e, dep.max_running, dep.max_queue) for e in engines]
+        pool = ReplicaPool(m.model_id, replicas, m.routing)
         m.last_load_s = self._clock() - started_s
-        m.instance = _Instance(pool, loaded_at_s=self._clock())
+        m.instance = Instance(pool, loaded_at_s=self._clock())
+        if dep.autoscaling is not None:
+            m.scaler = Scaler(dep.autoscaling)
         m.state = ModelState.LOADED
         m.num_loads += 1
         logger.info(
@@ -321,16 +277,18 @@ class Fleet:
             m.last_load_s,
         )
 
-    async def _fail_load(self, m: _Model, engines: list[EngineClient], reason: str) -> None:
+    async def _fail_load(self, m: ManagedModel, engines: list[EngineClient], reason: str) -> None:
         await self._shutdown_engines(m.model_id, engines)
         m.state, m.reason, m.reserved_bytes = ModelState.FAILED, reason, 0
 
-    async def _wait_for_load(self, m: _Model) -> None:
+    async def _wait_for_load(self, m: ManagedModel) -> None:
         """Shielded: a caller that gives up (a client disconnect) must not cancel the load others await."""
         assert m.load_task is not None
         await asyncio.shield(m.load_task)
 
-    async def _stop(self, m: _Model, timeout_s: float | None, target: ModelState, why: str) -> ModelStatus:
+    async def _stop(
+        self, m: ManagedModel, timeout_s: float | None, target: ModelState, why: str
+    ) -> ModelStatus:
         while m.state in (ModelState.LOADING, ModelState.DRAINING):
             if m.state is ModelState.LOADING:
                 await self._wait_for_load(m)
@@ -347,7 +305,7 @@ class Fleet:
             m.state, m.reason = target, _stop_reason(target, why)
         return self._status(m)
 
-    async def _drain(self, m: _Model, timeout_s: float | None, target: ModelState, why: str) -> None:
+    async def _drain(self, m: ManagedModel, timeout_s: float | None, target: ModelState, why: str) -> None:
         instance = m.instance
         assert instance is not None
         if instance.open_tickets:
@@ -372,12 +330,12 @@ class Fleet:
             if isinstance(result, BaseException):
                 logger.error("shutting down %s replica %d failed", model_id, index, exc_info=result)
 
-    def _unavailable(self, m: _Model) -> ModelUnavailable:
+    def _unavailable(self, m: ManagedModel) -> ModelUnavailable:
         if m.state is ModelState.DRAINING:
             return ModelUnavailable(m.model_id, m.state, "it is being drained")
         return ModelUnavailable(m.model_id, m.state, m.reason or f"it is {m.state}")
 
-    def _status(self, m: _Model) -> ModelStatus:
+    def _status(self, m: ManagedModel) -> ModelStatus:
         instance = m.instance
         in_flight = instance.open_tickets if instance is not None else 0
         if in_flight:
@@ -389,26 +347,35 @@ class Fleet:
             state=m.state,
             reason=m.reason,
             pinned=m.deployment.pinned,
-            memory_bytes=m.deployment.total_memory_bytes,
+            memory_bytes=m.reserved_bytes or m.deployment.total_memory_bytes,
             in_flight=in_flight,
             idle_s=idle_s,
             num_loads=m.num_loads,
             last_load_s=m.last_load_s,
-            replicas=()
-            if instance is None
-            else tuple(_replica_status(i, r) for i, r in enumerate(instance.pool.replicas)),
+            replicas=() if instance is None else tuple(map(_replica_status, instance.pool.replicas)),
+            routing=m.routing,
+            autoscaling=m.deployment.autoscaling,
+            last_scaling=m.last_scaling,
+            num_scale_ups=m.num_scale_ups,
+            num_scale_downs=m.num_scale_downs,
         )
 
 
-def _replica_status(index: int, replica: Replica) -> ReplicaStatus:
+def _replica_status(replica: Replica) -> ReplicaStatus:
     stats = replica.engine.stats()
     return ReplicaStatus(
-        index=index,
+        index=replica.number,
         running_seqs=stats.num_running_seqs,
         waiting_seqs=stats.num_waiting_seqs,
         in_flight_seqs=replica.in_flight_seqs,
         outstanding_tokens=replica.outstanding_tokens,
         kv_cache_usage=stats.kv_cache_usage,
+        healthy=replica.engine.healthy,
+        draining=replica.draining,
+        pid=getattr(replica.engine, "pid", None),
+        node=getattr(replica.engine, "node_ip", None),
+        prompt_tokens=stats.num_prompt_tokens,
+        cached_prompt_tokens=stats.num_cached_prompt_tokens,
     )
 
 

@@ -11,17 +11,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenmill.config import BatchBudget, EngineConfig
-from tokenmill.engine.client import EngineStats
+from tokenmill.engine.client import EngineError, EngineStats
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.lora import LoRARequest
 from tokenmill.engine.request import RequestOutput
 from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, Priority, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running a request; the request produced no further output."""
 
 
 @dataclass(slots=True)
@@ -115,6 +111,11 @@ class AsyncLLM:
             if not finished:
                 self._commands.put(("abort", request_id))
 
+    @property
+    def healthy(self) -> bool:
+        """In the server's own process: it serves as long as the server runs."""
+        return True
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
@@ -150,7 +151,10 @@ class AsyncLLM:
             except InvalidRequestError as error:
                 self._streams[request_id].push(error)
         elif kind == "abort":
-            self.engine.abort(command[1])
+            final = self.engine.abort(command[1])
+            stream = self._streams.get(command[1])
+            if final is not None and stream is not None:  # aborted from outside: its reader gets the end
+                stream.push(final)
 
     def _step(self) -> None:
         try:

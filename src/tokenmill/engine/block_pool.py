@@ -19,6 +19,10 @@ import xxhash
 
 BlockHash = bytes
 
+NO_BLOCK = -1
+"""A block-table entry whose block was given back: it slid out of the attention window of every layer
+(sliding-window models), so no query of the sequence reads it again. Releasing it is a no-op."""
+
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     """Identity of a full block: its tokens and everything before them (through the parent's hash)."""
@@ -91,6 +95,8 @@ class BlockPool:
         """Drop one reference from each block. Blocks are released tail first, so that when memory runs
         short the end of a sequence is evicted before its prefix (which other requests are likelier to share)."""
         for block_id in reversed(block_ids):
+            if block_id == NO_BLOCK:
+                continue
             count = self.ref_counts[block_id] - 1
             if count < 0:
                 raise RuntimeError(f"block {block_id} released more often than acquired")

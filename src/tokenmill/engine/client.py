@@ -1,4 +1,5 @@
-"""The interface the server talks to: the in-process `AsyncLLM` today, remote replicas (cluster/) later."""
+"""The interface the server talks to: the in-process `AsyncLLM`, or a replica in a worker process
+(`cluster.process_engine.ProcessEngine`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tokenmill.engine.lora import LoRARequest
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (or its worker process died): the request produced no
+    further output."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,12 @@ class EngineClient(Protocol):
     model_id: str
     max_model_len: int
     tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def healthy(self) -> bool:
+        """False while it cannot serve (its worker process died and is being restarted): the router sends
+        it nothing meanwhile."""
+        ...
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raises `InvalidRequestError` (code context_length_exceeded) for a request that could never run to

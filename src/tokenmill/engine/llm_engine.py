@@ -23,6 +23,7 @@ from tokenmill.engine.sampling_params import Guidance, InvalidRequestError, Samp
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.setup import LoadedModel, load_model
 from tokenmill.engine.step_costs import StepCosts
+from tokenmill.models.attention import kv_window
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,12 @@ class LLMEngine:
         self.max_model_len = plan.max_model_len
         self.vocab_size = loaded.vocab_size
         self.pool = BlockPool(plan.num_blocks, plan.block_size, config.cache.enable_prefix_caching)
-        self.loras = LoRASlots(loaded.model, config.max_loras, config.max_lora_rank, plan.dtype, plan.device)
+        # Adapters are served on the Llama family's fused layers (models/lora_layers.py) only.
+        self.loras = (
+            LoRASlots(loaded.model, config.max_loras, config.max_lora_rank, plan.dtype, plan.device)
+            if getattr(loaded.model, "supports_lora", False)
+            else None
+        )
         self.runner = ModelRunner(
             loaded.model, plan.num_blocks, plan.block_size, plan.dtype, plan.device, self.loras
         )
@@ -48,6 +54,7 @@ class LLMEngine:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
+            sliding_window=kv_window(loaded.model.cache_layout),
             eos_token_ids=loaded.eos_token_ids,
             loras=self.loras,
             batch_budget=config.scheduler.batch_budget,
@@ -83,6 +90,11 @@ class LLMEngine:
     def check_lora(self, lora: LoRARequest) -> None:
         """Validates (and caches) a LoRA adapter against the base model without loading its weights; raises
         InvalidRequestError(param="model") for one this engine cannot serve. Thread-safe."""
+        if self.loras is None:
+            architecture = type(self.runner.model).__name__
+            raise InvalidRequestError(
+                f"model: LoRA adapters are not supported on {architecture} models yet", param="model"
+            )
         self.loras.check(lora)
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:

@@ -37,8 +37,13 @@ def keep_freed_memory_mapped() -> None:
 
 
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * len(model.layers) * block_size * model.num_kv_heads * model.head_dim * element_size
+    return block_size * sum(layer.bytes_per_token(dtype) for layer in model.cache_layout)
+
+
+def _readable(block_ids: list[int]) -> np.ndarray:
+    """A block table whose given-back entries (NO_BLOCK: out of every layer's window) point at block 0, so
+    gathers stay in bounds; attention masks those positions, so what block 0 holds never counts."""
+    return np.maximum(np.asarray(block_ids, dtype=np.int64), 0)
 
 
 class ModelRunner:
@@ -57,11 +62,8 @@ class ModelRunner:
         self.device = device
         if device.type == "cpu":
             keep_freed_memory_mapped()
-        num_slots = num_blocks * block_size
-        shape = (model.num_kv_heads, num_slots, model.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in model.layers
+            layer.allocate(num_blocks * block_size, dtype, device) for layer in model.cache_layout
         ]
 
     @torch.inference_mode()
@@ -120,14 +122,14 @@ class ModelRunner:
         return input_ids, positions, np.concatenate(slots)
 
     def _context_slots(self, item: ScheduledSeq) -> np.ndarray:
-        block_ids = np.asarray(item.seq.block_ids, dtype=np.int64)
+        block_ids = _readable(item.seq.block_ids)
         return (block_ids[:, None] * self.block_size + np.arange(self.block_size)).reshape(-1)[: item.end]
 
     def _prepare_decodes(self, decodes: list[ScheduledSeq]) -> object:
         num_blocks = max(len(item.seq.block_ids) for item in decodes)
         block_tables = np.zeros((len(decodes), num_blocks), dtype=np.int64)
         for row, item in enumerate(decodes):
-            block_tables[row, : len(item.seq.block_ids)] = item.seq.block_ids
+            block_tables[row, : len(item.seq.block_ids)] = _readable(item.seq.block_ids)
         context_lens = np.asarray([item.end for item in decodes], dtype=np.int64)
         return self.model.attention_backend.prepare_decodes(
             block_tables, context_lens, self.block_size, self.device

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterator
 
+from tokenmill.engine.block_pool import NO_BLOCK
 from tokenmill.engine.request import Sequence
 from tokenmill.engine.sampling_params import Priority
 
@@ -79,7 +80,7 @@ class RunningSeqs:
     def blocks_only_batch_holds(self, ref_counts: list[int]) -> set[int]:
         """The KV blocks that would come free if every running batch sequence were preempted: those no
         interactive sequence shares."""
-        holders = Counter(block_id for seq in self.batch for block_id in seq.block_ids)
+        holders = Counter(b for seq in self.batch for b in seq.block_ids if b != NO_BLOCK)
         return {block_id for block_id, n in holders.items() if n == ref_counts[block_id]}
 
     def newest_batch_pinning_alone(self) -> Sequence | None:

@@ -10,6 +10,9 @@ work, batch items get as many tokens as keep the step within `BatchBudget.max_sl
 alone, by the engine's measured step costs (and at most `fill_tokens`); with no live work, a step of up to
 `idle_tokens` (a live request arriving meanwhile waits for the step under way). When memory runs short,
 batch sequences give it back first.
+
+Sliding-window models (every layer attends to at most its last `sliding_window` tokens) give back the blocks
+that slid out of the window as a sequence advances, so a sequence holds about a window of KV, however long.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tokenmill.config import BatchBudget
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
-from tokenmill.engine.block_pool import BlockHash, BlockPool, hash_block, hash_salt
+from tokenmill.engine.block_pool import NO_BLOCK, BlockHash, BlockPool, hash_block, hash_salt
 from tokenmill.engine.priority_queues import RunningSeqs, WaitingQueues, is_batch
 from tokenmill.engine.request import RequestStatus, Sequence
 from tokenmill.engine.sampling_params import InvalidRequestError
@@ -49,6 +52,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         max_model_len: int,
+        sliding_window: int | None = None,
         eos_token_ids: Iterable[int] = (),
         loras: AdapterSlots | None = None,
         batch_budget: BatchBudget | None = None,
@@ -60,6 +64,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
+        self.sliding_window = sliding_window
+        """The most recent tokens any layer attends to, when every layer has a window (models/attention.py
+        `kv_window`); None: sequences keep all their KV."""
         self.eos_token_ids = frozenset(eos_token_ids)
         self.batch_budget = batch_budget or BatchBudget()
         """Another thread may replace it (`LLMEngine.set_batch_budget`): `schedule` reads it once per step."""
@@ -89,7 +96,7 @@ class Scheduler:
                 code="context_length_exceeded",
             )
         # The last generated token never needs KV, hence the -1.
-        blocks_needed = -(-(num_prompt_tokens + max_tokens - 1) // self.block_size)
+        blocks_needed = self._peak_blocks(num_prompt_tokens + max_tokens - 1)
         if blocks_needed > self.pool.num_blocks:
             raise InvalidRequestError(
                 f"The request needs {blocks_needed} KV-cache blocks but the pool has only "
@@ -177,6 +184,33 @@ class Scheduler:
     def _blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def _peak_blocks(self, num_tokens: int) -> int:
+        """The most blocks a sequence of `num_tokens` holds at once."""
+        blocks = self._blocks_needed(num_tokens)
+        if self.sliding_window is None:
+            return blocks
+        # A step's chunk and the window before its first token, each end possibly in a partial block.
+        span = self.sliding_window - 1 + self.max_num_batched_tokens
+        return min(blocks, self._blocks_needed(span) + 1)
+
+    def _slid_out(self, num_computed: int) -> int:
+        """How many leading blocks of a sequence with `num_computed` tokens in the cache no later query
+        reads: the next query (at position num_computed) reads keys from num_computed - window + 1 on."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed - self.sliding_window + 1) // self.block_size
+
+    def _slide(self, seq: Sequence) -> None:
+        """Give back the blocks that slid out of every layer's window (newest first, so each is released
+        once: the older ones already were)."""
+        released = []
+        index = self._slid_out(seq.num_computed_tokens) - 1
+        while index >= 0 and seq.block_ids[index] != NO_BLOCK:
+            released.append(seq.block_ids[index])
+            seq.block_ids[index] = NO_BLOCK
+            index -= 1
+        self.pool.release(released)
+
     def _batch_share(self, live: bool, live_tokens: int, budgets: BatchBudget) -> int:
         """Tokens batch work may take in a step whose live work takes `live_tokens`."""
         if not live:
@@ -192,6 +226,7 @@ class Scheduler:
         index = 0
         while index < len(running) and used < budget:
             seq = running[index]
+            self._slide(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget - used)
             if not self._reserve_slots(seq, num_new, batch):
                 break  # `seq` itself was preempted: everything after it already was.
@@ -234,7 +269,10 @@ class Scheduler:
         hits = self._match_prefix(seq)
         num_cached = len(hits) * self.block_size
         num_new = min(seq.num_tokens - num_cached, budget)
-        return _Admission(hits, num_cached, num_new, self._blocks_needed(num_cached + num_new) - len(hits))
+        # Cached blocks already out of the window are not taken at all.
+        num_slid = self._slid_out(num_cached)
+        blocks_needed = self._blocks_needed(num_cached + num_new) - len(hits)
+        return _Admission(hits[num_slid:], num_slid, num_cached, num_new, blocks_needed)
 
     def _fits(self, plan: _Admission) -> bool:
         # Cached blocks nobody references sit in the free queue: reusing them uses up free capacity too.
@@ -272,7 +310,7 @@ class Scheduler:
         if lora is not None:
             self.loras.pin(lora)  # type: ignore[union-attr]  # _can_pin checked it exists
         self.pool.acquire(plan.hits)
-        seq.block_ids = plan.hits
+        seq.block_ids = [NO_BLOCK] * plan.num_slid + plan.hits
         seq.num_computed_tokens = plan.num_cached
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = plan.num_cached
@@ -377,6 +415,9 @@ class _Admission:
     """What admitting a waiting sequence takes: its prefix-cache hits and the blocks for its first chunk."""
 
     hits: list[int]
+    """The cached blocks it takes (those in the window, for sliding-window models)."""
+    num_slid: int
+    """Cached blocks before `hits` that it does not take: they are out of every layer's window."""
     num_cached: int
     num_new: int
     blocks_needed: int

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from tokenmill.config import ConfigError, EngineConfig
+from tokenmill.config import ConfigError, EngineConfig, chat_template_text
 from tokenmill.engine.hardware import free_memory_bytes, native_bf16_flag
 from tokenmill.engine.model_runner import kv_bytes_per_block
-from tokenmill.models.attention import TorchPagedAttention
+from tokenmill.models.attention import TorchPagedAttention, kv_window
 from tokenmill.models.cpu_attention import KernelPagedAttention, kernel_supports, load_kernel
+from tokenmill.models.cpu_decode_step import CpuDecodeStep
 from tokenmill.models.cpu_ops import CpuKernelOps, load_ops_kernel
 from tokenmill.models.layers import use_ops
 from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, load_tokenizer, resolve_model
@@ -84,15 +85,20 @@ def _plan(config: EngineConfig, source: ModelSource, hf_config: PretrainedConfig
     shape = create_model(hf_config, dtype, torch.device("meta"), max_model_len)
     block_size = config.cache.block_size
     kv_bytes_per_token = kv_bytes_per_block(shape, block_size, dtype) // block_size
-    num_blocks, kv_reason = _num_blocks(config, kv_bytes_per_token, max_model_len, device)
+    # What one sequence holds at most: its whole context, or (every layer windowed) a window and a step.
+    window = kv_window(shape.cache_layout)
+    kv_span = max_model_len
+    if window is not None:
+        kv_span = min(max_model_len, window + config.scheduler.max_num_batched_tokens + block_size)
+    num_blocks, kv_reason = _num_blocks(config, kv_bytes_per_token, kv_span, device)
     pool_tokens = num_blocks * block_size
-    if config.model.max_model_len is not None and config.model.max_model_len > pool_tokens:
+    if config.model.max_model_len is not None and kv_span > pool_tokens:
         raise ConfigError(
-            f"kv_cache_memory: the KV pool holds {pool_tokens} tokens, fewer than max_model_len "
-            f"{config.model.max_model_len}; give it more memory or lower max_model_len"
+            f"kv_cache_memory: the KV pool holds {pool_tokens} tokens, fewer than a sequence of max_model_len "
+            f"{config.model.max_model_len} needs ({kv_span}); give it more memory or lower max_model_len"
         )
-    if pool_tokens < max_model_len:
-        # A context longer than the pool could never be served: advertise what actually fits.
+    if pool_tokens < kv_span:
+        # A context the pool cannot hold could never be served: advertise what surely fits.
         kv_reason += f"; the context is cut to the {pool_tokens} tokens it holds"
         max_model_len = pool_tokens
     return EnginePlan(
@@ -114,6 +120,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     hf_config = load_hf_config(source)  # read once: from a GGUF it takes a while
     plan = _plan(config, source, hf_config)
     tokenizer = load_tokenizer(plan.source)
+    if config.model.chat_template is not None:
+        tokenizer.chat_template = chat_template_text(config.model.chat_template)
     model = create_model(hf_config, plan.dtype, plan.device, plan.max_model_len)
     model.load_weights(iter_weights(plan.source, plan.dtype))
     if config.model.quantization != "none":
@@ -137,8 +145,9 @@ def _attention_backend(
 ) -> TorchPagedAttention:
     if choice == "torch":
         return TorchPagedAttention()
-    group_size = model.layers[0].self_attn.num_heads // model.num_kv_heads
-    applies = device.type == "cpu" and kernel_supports(dtype, model.head_dim, group_size)
+    applies = device.type == "cpu" and all(
+        kernel_supports(dtype, layer.head_dim, layer.group_size) for layer in model.cache_layout
+    )
     kernel = load_kernel() if applies else None
     if kernel is None and choice == "kernel":
         raise ConfigError(
@@ -152,10 +161,13 @@ def _use_cpu_kernels(choice: str, model: nn.Module, device: torch.device) -> Non
     if choice == "torch":
         return
     kernel = load_ops_kernel() if device.type == "cpu" else None
-    if kernel is None and choice == "kernel":
+    if kernel is None and choice in ("kernel", "per-op"):
         raise ConfigError("cpu_kernels: the C kernels need a CPU device and a working C compiler (cc or gcc)")
     if kernel is not None:
-        use_ops(model, CpuKernelOps(kernel))
+        ops = CpuKernelOps(kernel, native_bf16=native_bf16_flag() is not None)
+        use_ops(model, ops)
+        if choice != "per-op":
+            model.decode_step = CpuDecodeStep.for_model(model, ops)
 
 
 def _device(name: str) -> torch.device:
@@ -180,10 +192,6 @@ def _dtype(name: str, hf_config: object, device: torch.device) -> tuple[torch.dt
 
 def _max_model_len(requested: int | None, hf_config: object) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    # Mistral-style sliding windows: within the window, attention is exact full attention.
-    window = getattr(hf_config, "sliding_window", None)
-    if window and (getattr(hf_config, "use_sliding_window", True) is not False):
-        limit = min(limit, window)
     if requested is None:
         return limit
     if requested > limit:

@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from tokenmill.jobs.hyperparameters import Hyperparameters
 from tokenmill.jobs.training_data import IGNORE_INDEX, TrainingExample, TrainingSet
-from tokenmill.models.loader import ModelLoadError, ModelSource, iter_weights, load_hf_config, resolve_model
+from tokenmill.models.errors import ModelLoadError
+from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, resolve_model
 
 TRAINABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 """Decoder-only chat models whose linear layers the serving engine can adapt per request."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tokenmill.jobs.hyperparameters import Hyperparameters
 from tokenmill.jobs.training_data import TrainingDataError, TrainingSet, parse_chat_jsonl
 from tokenmill.platform import fine_tuning as jobs
+from tokenmill.platform import fine_tuning_runs as runs
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import Conflict
 from tokenmill.platform.file_store import FileStore, local_store
@@ -79,7 +80,7 @@ class TrainerWorker:
         """Take jobs until stopped (`once`: until the queue is empty, for tests)."""
         logger.info("trainer worker %s ready", self.config.name)
         while not self.stopping.is_set():
-            job = jobs.claim_next(self.db, self.config.name, stale_after_s=self.config.stale_after_s)
+            job = runs.claim_next(self.db, self.config.name, stale_after_s=self.config.stale_after_s)
             if job is None:
                 if once:
                     return
@@ -97,12 +98,12 @@ class TrainerWorker:
             result = self._train(job, lambda: stop_job.is_set() or self.stopping.is_set())
         except TrainingDataError as exc:
             self._close(
-                jobs.fail, job.id, code="invalid_training_file", message=str(exc), param="training_file"
+                runs.fail, job.id, code="invalid_training_file", message=str(exc), param="training_file"
             )
             return
         except Exception as exc:
             logger.exception("job %s failed", job.id)
-            self._close(jobs.fail, job.id, code="training_failed", message=f"{type(exc).__name__}: {exc}")
+            self._close(runs.fail, job.id, code="training_failed", message=f"{type(exc).__name__}: {exc}")
             return
         finally:
             stop_job.set()
@@ -110,18 +111,18 @@ class TrainerWorker:
         if not result.cancelled:
             adapter = str(result.adapter_dir)
             self._close(
-                jobs.succeed,
+                runs.succeed,
                 job,
                 trained_tokens=result.trained_tokens,
                 adapter_path=adapter,
                 context_length=job.max_tokens_per_example,
             )
         elif self.stopping.is_set() and not jobs.get_job(self.db, job.org_id, job.id).cancel_requested:
-            jobs.requeue(
+            runs.requeue(
                 self.db, job.id, name, "The worker stopped; the job resumes from its last checkpoint."
             )
         else:
-            self._close(jobs.cancelled, job.id, trained_tokens=result.trained_tokens)
+            self._close(runs.cancelled, job.id, trained_tokens=result.trained_tokens)
 
     def _train(self, job: jobs.JobInfo, should_stop) -> TrainingResult:
         from tokenmill.jobs.trainer import train_lora
@@ -131,17 +132,17 @@ class TrainerWorker:
         train = self._training_set(job, job.training_file, tokenizer)
         validation = self._training_set(job, job.validation_file, tokenizer, minimum=1)
         out_dir = artifacts_dir(self.config.data_dir, job.org_id, job.id)
-        checkpoint = jobs.latest_checkpoint(self.db, job.id)
+        checkpoint = runs.latest_checkpoint(self.db, job.id)
         if checkpoint is not None:
-            jobs.add_event(self.db, job.id, f"Resuming from the checkpoint at step {checkpoint.step}")
+            runs.add_event(self.db, job.id, f"Resuming from the checkpoint at step {checkpoint.step}")
         known = {checkpoint.path} if checkpoint is not None else set()
 
         def on_progress(progress: TrainingProgress) -> None:
-            jobs.add_event(self.db, job.id, _progress_message(progress), data=_metrics(progress))
+            runs.add_event(self.db, job.id, _progress_message(progress), data=_metrics(progress))
             saved = progress.checkpoint
             if saved is not None and str(saved.path) not in known:
                 known.add(str(saved.path))
-                jobs.add_checkpoint(self.db, job.id, saved.step, _metrics(progress), str(saved.path))
+                runs.add_checkpoint(self.db, job.id, saved.step, _metrics(progress), str(saved.path))
 
         return train_lora(
             job.base_source,
@@ -166,7 +167,7 @@ class TrainerWorker:
     def _beat(self, job_id: str, stop_job: threading.Event) -> None:
         while not stop_job.wait(self.config.heartbeat_interval_s):
             try:
-                if jobs.heartbeat(self.db, job_id, self.config.name):
+                if runs.heartbeat(self.db, job_id, self.config.name):
                     stop_job.set()
             except Exception:  # a database hiccup: the next beat tries again
                 logger.exception("job %s: heartbeat failed", job_id)

@@ -27,7 +27,7 @@ def load_kernel() -> ctypes.CDLL | None:
     for symbol in _SYMBOLS.values():
         function = getattr(kernel, symbol)
         function.restype = ctypes.c_int
-        function.argtypes = [_ptr] * 6 + [_i64] * 7 + [ctypes.c_float]
+        function.argtypes = [_ptr] * 6 + [_i64] * 8 + [ctypes.c_float]
     return kernel
 
 
@@ -58,6 +58,7 @@ class KernelPagedAttention(TorchPagedAttention):
         v_cache: torch.Tensor,
         tables: tuple[torch.Tensor, torch.Tensor, int, list[tuple[int, int]]],
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         block_tables, context_lens, block_size, slices = tables
         q = q.contiguous()
@@ -69,7 +70,8 @@ class KernelPagedAttention(TorchPagedAttention):
             return function(
                 q[first].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables[first].data_ptr(),
                 context_lens[first:].data_ptr(), out[first].data_ptr(), last - first, q.shape[1],
-                k_cache.shape[0], q.shape[2], k_cache.shape[1], block_tables.shape[1], block_size, scale,
+                k_cache.shape[0], q.shape[2], k_cache.shape[1], block_tables.shape[1], block_size, window or 0,
+                scale,
             )  # fmt: skip
 
         statuses = list(self.pool.map(run, slices)) if len(slices) > 1 else [run(slices[0])]

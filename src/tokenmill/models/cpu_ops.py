@@ -1,13 +1,15 @@
 """The decode step's operators on the CPU, by kernels/cpu_ops.c (built on first use by
-`native.compile_library`; where it cannot be, `load_ops_kernel` returns None and TorchOps run).
+`native.compile_library`, inside kernels/decode_step.c; where it cannot be, `load_ops_kernel` returns None
+and TorchOps run).
 
 Matrix products: torch's bfloat16 GEMM streams a weight matrix at a few GB/s when the other operand has one
-row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once with AVX-512
-BF16 dot products at close to memory speed (on SmolLM2's shapes here: 3-6x torch at one row, still ahead
-at eight). Larger products (prefill chunks, big batches) are compute-bound and stay with torch's GEMM, as
-do float32 and CPUs without AVX-512 BF16. int8 weights (models/quantization.py) go through an AVX-512 VNNI
-kernel up to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm,
-rotary) run for float32 and bfloat16 and replace about ten torch calls each.
+row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once at close to
+memory speed, with AVX-512 BF16 dot products or, on CPUs without AVX-512, AVX2 FMAs on weights widened to
+float32 (on SmolLM2's shapes: 3-6x torch at one row, still ahead at eight). float32 products of few rows
+go through the same kernel. Larger products (prefill chunks, big batches) are compute-bound and stay with
+torch's GEMM. int8 weights (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up
+to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary, SiLU * up) run for
+float32 and bfloat16 and replace several torch calls each.
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ copy."""
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_GEMM = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
 _NORM = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
 _ROTARY = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+_SILU_MUL = [_ptr, _i64, _ptr, _i64, _i64, _i64]
+_DECODE_STEP = [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
 _SIGNATURES = {
     "skinny_gemm_supported": (ctypes.c_int, []),
+    "skinny_gemm_f32_supported": (ctypes.c_int, []),
     "skinny_gemm_q8_supported": (ctypes.c_int, []),
-    "skinny_gemm_bf16": (ctypes.c_int, [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]),
-    "add_rms_norm_f32": (None, _NORM),
-    "add_rms_norm_bf16": (None, _NORM),
-    "rotary_f32": (None, _ROTARY),
-    "rotary_bf16": (None, _ROTARY),
+    "skinny_gemm_bf16": (ctypes.c_int, _GEMM),
+    "skinny_gemm_f32": (ctypes.c_int, _GEMM),
+    **{f"add_rms_norm_{suffix}": (None, _NORM) for suffix in _SUFFIX.values()},
+    **{f"rotary_{suffix}": (None, _ROTARY) for suffix in _SUFFIX.values()},
+    **{f"silu_mul_{suffix}": (None, _SILU_MUL) for suffix in _SUFFIX.values()},
+    **{f"decode_step_{suffix}": (ctypes.c_int, _DECODE_STEP) for suffix in _SUFFIX.values()},
     "skinny_gemm_q8": (
         ctypes.c_int,
         [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
@@ -53,7 +60,7 @@ _SIGNATURES = {
 def load_ops_kernel() -> ctypes.CDLL | None:
     # -fopenmp links libgomp.so.1: torch has loaded that same library (by that name), so the kernel's
     # parallel loops run on torch's OpenMP thread pool rather than a second one competing for the cores.
-    library = compile_library("cpu_ops.c", ("-fopenmp",))
+    library = compile_library("decode_step.c", ("-fopenmp",))
     if library is None:
         return None
     for symbol, (restype, argtypes) in _SIGNATURES.items():
@@ -87,31 +94,47 @@ def _kernel_ready(
 class CpuKernelOps(TorchOps):
     """TorchOps with the kernel taking every call it handles; the rest fall through to torch."""
 
-    def __init__(self, kernel: ctypes.CDLL) -> None:
-        self.gemm = kernel.skinny_gemm_bf16 if kernel.skinny_gemm_supported() else None
+    def __init__(self, kernel: ctypes.CDLL, native_bf16: bool = True) -> None:
+        self.kernel = kernel
+        self.widen_bf16 = not native_bf16
+        """Without native bfloat16 arithmetic (AVX2 CPUs) torch's bfloat16 GEMM runs ~7x slower than its
+        float32 one: larger bfloat16 products are computed in float32 and rounded back."""
+        self.gemms = {}
+        """dtype -> the few-row product for it, where this CPU has one."""
+        if kernel.skinny_gemm_supported():
+            self.gemms[torch.bfloat16] = kernel.skinny_gemm_bf16
+        if kernel.skinny_gemm_f32_supported():
+            self.gemms[torch.float32] = kernel.skinny_gemm_f32
         self.gemm_q8 = kernel.skinny_gemm_q8 if kernel.skinny_gemm_q8_supported() else None
         self.dequantize_q8 = kernel.dequantize_q8
         self.norms = {dtype: getattr(kernel, f"add_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.rotaries = {dtype: getattr(kernel, f"rotary_{suffix}") for dtype, suffix in _SUFFIX.items()}
+        self.silu_muls = {dtype: getattr(kernel, f"silu_mul_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.num_threads = torch.get_num_threads()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        gemm = self.gemms.get(x.dtype)
         if not (
-            self.gemm is not None
-            and x.dtype == torch.bfloat16
+            gemm is not None
             and x.shape[0] <= MAX_GEMM_ROWS
             and _kernel_ready(x, weight, bias)
             and weight.is_contiguous()
         ):
-            return super().linear(x, weight, bias)
+            return self._torch_linear(x, weight, bias)
         out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-        status = self.gemm(
+        status = gemm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), out.stride(0), x.shape[0], weight.shape[0], weight.shape[1], self.num_threads,
         )  # fmt: skip
         if status:
-            raise RuntimeError(f"skinny GEMM kernel failed with status {status}")
+            raise RuntimeError(f"few-row product kernel failed with status {status}")
         return out
+
+    def _torch_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.widen_bf16 and x.dtype == weight.dtype == torch.bfloat16:
+            wide_bias = None if bias is None else bias.float()
+            return super().linear(x.float(), weight.float(), wide_bias).to(torch.bfloat16)
+        return super().linear(x, weight, bias)
 
     def linear_int8(
         self,
@@ -129,7 +152,7 @@ class CpuKernelOps(TorchOps):
             self.dequantize_q8(
                 qweight.data_ptr(), scales.data_ptr(), weight.data_ptr(), outer, inner, self.num_threads
             )
-            return super().linear(x, weight, bias)
+            return self._torch_linear(x, weight, bias)
         out = torch.empty((rows, outer), dtype=torch.bfloat16)
         status = self.gemm_q8(
             x.data_ptr(), x.stride(0), qweight.data_ptr(), scales.data_ptr(), block_sums.data_ptr(),
@@ -182,3 +205,13 @@ class CpuKernelOps(TorchOps):
             rope.cos.data_ptr(), rope.sin.data_ptr(),
         )  # fmt: skip
         return q, k
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if not _kernel_ready(gate_up):
+            return super().silu_mul(gate_up)
+        rows, width = gate_up.shape
+        out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
+        self.silu_muls[gate_up.dtype](
+            gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), rows, width // 2
+        )
+        return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 
-from tokenmill.models.loader import ModelLoadError
+from tokenmill.models.errors import ModelLoadError
 
 # GGUF `general.architecture` -> (config class, HF architecture name). llama.cpp writes Mistral as "llama".
 _ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], str]] = {
     "llama": (LlamaConfig, "LlamaForCausalLM"),
     "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
+    "gemma3": (Gemma3TextConfig, "Gemma3ForCausalLM"),
 }
 
 _TOP_LEVEL_NAMES = {
@@ -39,6 +40,17 @@ _LAYER_MODULES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 has a norm before and after both attention and MLP, and per-head q/k norms; llama.cpp calls the
+# one before the MLP `ffn_norm`, Llama's name for what HF calls post_attention_layernorm.
+_GEMMA3_LAYER_MODULES = {
+    **_LAYER_MODULES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_LAYER_MODULES_BY_ARCH = {"gemma3": _GEMMA3_LAYER_MODULES}
 _TOKEN_ID_KEYS = {
     "bos_token_id": "tokenizer.ggml.bos_token_id",
     "eos_token_id": "tokenizer.ggml.eos_token_id",
@@ -58,7 +70,7 @@ def read_config(gguf_path: Path) -> PretrainedConfig:
     reader = open_reader(gguf_path)
     arch = _architecture(reader, gguf_path)
     config_cls, hf_architecture = _ARCHITECTURES[arch]
-    _reject_rope_scaling(reader, arch, gguf_path)
+    rope_scaling = _rope_scaling(reader, arch, gguf_path)
 
     def meta(key: str, default: Any = None) -> Any:
         value = _metadata(reader, f"{arch}.{key}", default)
@@ -85,11 +97,43 @@ def read_config(gguf_path: Path) -> PretrainedConfig:
     if arch == "llama":
         # Qwen2's head_dim is always hidden/heads; Llama-family checkpoints may set it apart.
         kwargs["head_dim"] = meta("rope.dimension_count", hidden_size // num_heads)
+    if arch == "gemma3":
+        kwargs.update(_gemma3_options(reader, meta, kwargs, rope_scaling))
     for config_key, gguf_key in _TOKEN_ID_KEYS.items():
         token_id = _metadata(reader, gguf_key)
         if token_id is not None:
             kwargs[config_key] = token_id
     return config_cls(**kwargs)
+
+
+def _gemma3_options(
+    reader: GGUFReader, meta: Callable[..., Any], common: dict[str, Any], rope_scaling: dict | None
+) -> dict:
+    """What llama.cpp's Gemma 3 reads or assumes beyond the common keys (llama_model::load_hparams): every
+    6th layer global, the others local with rope base 10000 and no rope scaling; scores scaled by
+    1/sqrt(head_dim), except in the 27B (62 layers): 1/sqrt(hidden/heads). transformers' GGUF loader keeps
+    its config defaults for these, the same values for every size but the 27B, and ignores rope scaling,
+    which llama.cpp applies to the global layers (Gemma 3 4B-27B: linear, factor 8) as the HF config did.
+    """
+    hidden_size, num_heads = common["hidden_size"], common["num_attention_heads"]
+    head_dim = meta("attention.key_length", hidden_size // num_heads)
+    global_rope = {"rope_type": "default", "rope_theta": common["rope_theta"], **(rope_scaling or {})}
+    return {
+        "head_dim": head_dim,
+        "sliding_window": meta("attention.sliding_window"),
+        "layer_types": [
+            "full_attention" if (layer + 1) % 6 == 0 else "sliding_attention"
+            for layer in range(common["num_hidden_layers"])
+        ],
+        "query_pre_attn_scalar": hidden_size // num_heads if common["num_hidden_layers"] == 62 else head_dim,
+        "rope_parameters": {
+            "full_attention": global_rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        # Not Gemma 3's, but passed on if a file sets them, so the model refuses or applies them.
+        "final_logit_softcapping": _metadata(reader, "gemma3.final_logit_softcapping"),
+        "attn_logit_softcapping": _metadata(reader, "gemma3.attn_logit_softcapping"),
+    }
 
 
 def read_chat_template(gguf_path: Path) -> str | None:
@@ -108,7 +152,7 @@ def iter_weights(gguf_path: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
     num_heads = _metadata(reader, f"{arch}.attention.head_count")
     num_kv_heads = _metadata(reader, f"{arch}.attention.head_count_kv", num_heads)
     for tensor in reader.tensors:
-        hf_name, module = _hf_name(tensor.name, gguf_path)
+        hf_name, module = _hf_name(tensor.name, arch, gguf_path)
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -120,6 +164,10 @@ def iter_weights(gguf_path: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
         # Only llama.cpp's Llama converter permutes Q/K; its Qwen2 converter keeps HF's order.
         if arch == "llama" and module in ("attn_q", "attn_k"):
             array = _unpermute_rotary_rows(array, num_heads if module == "attn_q" else num_kv_heads)
+        # llama.cpp's Gemma converters store norm weights as (1 + weight), the factor they apply; HF's Gemma
+        # norms hold the offset from 1 (transformers' GGUF loader subtracts the 1 again too).
+        if arch == "gemma3" and module.endswith("norm"):
+            array = array - 1.0
         if not array.flags.writeable:
             array = array.copy()  # a view of the memory-mapped file: never hand that out as a tensor
         yield hf_name, torch.from_numpy(array).to(dtype)
@@ -141,18 +189,19 @@ def _unpermute_rotary_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(rows.shape)
 
 
-def _hf_name(gguf_name: str, gguf_path: Path) -> tuple[str, str]:
+def _hf_name(gguf_name: str, arch: str, gguf_path: Path) -> tuple[str, str]:
     """(HF parameter name, llama.cpp module name) for one GGUF tensor; unknown tensors are an error
     rather than skipped, since a silently missing tensor would leave random weights in the model."""
     if gguf_name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[gguf_name], gguf_name.split(".")[0]
+    modules = _LAYER_MODULES_BY_ARCH.get(arch, _LAYER_MODULES)
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match["module"] not in _LAYER_MODULES:
+    if match is None or match["module"] not in modules:
         raise ModelLoadError(
-            f"{gguf_path}: GGUF tensor {gguf_name!r} has no counterpart in the Llama/Qwen2 models tokenmill "
-            "runs; this checkpoint's architecture variant is not supported"
+            f"{gguf_path}: GGUF tensor {gguf_name!r} has no counterpart in tokenmill's {arch} model; "
+            "this checkpoint's architecture variant is not supported"
         )
-    hf_module = _LAYER_MODULES[match["module"]]
+    hf_module = modules[match["module"]]
     return f"model.layers.{match['layer']}.{hf_module}.{match['kind']}", match["module"]
 
 
@@ -166,16 +215,21 @@ def _architecture(reader: GGUFReader, gguf_path: Path) -> str:
     return arch
 
 
-def _reject_rope_scaling(reader: GGUFReader, arch: str, gguf_path: Path) -> None:
+def _rope_scaling(reader: GGUFReader, arch: str, gguf_path: Path) -> dict | None:
     """GGUF keeps rope scaling as llama.cpp needs it (e.g. a `rope_freqs` tensor for Llama 3.1), which
-    does not map back to a transformers `rope_parameters` reliably; refuse instead of running with
-    silently wrong positions."""
+    mostly does not map back to a transformers `rope_parameters` reliably; refuse instead of running with
+    silently wrong positions. The exception: Gemma 3's linear scaling of its global layers (a factor)."""
     scaling = _metadata(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
-        raise ModelLoadError(
-            f"{gguf_path}: the checkpoint uses rope scaling ({scaling}), which tokenmill cannot rebuild from "
-            "GGUF metadata; serve the model's Hugging Face safetensors directory instead"
-        )
+    has_freqs = any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors)
+    if scaling == "none" and not has_freqs:
+        return None
+    factor = _metadata(reader, f"{arch}.rope.scaling.factor")
+    if arch == "gemma3" and scaling == "linear" and factor is not None and not has_freqs:
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise ModelLoadError(
+        f"{gguf_path}: the checkpoint uses rope scaling ({scaling}), which tokenmill cannot rebuild from "
+        "GGUF metadata; serve the model's Hugging Face safetensors directory instead"
+    )
 
 
 def _metadata(reader: GGUFReader, key: str, default: Any = None) -> Any:

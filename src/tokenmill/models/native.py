@@ -41,7 +41,9 @@ def compile_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctyp
         return None
     source_path = KERNELS / source_name
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256(source_path.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode())
+    # Every kernel source counts: one may #include another (decode_step.c holds the others).
+    sources = b"".join(path.read_bytes() for path in sorted(KERNELS.glob("*.c")))
+    key = hashlib.sha256(sources + " ".join(flags).encode() + _cpu_identity().encode())
     library = default_data_dir() / "kernels" / f"{source_path.stem}-{key.hexdigest()[:16]}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)

@@ -8,15 +8,19 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint asks for something this engine does not implement; the message says what."""
-
+from tokenmill.models.errors import UnsupportedModelError
 
 _ARCHITECTURES = {
     "LlamaForCausalLM": "tokenmill.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "tokenmill.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "tokenmill.models.llama:Qwen2ForCausalLM",
+    "Gemma3ForCausalLM": "tokenmill.models.gemma3:Gemma3ForCausalLM",
+    "Qwen3ForCausalLM": "tokenmill.models.qwen3:Qwen3ForCausalLM",
+    "Glm4ForCausalLM": "tokenmill.models.glm4:Glm4ForCausalLM",
+    "MixtralForCausalLM": "tokenmill.models.mixtral:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "tokenmill.models.qwen_moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "tokenmill.models.qwen_moe:Qwen3MoeForCausalLM",
+    "DeepseekV2ForCausalLM": "tokenmill.models.deepseek_v2:DeepseekV2ForCausalLM",
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 

@@ -1,6 +1,7 @@
 """Fine-tuning jobs as rows: the API creates one (its training reserved at the quoted price), trainer workers
 claim queued jobs from the same table, keep them alive with a heartbeat, write events and checkpoints, and
-close them; the result is an adapter model with a listing of its own (`fine_tuned_models.py`).
+close them (their side: `fine_tuning_runs.py`); the result is an adapter model with a listing of its own
+(`fine_tuned_models.py`).
 
 States: queued -> running -> succeeded | failed | cancelled (queued jobs cancel at once; a running one is
 asked to stop and its worker closes it). A running job whose heartbeat stopped (its worker crashed or was
@@ -16,16 +17,15 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenmill.platform.billing import Reservation, UsageStatus, release, reserve, settle
 from tokenmill.platform.db import Database
 from tokenmill.platform.errors import Conflict, NotFound
-from tokenmill.platform.fine_tuned_models import register
 from tokenmill.platform.listings import (
     PLATFORM_PROVIDER,
     ListingInfo,
@@ -40,8 +40,6 @@ from tokenmill.platform.tables import (
 )
 from tokenmill.platform.tables import Reservation as ReservationRow
 
-MAX_ATTEMPTS = 2
-"""Claims of one job: the first run and one resumption after its worker vanished."""
 FINISHED = ("succeeded", "failed", "cancelled")
 TRAINING_MODEL_PREFIX = "fine-tuning/"
 """Usage records of training read `fine-tuning/<base model>`, apart from the base model's inference."""
@@ -173,10 +171,10 @@ def create_job(db: Database, principal: KeyPrincipal, spec: JobSpec) -> JobInfo:
             )
             session.add(row)
             session.flush()
-            _event(session, job_id, f"Created fine-tuning job: {job_id}", now)
-            _event(session, job_id, "Validated training file: " + spec.training_file, now)
-            _event(session, job_id, "Fine-tuning job queued", now)
-            return _job(row)
+            record_event(session, job_id, f"Created fine-tuning job: {job_id}", now)
+            record_event(session, job_id, "Validated training file: " + spec.training_file, now)
+            record_event(session, job_id, "Fine-tuning job queued", now)
+            return job_info(row)
     except BaseException:
         release(db, reservation)
         raise
@@ -185,7 +183,7 @@ def create_job(db: Database, principal: KeyPrincipal, spec: JobSpec) -> JobInfo:
 def get_job(db: Database, org_id: str, job_id: str) -> JobInfo:
     """`NotFound` for a job that does not exist or is another organization's (the same answer)."""
     with db.read() as session:
-        return _job(_own_row(session, org_id, job_id))
+        return job_info(_own_row(session, org_id, job_id))
 
 
 def find_foreign_job(db: Database, org_id: str, job_id: str) -> bool:
@@ -210,7 +208,7 @@ def list_jobs(db: Database, org_id: str, *, after: str | None, limit: int) -> Pa
         rows = session.scalars(
             query.order_by(FineTuningJob.created_at.desc(), FineTuningJob.id.desc()).limit(limit + 1)
         ).all()
-        return Page([_job(row) for row in rows[:limit]], len(rows) > limit)
+        return Page([job_info(row) for row in rows[:limit]], len(rows) > limit)
 
 
 def list_events(db: Database, org_id: str, job_id: str, *, after: int | None, limit: int) -> Page[EventInfo]:
@@ -237,7 +235,7 @@ def list_checkpoints(
                 raise NotFound(f"after: no checkpoint {after!r} of this job")
             query = query.where(FineTuningCheckpoint.step < cursor.step)
         rows = session.scalars(query.order_by(FineTuningCheckpoint.step.desc()).limit(limit + 1)).all()
-        return Page([_checkpoint_info(row) for row in rows[:limit]], len(rows) > limit)
+        return Page([checkpoint_info(row) for row in rows[:limit]], len(rows) > limit)
 
 
 def cancel_job(db: Database, org_id: str, job_id: str) -> JobInfo:
@@ -250,13 +248,13 @@ def cancel_job(db: Database, org_id: str, job_id: str) -> JobInfo:
             raise Conflict(f"fine_tuning_job: job {job_id} has already {row.status}; it cannot be cancelled")
         if row.status == "queued":
             row.status, row.finished_at = "cancelled", now
-            _event(session, job_id, "Fine-tuning job cancelled", now)
+            record_event(session, job_id, "Fine-tuning job cancelled", now)
         elif row.cancel_requested_at is None:
             row.cancel_requested_at = now
-            _event(session, job_id, "Cancellation requested; stopping the training", now)
-        info = _job(row)
+            record_event(session, job_id, "Cancellation requested; stopping the training", now)
+        info = job_info(row)
     if info.status == "cancelled":
-        _settle(db, job_id)
+        settle_job(db, job_id)
     return info
 
 
@@ -282,244 +280,16 @@ def delete_checkpoints(db: Database, job_id: str) -> list[CheckpointInfo]:
         rows = session.scalars(
             select(FineTuningCheckpoint).where(FineTuningCheckpoint.job_id == job_id)
         ).all()
-        infos = [_checkpoint_info(row) for row in rows]
+        infos = [checkpoint_info(row) for row in rows]
         for row in rows:
             session.delete(row)
     return infos
 
 
-# -- the worker's side -------------------------------------------------------------------------------
+# -- shared with the workers' side (settle_job, record_event, job_info, checkpoint_info) and internals ---
 
 
-def has_unfinished_jobs(db: Database) -> bool:
-    """Whether any job is queued or running (perhaps under a worker that died with its server)."""
-    with db.read() as session:
-        found = session.scalar(
-            select(FineTuningJob.id).where(FineTuningJob.status.in_(("queued", "running"))).limit(1)
-        )
-    return found is not None
-
-
-def claim_next(db: Database, worker: str, *, stale_after_s: float) -> JobInfo | None:
-    """The oldest queued job, now running on `worker`; None when there is none. First, jobs whose worker
-    stopped beating are queued again (or failed, after MAX_ATTEMPTS), and closed jobs left unsettled by a
-    crash are settled."""
-    recover_stale_jobs(db, stale_after_s=stale_after_s)
-    settle_closed_jobs(db)
-    while True:
-        with db.read() as session:
-            job_id = session.scalar(
-                select(FineTuningJob.id)
-                .where(FineTuningJob.status == "queued")
-                .order_by(FineTuningJob.created_at, FineTuningJob.id)
-                .limit(1)
-            )
-        if job_id is None:
-            return None
-        now = db.now()
-        with db.write() as session:
-            # Compare-and-set: of several workers racing for this row, exactly one changes it.
-            claimed = session.execute(
-                update(FineTuningJob)
-                .where(FineTuningJob.id == job_id, FineTuningJob.status == "queued")
-                .values(
-                    status="running",
-                    worker=worker,
-                    heartbeat_at=now,
-                    attempts=FineTuningJob.attempts + 1,
-                    started_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if claimed:
-                row = session.get(FineTuningJob, job_id)
-                assert row is not None
-                session.refresh(row)
-                _event(session, job_id, "Fine-tuning job started", now)
-                return _job(row)
-
-
-def heartbeat(db: Database, job_id: str, worker: str) -> bool:
-    """Keep the job claimed; returns whether the worker should stop (cancellation asked, or the job is no
-    longer this worker's: it was declared lost and given to another)."""
-    with db.write() as session:
-        row = session.get(FineTuningJob, job_id, with_for_update=True)
-        if row is None or row.status != "running" or row.worker != worker:
-            return True
-        row.heartbeat_at = db.now()
-        return row.cancel_requested_at is not None
-
-
-def add_event(
-    db: Database,
-    job_id: str,
-    message: str,
-    *,
-    level: str = "info",
-    data: dict[str, Any] | None = None,
-) -> None:
-    with db.write() as session:
-        _event(session, job_id, message, db.now(), level=level, data=data)
-
-
-def add_checkpoint(
-    db: Database, job_id: str, step: int, metrics: dict[str, Any], path: str
-) -> CheckpointInfo:
-    with db.write() as session:
-        row = FineTuningCheckpoint(
-            id=f"ftckpt-{secrets.token_hex(12)}",
-            job_id=job_id,
-            step=step,
-            metrics=metrics,
-            path=path,
-            created_at=db.now(),
-        )
-        session.add(row)
-        session.flush()
-        return _checkpoint_info(row)
-
-
-def latest_checkpoint(db: Database, job_id: str) -> CheckpointInfo | None:
-    with db.read() as session:
-        row = session.scalars(
-            select(FineTuningCheckpoint)
-            .where(FineTuningCheckpoint.job_id == job_id)
-            .order_by(FineTuningCheckpoint.step.desc())
-            .limit(1)
-        ).first()
-        return None if row is None else _checkpoint_info(row)
-
-
-def succeed(
-    db: Database,
-    job: JobInfo,
-    worker: str,
-    *,
-    trained_tokens: int,
-    adapter_path: str,
-    context_length: int | None,
-) -> JobInfo:
-    """The adapter becomes a model (`fine_tuned_models.register`), then the job closes and the trained
-    tokens are charged."""
-    model = register(db, job.model, job.org_id, job.id, job.suffix, adapter_path, context_length)
-    return _close(
-        db,
-        job.id,
-        worker,
-        "succeeded",
-        trained_tokens,
-        f"The job has successfully completed: {model}",
-        fine_tuned_model=model,
-    )
-
-
-def fail(
-    db: Database, job_id: str, worker: str, *, code: str, message: str, param: str | None = None
-) -> JobInfo:
-    return _close(
-        db,
-        job_id,
-        worker,
-        "failed",
-        None,
-        f"The job failed: {message}",
-        error={"code": code, "message": message, "param": param},
-    )
-
-
-def cancelled(db: Database, job_id: str, worker: str, *, trained_tokens: int) -> JobInfo:
-    return _close(db, job_id, worker, "cancelled", trained_tokens, "Fine-tuning job cancelled")
-
-
-def requeue(db: Database, job_id: str, worker: str, reason: str) -> bool:
-    """Give a running job back to the queue (its worker is stopping); it resumes from its last checkpoint.
-    Returns False when the job was no longer this worker's."""
-    with db.write() as session:
-        row = session.get(FineTuningJob, job_id, with_for_update=True)
-        if row is None or row.status != "running" or row.worker != worker:
-            return False
-        row.status, row.worker, row.heartbeat_at = "queued", None, None
-        row.attempts = max(row.attempts - 1, 0)  # a clean stop does not count against the job
-        _event(session, job_id, reason, db.now())
-        return True
-
-
-def recover_stale_jobs(db: Database, *, stale_after_s: float, worker: str | None = None) -> list[str]:
-    """Running jobs whose worker stopped beating for `stale_after_s` (or, with `worker`, every running job
-    of that worker, known dead): queued again to resume from their last checkpoint, or failed with the
-    reason once they have had MAX_ATTEMPTS. Returns the failed jobs' ids."""
-    now = db.now()
-    query = select(FineTuningJob).where(FineTuningJob.status == "running")
-    if worker is not None:
-        query = query.where(FineTuningJob.worker == worker)
-    else:
-        query = query.where(FineTuningJob.heartbeat_at < now - timedelta(seconds=stale_after_s))
-    failed = []
-    with db.write() as session:
-        for row in session.scalars(query.with_for_update()).all():
-            lost = f"The worker running this job ({row.worker}) stopped"
-            if row.attempts >= MAX_ATTEMPTS:
-                row.status, row.finished_at = "failed", now
-                message = f"{lost}, for the {row.attempts}th time; the job is not retried."
-                row.error = {"code": "worker_lost", "message": message, "param": None}
-                _event(session, row.id, message, now, level="error")
-                failed.append(row.id)
-            else:
-                row.status, row.worker, row.heartbeat_at = "queued", None, None
-                _event(
-                    session, row.id, f"{lost}; the job resumes from its last checkpoint.", now, level="warn"
-                )
-    for job_id in failed:
-        _settle(db, job_id)
-    return failed
-
-
-def settle_closed_jobs(db: Database) -> None:
-    """Settle the reservations of jobs that closed without being settled (a crash between the two)."""
-    with db.read() as session:
-        job_ids = list(
-            session.scalars(
-                select(FineTuningJob.id)
-                .join(ReservationRow, ReservationRow.id == FineTuningJob.reservation_id)
-                .where(FineTuningJob.status.in_(FINISHED), ReservationRow.state == "open")
-            )
-        )
-    for job_id in job_ids:
-        _settle(db, job_id)
-
-
-# -- internals ---------------------------------------------------------------------------------------
-
-
-def _close(
-    db: Database,
-    job_id: str,
-    worker: str,
-    status: str,
-    trained_tokens: int | None,
-    message: str,
-    *,
-    fine_tuned_model: str | None = None,
-    error: dict[str, Any] | None = None,
-) -> JobInfo:
-    with db.write() as session:
-        row = session.get(FineTuningJob, job_id, with_for_update=True)
-        if row is None:
-            raise NotFound(f"fine_tuning_job: no job {job_id!r}")
-        if row.status != "running" or row.worker != worker:
-            raise Conflict(f"fine_tuning_job: job {job_id} is no longer run by {worker}")
-        now = db.now()
-        row.status, row.finished_at, row.heartbeat_at = status, now, None
-        row.trained_tokens = trained_tokens
-        row.fine_tuned_model = fine_tuned_model
-        row.error = error
-        _event(session, job_id, message, now, level="error" if error else "info")
-        info = _job(row)
-    _settle(db, job_id)
-    return info
-
-
-def _settle(db: Database, job_id: str) -> None:
+def settle_job(db: Database, job_id: str) -> None:
     """Charge a closed job's trained tokens (nothing when it failed) and close its reservation."""
     with db.read() as session:
         job = session.get(FineTuningJob, job_id)
@@ -583,7 +353,7 @@ def _own_row(session: Session, org_id: str, job_id: str, *, lock: bool = False) 
     return row
 
 
-def _event(
+def record_event(
     session: Session,
     job_id: str,
     message: str,
@@ -604,7 +374,7 @@ def _event(
     )
 
 
-def _job(row: FineTuningJob) -> JobInfo:
+def job_info(row: FineTuningJob) -> JobInfo:
     return JobInfo(
         id=row.id,
         org_id=row.org_id,
@@ -634,5 +404,5 @@ def _event_info(row: FineTuningEvent) -> EventInfo:
     return EventInfo(row.id, row.job_id, row.level, row.type, row.message, row.data, row.created_at)
 
 
-def _checkpoint_info(row: FineTuningCheckpoint) -> CheckpointInfo:
+def checkpoint_info(row: FineTuningCheckpoint) -> CheckpointInfo:
     return CheckpointInfo(row.id, row.job_id, row.step, dict(row.metrics), row.path, row.created_at)

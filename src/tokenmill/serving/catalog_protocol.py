@@ -84,6 +84,9 @@ class CatalogModel(ListingCard):
     state: str
     """loaded | loading | unloaded | draining | stopped | failed: whether a request is served at once, after
     a cold start, or not at all right now."""
+    replicas: int | None = None
+    """Engines serving the chat model right now: it may scale with demand, and 0 means the next request
+    starts one (a cold start). None for an embedding model."""
     live: LiveFiguresBody
     yours: ProviderView | None = None
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.catalog.fleet_model import ModelUnavailable
 from tokenmill.catalog.router import ModelOverloaded
+from tokenmill.engine.client import EngineError
 from tokenmill.engine.sampling_params import InvalidRequestError
 from tokenmill.platform.errors import (
     AuthenticationError,
@@ -152,8 +153,24 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
     return error_response(400, message, param)
 
 
+ENGINE_FAILED_RETRY_AFTER_S = 1
+ENGINE_FAILED = (
+    "The model's engine stopped while serving the request (its replica is restarting); nothing is charged "
+    f"for it. Retry in {ENGINE_FAILED_RETRY_AFTER_S} s."
+)
+
+
 def error_payload(exc: BaseException) -> dict[str, Any]:
     """The error object for an SSE `data:` event, sent when a stream fails after its headers went out."""
+    if isinstance(exc, EngineError):
+        return {
+            "error": {
+                "message": ENGINE_FAILED,
+                "type": "server_error",
+                "param": None,
+                "code": "engine_failed",
+            }
+        }
     if isinstance(exc, APIError | InvalidRequestError):
         status = exc.status_code if isinstance(exc, APIError) else 400
         error_type = _ERROR_TYPES.get(status, "server_error")
@@ -245,6 +262,13 @@ async def _model_unavailable(_: Request, exc: Exception) -> Response:
     return error_response(503, str(exc), "model", "model_unavailable", headers=headers)
 
 
+async def _engine_failed(_: Request, exc: Exception) -> Response:
+    """A replica died under the request (a worker process killed or crashed): the others keep serving."""
+    return error_response(
+        503, ENGINE_FAILED, None, "engine_failed", headers={"retry-after": str(ENGINE_FAILED_RETRY_AFTER_S)}
+    )
+
+
 async def _request_validation(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return _validation_response(exc)
@@ -270,6 +294,7 @@ _HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Respon
     PlatformError: _platform_error,
     ModelOverloaded: _model_overloaded,
     ModelUnavailable: _model_unavailable,
+    EngineError: _engine_failed,
     RequestValidationError: _request_validation,
     StarletteHTTPException: _http_exception,
     ClientDisconnected: _client_disconnected,

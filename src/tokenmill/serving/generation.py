@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Receive
 
-from tokenmill.engine.client import EngineClient
+from tokenmill.engine.client import EngineClient, EngineError
 from tokenmill.engine.request import RequestOutput
 from tokenmill.engine.sampling_params import SamplingParams
 from tokenmill.serving.deltas import DeltaTracker
@@ -35,12 +35,16 @@ class EngineRequest:
         params: SamplingParams,
         request_id: str,
         spawn: Spawn,
+        reroute: Callable[[EngineClient], EngineClient | None] | None = None,
     ) -> None:
+        """`reroute(failed engine)`: another replica to submit to when this one fails before the first
+        output (the ticket's `reroute`), or None."""
         self.engine = engine
         self.prompt = prompt
         self.params = params
         self.request_id = request_id
         self._spawn = spawn
+        self._reroute = reroute
         self._outputs: AsyncIterator[RequestOutput] | None = None
         self._first: RequestOutput | None = None
         self.finished = False
@@ -48,12 +52,21 @@ class EngineRequest:
 
     async def start(self) -> None:
         """Submit and wait for the first output: the engine validates on submission, and its errors must
-        become a 400 while the HTTP status can still say so."""
-        self._outputs = self.engine.generate(self.prompt, self.params, self.request_id)
-        try:
-            self._first = await anext(self._outputs)
-        except StopAsyncIteration:
-            raise RuntimeError(f"engine ended request {self.request_id} without any output") from None
+        become a 400 while the HTTP status can still say so. A replica that fails before that (its worker
+        died) hands the request to another one: the client has seen nothing yet."""
+        while True:
+            self._outputs = self.engine.generate(self.prompt, self.params, self.request_id)
+            try:
+                self._first = await anext(self._outputs)
+                break
+            except StopAsyncIteration:
+                raise RuntimeError(f"engine ended request {self.request_id} without any output") from None
+            except EngineError as error:
+                engine = None if self._reroute is None else self._reroute(self.engine)
+                if engine is None:
+                    raise
+                logger.warning("request %s: %s; submitted again to another replica", self.request_id, error)
+                self.engine = engine
         self.finished = self._first.finished
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:

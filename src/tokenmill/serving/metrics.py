@@ -114,6 +114,16 @@ class _FleetCollector(Collector):
         in_flight = GaugeMetricFamily(
             "tokenmill_model_requests_in_flight", "Requests holding the model.", labels=["model"]
         )
+        replicas = GaugeMetricFamily(
+            "tokenmill_model_replicas",
+            "Replicas taking requests (draining ones not counted).",
+            labels=["model"],
+        )
+        scalings = CounterMetricFamily(
+            "tokenmill_model_scalings",
+            "The autoscaler's moves: up (replicas added) and down (one drained, or the model unloaded).",
+            labels=["model", "direction"],
+        )
         for status in self._fleet.status():
             for each in ModelState:
                 state.add_metric([status.model_id, each.value], float(status.state == each))
@@ -121,9 +131,13 @@ class _FleetCollector(Collector):
             if status.last_load_s is not None:
                 load_seconds.add_metric([status.model_id], status.last_load_s)
             in_flight.add_metric([status.model_id], float(status.in_flight))
+            replicas.add_metric([status.model_id], float(sum(not r.draining for r in status.replicas)))
+            if status.autoscaling is not None:
+                scalings.add_metric([status.model_id, "up"], float(status.num_scale_ups))
+                scalings.add_metric([status.model_id, "down"], float(status.num_scale_downs))
         used = GaugeMetricFamily("tokenmill_model_memory_used_bytes", "Memory booked by loaded models.")
         used.add_metric([], float(self._fleet.memory_used_bytes))
-        yield from (state, loads, load_seconds, in_flight, used)
+        yield from (state, loads, load_seconds, in_flight, replicas, scalings, used)
         if self._fleet.memory_budget_bytes is not None:
             budget = GaugeMetricFamily("tokenmill_model_memory_budget_bytes", "Memory all models may use.")
             budget.add_metric([], float(self._fleet.memory_budget_bytes))

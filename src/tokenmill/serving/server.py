@@ -16,7 +16,7 @@ from tokenmill.catalog.deployments import Deployment, load_deployments
 from tokenmill.engine.embedder import Embedder
 from tokenmill.jobs.worker_supervisor import WorkerSupervisor
 from tokenmill.platform.admin_key import admin_key_path
-from tokenmill.platform.fine_tuning import has_unfinished_jobs, recover_stale_jobs
+from tokenmill.platform.fine_tuning_runs import has_unfinished_jobs, recover_stale_jobs
 from tokenmill.platform.gateway import Gateway, PlatformSettings
 from tokenmill.platform.listings import apply_listing
 from tokenmill.serving.app import create_app
@@ -107,6 +107,10 @@ def serve(
     config: Path | None = None,
     memory_budget_bytes: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    workers: bool = False,
+    replicas: int = 1,
+    routing: str = "prefix",
+    ray_address: str | None = None,
     log_level: str = "info",
 ) -> None:
     """The models come from `config` (models.yaml, whose listings are applied) or else from the flags."""
@@ -114,7 +118,7 @@ def serve(
     if config is not None:
         deployments = load_deployments(config).models
     else:
-        deployments = deployments_from_flags(models, embedding_models)
+        deployments = deployments_from_flags(models, embedding_models, replicas)
     gateway = None if settings.no_auth else open_gateway(platform)  # a bad database fails before models load
     try:
         embedders = load_embedders(deployments)
@@ -124,6 +128,9 @@ def serve(
             settings.completion_limits,
             memory_budget_bytes=memory_budget_bytes,
             default_max_queue=max_queue,
+            workers=workers,
+            routing=routing,
+            ray_address=ray_address,
         )
         settings = replace(settings, model_completion_limits=plan.completion_limits)
         adapters = lora_models(loras, plan.served)

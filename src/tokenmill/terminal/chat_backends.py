@@ -222,7 +222,7 @@ class LocalChatBackend:
     ) -> None:
         """Snapshots are cumulative: only the new text goes to the REPL. Cancelling this task leaves the
         engine's stream early, which is AsyncLLM's abort."""
-        from tokenmill.engine.async_engine import EngineError
+        from tokenmill.engine.client import EngineError
         from tokenmill.engine.sampling_params import InvalidRequestError
 
         shown = ""

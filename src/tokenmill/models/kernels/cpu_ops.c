@@ -1,13 +1,14 @@
-// The operators a decode step spends its time in, for the CPU: few-row matrix products against bfloat16
-// weights at memory speed, and residual add + RMSNorm and rotary embedding each fused into one call that
-// replaces about ten torch ops. The fused ones take float32 or bfloat16 and round where torch rounds (after
-// every op), so they give torch's values, not better ones.
+// The operators a decode step spends its time in, for the CPU: few-row matrix products against bfloat16,
+// float32 or int8 weights at memory speed, and residual add + RMSNorm, rotary embedding and SiLU * up each
+// fused into one call that replaces several torch ops. The fused ones take float32 or bfloat16 and round
+// where torch rounds (after every op), so they give torch's values, not better ones.
 //
 // Matrix products: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), torch's Linear layout (w is [N, K],
 // row-major). Each block of four weight rows is read from memory once and multiplied with every row of x
-// while it sits in L1; products and sums are in float32 (AVX-512 BF16 dot products), each output rounded
-// once to bfloat16. Threads split the weight rows with OpenMP: the library links the same libgomp.so.1
-// torch has loaded, so both share one thread pool instead of spinning against each other.
+// while it sits in L1; products and sums are in float32 (AVX-512 BF16 dot products, or AVX2 FMAs), each
+// output rounded once to the activations' dtype. Threads split the weight rows with OpenMP: the library
+// links the same libgomp.so.1 torch has loaded, so both share one thread pool instead of spinning against
+// each other.
 
 #include <immintrin.h>
 #include <math.h>
@@ -35,6 +36,19 @@ static inline float from_bf16(uint16_t value) {
 
 // ---- few-row matrix products ------------------------------------------------------------------------
 
+// Two sets of tiles: AVX-512 (with BF16 dot products for bfloat16 weights) and AVX2 + FMA for the CPUs
+// without AVX-512 (AMD Zen 2/3, older Intel), where a bfloat16 weight is widened to float32 by a shift (its
+// bits are a float32's upper half) and multiplied with x converted to float32 once per call.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define BF16_TILES_512 1
+#endif
+#if defined(__AVX512F__)
+#define F32_TILES_512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define TILES_256 1
+#endif
+
 #if defined(__AVX512F__)
 // The totals of four accumulators at once, [sum a0, sum a1, sum a2, sum a3]: a transposing add tree costs
 // about a third of four separate horizontal sums, which matter when K is short (576: 18 products a row).
@@ -46,29 +60,38 @@ static inline __m128 sum4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
+#endif
 
-static inline __m128i sum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
-    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
-    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
-    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
-    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+#if defined(TILES_256)
+static inline __m128 sum4_ps256(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+static inline float sum_ps256(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 #endif
 
+// Stores a tile's float32 sums: y[i, j] = sums[i][j] + bias[j], rounded to the output's dtype once.
+#define STORE_TILE(ROUND, FROM)                                                                         \
+    for (int i = 0; i < nx; i++)                                                                        \
+        for (int j = 0; j < nw; j++) y[i * ldy + j] = ROUND(bias ? sums[i][j] + FROM(bias[j]) : sums[i][j]);
+#define AS_IS(v) (v)
 
-int skinny_gemm_supported(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// The totals of a tile's accumulators (REDUCE4 when a whole block of four rows, REDUCE1 each otherwise).
+#define SUM_TILE(REDUCE4, REDUCE1)                                                                      \
+    float sums[X_PER_TILE][ROWS_PER_BLOCK];                                                            \
+    for (int i = 0; i < nx; i++) {                                                                      \
+        if (nw == ROWS_PER_BLOCK) _mm_storeu_ps(sums[i], REDUCE4(acc[i][0], acc[i][1], acc[i][2], acc[i][3])); \
+        else for (int j = 0; j < nw; j++) sums[i][j] = REDUCE1(acc[i][j]);                              \
+    }
 
 // One tile: `nx` rows of x (at most X_PER_TILE) times `nw` weight rows (at most ROWS_PER_BLOCK). Inlined
 // with constant nx and nw so the accumulators stay in registers.
+#if defined(BF16_TILES_512)
 static inline __attribute__((always_inline)) void tile_bf16(
     const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, const uint16_t *bias, uint16_t *y,
     int64_t ldy, int nx, int nw
@@ -100,47 +123,188 @@ static inline __attribute__((always_inline)) void tile_bf16(
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
         }
     }
-    for (int i = 0; i < nx; i++) {
-        float sums[ROWS_PER_BLOCK];
-        if (nw == ROWS_PER_BLOCK) {
-            _mm_storeu_ps(sums, sum4_ps(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
-        } else {
-            for (int j = 0; j < nw; j++) sums[j] = _mm512_reduce_add_ps(acc[i][j]);
-        }
-        for (int j = 0; j < nw; j++) y[i * ldy + j] = to_bf16(bias ? sums[j] + from_bf16(bias[j]) : sums[j]);
-    }
+    SUM_TILE(sum4_ps, _mm512_reduce_add_ps)
+    STORE_TILE(to_bf16, from_bf16)
 }
-
 #endif
 
-// Returns 0, or 1 where the CPU lacks AVX-512 BF16 (callers check skinny_gemm_supported first).
+#if defined(F32_TILES_512)
+static inline __attribute__((always_inline)) void tile_f32(
+    const float *x, int64_t ldx, const float *w, int64_t K, const float *bias, float *y, int64_t ldy, int nx,
+    int nw
+) {
+    __m512 acc[X_PER_TILE][ROWS_PER_BLOCK];
+    for (int i = 0; i < nx; i++)
+        for (int j = 0; j < nw; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[ROWS_PER_BLOCK];
+        for (int j = 0; j < nw; j++) {
+            wv[j] = _mm512_loadu_ps(w + j * K + k);
+            _mm_prefetch((const char *)(w + (j + ROWS_PER_BLOCK) * K + k), _MM_HINT_T0);
+        }
+        for (int i = 0; i < nx; i++) {
+            __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
+            for (int j = 0; j < nw; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < K) {  // masked loads only for the tail: in the main loop they cost ~2x (measured)
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+        for (int i = 0; i < nx; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
+            for (int j = 0; j < nw; j++)
+                acc[i][j] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask, w + j * K + k), acc[i][j]);
+        }
+    }
+    SUM_TILE(sum4_ps, _mm512_reduce_add_ps)
+    STORE_TILE(AS_IS, AS_IS)
+}
+#endif
+
+#if defined(TILES_256)
+// x is float32 here (skinny_gemm_bf16 converts it once); each 16 bfloat16 weights become two float32
+// vectors. A K that is not a multiple of 16 ends with scalar products.
+static inline __attribute__((always_inline)) void tile_bf16_256(
+    const float *x, int64_t ldx, const uint16_t *w, int64_t K, const uint16_t *bias, uint16_t *y, int64_t ldy,
+    int nx, int nw
+) {
+    __m256 acc[X_PER_TILE][ROWS_PER_BLOCK];
+    for (int i = 0; i < nx; i++)
+        for (int j = 0; j < nw; j++) acc[i][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 low[ROWS_PER_BLOCK], high[ROWS_PER_BLOCK];
+        for (int j = 0; j < nw; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + j * K + k));
+            low[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+            high[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+            _mm_prefetch((const char *)(w + (j + ROWS_PER_BLOCK) * K + k), _MM_HINT_T0);
+        }
+        for (int i = 0; i < nx; i++) {
+            __m256 x0 = _mm256_loadu_ps(x + i * ldx + k), x1 = _mm256_loadu_ps(x + i * ldx + k + 8);
+            for (int j = 0; j < nw; j++) acc[i][j] = _mm256_fmadd_ps(x1, high[j], _mm256_fmadd_ps(x0, low[j], acc[i][j]));
+        }
+    }
+    SUM_TILE(sum4_ps256, sum_ps256)
+    for (; k < K; k++)
+        for (int i = 0; i < nx; i++)
+            for (int j = 0; j < nw; j++) sums[i][j] += x[i * ldx + k] * from_bf16(w[j * K + k]);
+    STORE_TILE(to_bf16, from_bf16)
+}
+
+static inline __attribute__((always_inline)) void tile_f32_256(
+    const float *x, int64_t ldx, const float *w, int64_t K, const float *bias, float *y, int64_t ldy, int nx,
+    int nw
+) {
+    __m256 acc[X_PER_TILE][ROWS_PER_BLOCK];
+    for (int i = 0; i < nx; i++)
+        for (int j = 0; j < nw; j++) acc[i][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[ROWS_PER_BLOCK];
+        for (int j = 0; j < nw; j++) {
+            wv[j] = _mm256_loadu_ps(w + j * K + k);
+            _mm_prefetch((const char *)(w + (j + ROWS_PER_BLOCK) * K + k), _MM_HINT_T0);
+        }
+        for (int i = 0; i < nx; i++) {
+            __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+            for (int j = 0; j < nw; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    SUM_TILE(sum4_ps256, sum_ps256)
+    for (; k < K; k++)
+        for (int i = 0; i < nx; i++)
+            for (int j = 0; j < nw; j++) sums[i][j] += x[i * ldx + k] * w[j * K + k];
+    STORE_TILE(AS_IS, AS_IS)
+}
+#endif
+
+// The driver every tile shares: threads split the blocks of weight rows; each block meets the rows of x
+// four at a time, while it sits in L1.
+#define DEFINE_ROWS(NAME, TX, TW, TILE)                                                                 \
+    static void NAME(const TX *x, int64_t ldx, const TW *w, const TW *bias, TW *y, int64_t ldy, int64_t M, \
+                     int64_t N, int64_t K, int num_threads) {                                           \
+        int64_t blocks = (N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;                                     \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                          \
+        for (int64_t block = 0; block < blocks; block++) {                                              \
+            int64_t n = block * ROWS_PER_BLOCK;                                                         \
+            const TW *wb = w + n * K, *bb = bias ? bias + n : 0;                                        \
+            for (int64_t m = 0; m < M; m += X_PER_TILE) {                                               \
+                const TX *xt = x + m * ldx;                                                             \
+                TW *yt = y + m * ldy + n;                                                               \
+                if (n + ROWS_PER_BLOCK > N) { /* the last, partial block of rows: one at a time */     \
+                    for (int64_t r = 0; r < N - n; r++)                                                 \
+                        for (int64_t i = 0; i < X_PER_TILE && m + i < M; i++)                           \
+                            TILE(xt + i * ldx, ldx, wb + r * K, K, bb ? bb + r : 0, yt + i * ldy + r,   \
+                                 ldy, 1, 1);                                                            \
+                    continue;                                                                           \
+                }                                                                                       \
+                switch (M - m) {                                                                        \
+                    case 1: TILE(xt, ldx, wb, K, bb, yt, ldy, 1, ROWS_PER_BLOCK); break;                \
+                    case 2: TILE(xt, ldx, wb, K, bb, yt, ldy, 2, ROWS_PER_BLOCK); break;                \
+                    case 3: TILE(xt, ldx, wb, K, bb, yt, ldy, 3, ROWS_PER_BLOCK); break;                \
+                    default: TILE(xt, ldx, wb, K, bb, yt, ldy, 4, ROWS_PER_BLOCK); break;               \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+#if defined(BF16_TILES_512)
+DEFINE_ROWS(rows_bf16, uint16_t, uint16_t, tile_bf16)
+#elif defined(TILES_256)
+DEFINE_ROWS(rows_bf16, float, uint16_t, tile_bf16_256)
+#endif
+#if defined(F32_TILES_512)
+DEFINE_ROWS(rows_f32, float, float, tile_f32)
+#elif defined(TILES_256)
+DEFINE_ROWS(rows_f32, float, float, tile_f32_256)
+#endif
+
+int skinny_gemm_supported(void) {
+#if defined(BF16_TILES_512) || defined(TILES_256)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int skinny_gemm_f32_supported(void) {
+#if defined(F32_TILES_512) || defined(TILES_256)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Returns 0; 1 where the CPU lacks the instructions (callers check skinny_gemm_supported first); 3 if out
+// of memory.
 int skinny_gemm_bf16(
     const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t ldy,
     int64_t M, int64_t N, int64_t K, int num_threads
 ) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    int64_t blocks = (N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (int64_t block = 0; block < blocks; block++) {
-        int64_t n = block * ROWS_PER_BLOCK;
-        const uint16_t *wb = w + n * K, *bb = bias ? bias + n : 0;
-        for (int64_t m = 0; m < M; m += X_PER_TILE) {
-            const uint16_t *xt = x + m * ldx;
-            uint16_t *yt = y + m * ldy + n;
-            if (n + ROWS_PER_BLOCK > N) {  // the last, partial block of weight rows: one row at a time
-                for (int64_t r = 0; r < N - n; r++)
-                    for (int64_t i = 0; i < X_PER_TILE && m + i < M; i++)
-                        tile_bf16(xt + i * ldx, ldx, wb + r * K, K, bb ? bb + r : 0, yt + i * ldy + r, ldy, 1, 1);
-                continue;
-            }
-            switch (M - m) {
-                case 1: tile_bf16(xt, ldx, wb, K, bb, yt, ldy, 1, ROWS_PER_BLOCK); break;
-                case 2: tile_bf16(xt, ldx, wb, K, bb, yt, ldy, 2, ROWS_PER_BLOCK); break;
-                case 3: tile_bf16(xt, ldx, wb, K, bb, yt, ldy, 3, ROWS_PER_BLOCK); break;
-                default: tile_bf16(xt, ldx, wb, K, bb, yt, ldy, 4, ROWS_PER_BLOCK); break;
-            }
-        }
-    }
+#if defined(BF16_TILES_512)
+    rows_bf16(x, ldx, w, bias, y, ldy, M, N, K, num_threads);
+    return 0;
+#elif defined(TILES_256)
+    float *wide = malloc(sizeof(float) * (size_t)(M * K));
+    if (!wide) return 3;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) wide[m * K + k] = from_bf16(x[m * ldx + k]);
+    rows_bf16(wide, K, w, bias, y, ldy, M, N, K, num_threads);
+    free(wide);
+    return 0;
+#else
+    (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K; (void)num_threads;
+    return 1;
+#endif
+}
+
+int skinny_gemm_f32(
+    const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy, int64_t M, int64_t N,
+    int64_t K, int num_threads
+) {
+#if defined(F32_TILES_512) || defined(TILES_256)
+    rows_f32(x, ldx, w, bias, y, ldy, M, N, K, num_threads);
     return 0;
 #else
     (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K; (void)num_threads;
@@ -156,10 +320,20 @@ int skinny_gemm_bf16(
 // not the whole row's), so AVX-512 VNNI multiplies 64 byte pairs per instruction into exact int32 sums,
 // which the block's scale brings into a float32 sum. VNNI takes unsigned x, so xq + 128 goes in, and
 // 128 * each weight block's sum (block_sums[n, b], computed at load) weighted by the block scale comes out.
+// Without VNNI (AVX2), xq stays signed and |xq| times the weight with xq's sign go through maddubs: both
+// at most 127 in size, so its pairwise int16 sums cannot saturate, and the int32 sums are the same exact ones.
 #define Q8_BLOCK 64
 #define Q8_MAX_ROWS 16
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q8_TILES_512 1
+#define Q8_OFFSET 128
+#elif defined(TILES_256)
+#define Q8_TILES_256 1
+#define Q8_OFFSET 0
+#endif
+
+#if defined(Q8_TILES_512)
 
 static inline __attribute__((always_inline)) void tile_q8(
     const uint8_t *xq, const float *xscale, int64_t K, int64_t blocks, const int8_t *q, const float *scale,
@@ -206,9 +380,62 @@ static inline __attribute__((always_inline)) void tile_q8(
     }
 }
 
+#elif defined(Q8_TILES_256)
+
+// AVX2 has 16 vector registers: each weight row's block is loaded where it is used (from L1 after the first
+// row of x), so the accumulators and x's block stay in registers.
+static inline __attribute__((always_inline)) void tile_q8(
+    const uint8_t *xq, const float *xscale, int64_t K, int64_t blocks, const int8_t *q, const float *scale,
+    const int32_t *block_sums, const uint16_t *bias, uint16_t *y, int64_t ldy, int nx, int nw
+) {
+    (void)block_sums;  // no offset to take out: x is signed here
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[X_PER_TILE][ROWS_PER_BLOCK];
+    for (int i = 0; i < nx; i++)
+        for (int j = 0; j < nw; j++) acc[i][j] = _mm256_setzero_ps();
+    int64_t full = K / Q8_BLOCK;  // blocks without a tail
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t k = b * Q8_BLOCK;
+        int8_t tail[ROWS_PER_BLOCK][Q8_BLOCK];
+        const int8_t *rows[ROWS_PER_BLOCK];
+        for (int j = 0; j < nw; j++) {
+            if (b < full) {
+                rows[j] = q + j * K + k;
+                _mm_prefetch((const char *)(q + (j + ROWS_PER_BLOCK) * K + k), _MM_HINT_T0);
+            } else {  // the tail, through a zero-padded copy (zeros add nothing)
+                memset(tail[j], 0, Q8_BLOCK);
+                memcpy(tail[j], q + j * K + k, (size_t)(K - k));
+                rows[j] = tail[j];
+            }
+        }
+        for (int i = 0; i < nx; i++) {
+            const uint8_t *row = xq + i * blocks * Q8_BLOCK + k;  // padded to whole blocks with zeros
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)row), x1 = _mm256_loadu_si256((const __m256i *)(row + 32));
+            __m256i a0 = _mm256_sign_epi8(x0, x0), a1 = _mm256_sign_epi8(x1, x1);
+            __m256 xs = _mm256_set1_ps(xscale[i * blocks + b]);
+            for (int j = 0; j < nw; j++) {
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)rows[j]);
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(rows[j] + 32));
+                __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0, x0));
+                __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1, x1));
+                // p0 + p1 could leave int16 (up to 2 x 32,258): each is widened to int32 first.
+                __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xs, acc[i][j]);
+            }
+        }
+    }
+    SUM_TILE(sum4_ps256, sum_ps256)
+    for (int i = 0; i < nx; i++)
+        for (int j = 0; j < nw; j++) {
+            float sum = sums[i][j] * scale[j];
+            y[i * ldy + j] = to_bf16(bias ? sum + from_bf16(bias[j]) : sum);
+        }
+}
+
 #endif
 
-// Each block of 64 values of each row: step = absmax / 127, xq = round(x / step) + 128, padding 0. Exactly
+#if defined(Q8_OFFSET)
+// Each block of 64 values of each row: step = absmax / 127, xq = round(x / step) + Q8_OFFSET, padding 0. Exactly
 // these float32 operations, in this order: the file's -freciprocal-math and -fassociative-math would let the
 // compiler rewrite x * (1 / step), and a bfloat16 value often lies on a rounding tie that a rewrite breaks
 // the other way (tests mirror this arithmetic).
@@ -225,13 +452,14 @@ __attribute__((optimize("no-reciprocal-math", "no-associative-math"))) static vo
             xscale[m * blocks + b] = step;
             uint8_t *row = xq + m * padded;
             for (int64_t k = first; k < last; k++)
-                row[k] = (uint8_t)(lrintf(from_bf16(x[m * ldx + k]) * inverse) + 128);
+                row[k] = (uint8_t)(lrintf(from_bf16(x[m * ldx + k]) * inverse) + Q8_OFFSET);
             for (int64_t k = last; k < first + Q8_BLOCK; k++) row[k] = 0;  // padding meets zero weights
         }
 }
+#endif
 
 int skinny_gemm_q8_supported(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(Q8_TILES_512) || defined(Q8_TILES_256)
     return 1;
 #else
     return 0;
@@ -239,12 +467,12 @@ int skinny_gemm_q8_supported(void) {
 }
 
 // block_sums: [N, ceil(K / Q8_BLOCK)] sums of each weight row's blocks. Returns 0; 1 where the CPU lacks
-// AVX-512 VNNI, 2 for more than Q8_MAX_ROWS rows (callers check both first), 3 if out of memory.
+// AVX-512 VNNI and AVX2, 2 for more than Q8_MAX_ROWS rows (callers check both first), 3 if out of memory.
 int skinny_gemm_q8(
     const uint16_t *x, int64_t ldx, const int8_t *q, const float *scale, const int32_t *block_sums,
     const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads
 ) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(Q8_TILES_512) || defined(Q8_TILES_256)
     if (M > Q8_MAX_ROWS) return 2;
     int64_t blocks = (K + Q8_BLOCK - 1) / Q8_BLOCK, padded = blocks * Q8_BLOCK;
     uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)(M * padded));
@@ -366,6 +594,18 @@ static inline __attribute__((always_inline)) void rotary(
     }
 }
 
+// out = silu(gate) * up for the [gate | up] halves of each row of `gate_up` (I values each): silu rounded
+// to the dtype, then the product, as torch's two ops do.
+static inline __attribute__((always_inline)) void silu_mul(
+    const void *gate_up, int64_t ld, void *out, int64_t ldo, int64_t M, int64_t I, int is_bf16
+) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++) {
+            float gate = load(gate_up, m * ld + i, is_bf16), up = load(gate_up, m * ld + I + i, is_bf16);
+            store(out, m * ldo + i, held(gate / (1.0f + expf(-gate)), is_bf16) * up, is_bf16);
+        }
+}
+
 #define INSTANTIATE(suffix, is_bf16)                                                                    \
     void add_rms_norm_##suffix(const void *x, int64_t ldx, void *residual, int64_t ldr,                 \
                                const void *weight, void *out, int64_t ldo, int64_t M, int64_t K,        \
@@ -375,6 +615,9 @@ static inline __attribute__((always_inline)) void rotary(
     void rotary_##suffix(void *x, int64_t ld, int64_t T, int64_t heads, int64_t D,                      \
                          const int64_t *positions, const float *cos, const float *sin) {                \
         rotary(x, ld, T, heads, D, positions, cos, sin, is_bf16);                                       \
+    }                                                                                                   \
+    void silu_mul_##suffix(const void *gate_up, int64_t ld, void *out, int64_t ldo, int64_t M, int64_t I) { \
+        silu_mul(gate_up, ld, out, ldo, M, I, is_bf16);                                                 \
     }
 
 INSTANTIATE(f32, 0)

@@ -1,6 +1,7 @@
 /* Decode attention straight from the paged KV cache, for CPUs.
  *
- * One query token per sequence attends to its whole context. The torch backend must first gather each
+ * One query token per sequence attends to its whole context, or with a sliding window (window > 0) to its
+ * last `window` tokens only. The torch backend must first gather each
  * context into a padded tensor (copying every cached K/V byte, then reading the copy again); this kernel
  * walks the block table and reads each cached K/V row exactly once, which is what bounds decode on CPU.
  *
@@ -46,14 +47,15 @@ static inline uint16_t float_to_bf16(float f) {
     int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,               \
              const int64_t *context_lens, T *out, int64_t num_seqs, int64_t num_heads,                  \
              int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t max_blocks,             \
-             int64_t block_size, float scale) {                                                          \
+             int64_t block_size, int64_t window, float scale) {                                          \
         const int64_t group = num_heads / num_kv_heads;                                                  \
         if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return 1;                                     \
         int failed = 0;                                                                                  \
         _Pragma("omp parallel for schedule(dynamic, 1)")                                                 \
         for (int64_t job = 0; job < num_seqs * num_kv_heads; job++) {                                    \
             const int64_t seq = job / num_kv_heads, kvh = job % num_kv_heads;                            \
-            const int64_t len = context_lens[seq];                                                       \
+            const int64_t first = window > 0 && context_lens[seq] > window ? context_lens[seq] - window : 0; \
+            const int64_t len = context_lens[seq] - first;                                               \
             const int64_t *table = block_tables + seq * max_blocks;                                      \
             float *scores = malloc(sizeof(float) * (size_t)(len * group));                               \
             if (scores == NULL) { failed = 1; continue; }                                                \
@@ -69,7 +71,8 @@ static inline uint16_t float_to_bf16(float f) {
             const T *keys = k_cache + kvh * num_slots * head_dim;                                        \
             const T *values = v_cache + kvh * num_slots * head_dim;                                      \
             for (int64_t pos = 0; pos < len; pos++) {                                                    \
-                const T *key = keys + (table[pos / block_size] * block_size + pos % block_size) * head_dim; \
+                const int64_t at = first + pos;                                                          \
+                const T *key = keys + (table[at / block_size] * block_size + at % block_size) * head_dim; \
                 float row[MAX_HEAD_DIM];                                                                 \
                 for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(key[d]);                           \
                 for (int64_t g = 0; g < group; g++) {                                                    \
@@ -87,7 +90,8 @@ static inline uint16_t float_to_bf16(float f) {
                 }                                                                                        \
             }                                                                                            \
             for (int64_t pos = 0; pos < len; pos++) {                                                    \
-                const T *value = values + (table[pos / block_size] * block_size + pos % block_size) * head_dim; \
+                const int64_t at = first + pos;                                                          \
+                const T *value = values + (table[at / block_size] * block_size + at % block_size) * head_dim; \
                 float row[MAX_HEAD_DIM];                                                                 \
                 for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(value[d]);                         \
                 for (int64_t g = 0; g < group; g++) {                                                    \

@@ -5,17 +5,18 @@ platform's admin actions (actor `admin:<admin key id>`), with the model's status
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Annotated
+from dataclasses import asdict
+from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tokenmill.catalog.fleet_model import ModelStatus, UnknownModel
+from tokenmill.catalog.fleet_model import ModelStatus, UnknownModel, prefix_cache_hit_rate
 from tokenmill.platform import audit
 from tokenmill.serving.deps import AdminDep, GatewayDep, StateDep
-from tokenmill.serving.errors import model_not_found
+from tokenmill.serving.errors import APIError, model_not_found
 from tokenmill.serving.openapi import documented
 from tokenmill.serving.routes.admin import READ, WRITE, actor
 from tokenmill.serving.routes.common import json_response
@@ -34,6 +35,25 @@ class ReplicaBody(BaseModel):
     """Assigned by the router and not yet finished (running, queued, or being submitted)."""
     outstanding_tokens: int
     kv_cache_usage: float
+    healthy: bool
+    """False while its worker process is down and being restarted (it gets no requests meanwhile)."""
+    draining: bool
+    """Being removed (scaled down): it takes no new requests and stops once its open ones end."""
+    pid: int | None
+    """Its engine's process: a worker process or Ray actor (None: the server's own process)."""
+    node: str | None
+    """The address of the Ray node it runs on (None: this machine)."""
+    prompt_tokens: int
+    """Since the replica started: prompt tokens admitted, of which its prefix cache served."""
+    cached_prompt_tokens: int
+
+
+class AutoscalingBody(BaseModel):
+    min_replicas: int
+    max_replicas: int
+    target_in_flight: int
+    scale_up_delay_s: float
+    scale_down_delay_s: float
 
 
 class ModelRuntime(BaseModel):
@@ -47,7 +67,19 @@ class ModelRuntime(BaseModel):
     idle_s: float | None
     num_loads: int
     last_load_s: float | None
+    routing: str | None
+    """How a request picks among the replicas: "prefix", "least-load" or "session" (None: embedding
+    models)."""
+    prefix_cache_hit_rate: float | None
+    """Across the replicas since they started: the share of prompt tokens their prefix caches served."""
     replicas: list[ReplicaBody]
+    autoscaling: AutoscalingBody | None = None
+    """The model's policy (None: a fixed number of replicas)."""
+    last_scaling: str | None = None
+    """The autoscaler's last decision, e.g. "1 -> 2 replicas: 17 request(s) in flight, 8 per replica
+    wanted"."""
+    num_scale_ups: int = 0
+    num_scale_downs: int = 0
 
 
 class ModelRuntimeList(BaseModel):
@@ -55,6 +87,14 @@ class ModelRuntimeList(BaseModel):
     data: list[ModelRuntime]
     memory_budget_bytes: int | None
     memory_used_bytes: int
+    prefix_cache_hit_rate: float | None = None
+    """Across every replica of every chat model: the share of prompt tokens their prefix caches served."""
+
+
+class RoutingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    routing: Literal["prefix", "least-load", "session"]
 
 
 class StopRequest(BaseModel):
@@ -76,7 +116,13 @@ def _runtime(status: ModelStatus) -> ModelRuntime:
         idle_s=status.idle_s,
         num_loads=status.num_loads,
         last_load_s=status.last_load_s,
+        routing=status.routing,
+        prefix_cache_hit_rate=status.prefix_cache_hit_rate,
         replicas=[ReplicaBody(**vars(replica)) for replica in status.replicas],
+        autoscaling=None if status.autoscaling is None else AutoscalingBody(**asdict(status.autoscaling)),
+        last_scaling=status.last_scaling,
+        num_scale_ups=status.num_scale_ups,
+        num_scale_downs=status.num_scale_downs,
     )
 
 
@@ -102,6 +148,8 @@ async def list_runtime(state: StateDep) -> Response:
             idle_s=None,
             num_loads=int(state.ready),
             last_load_s=None,
+            routing=None,
+            prefix_cache_hit_rate=None,
             replicas=[],
         )
         for model in state.embedders
@@ -111,6 +159,7 @@ async def list_runtime(state: StateDep) -> Response:
             data=sorted(chat + embedding, key=lambda m: m.id),
             memory_budget_bytes=state.fleet.memory_budget_bytes,
             memory_used_bytes=state.fleet.memory_used_bytes,
+            prefix_cache_hit_rate=prefix_cache_hit_rate(r for s in state.fleet.status() for r in s.replicas),
         )
     )
 
@@ -122,6 +171,35 @@ async def _audited(
     after = _runtime(await run)
     await run_in_threadpool(audit.record, gateway.db, who, action, model, before, after.model_dump())
     return json_response(after)
+
+
+@router.post(
+    "/v1/admin/models/{model:path}/replicas/{replica}/drain",
+    response_model=None,
+    responses=documented(ModelRuntime, *WRITE, 404, 409),
+)
+async def drain_replica(
+    model: str,
+    replica: int,
+    state: StateDep,
+    gateway: GatewayDep,
+    admin: AdminDep,
+    body: StopRequest | None = None,
+) -> Response:
+    """Take one replica out, e.g. before removing its node: it gets no new requests, finishes the ones it
+    runs (after `timeout_s` they are ended), then stops; the model serves on with its other replicas."""
+    _status(state, model)
+    timeout = None if body is None else body.timeout_s
+
+    async def drain() -> ModelStatus:
+        try:
+            return await state.fleet.drain_replica(model, replica, timeout)
+        except LookupError as exc:
+            raise APIError(404, str(exc), param="replica", code="replica_not_found") from None
+        except ValueError as exc:
+            raise APIError(409, str(exc), param="replica", code="conflict") from None
+
+    return await _audited(state, gateway, actor(admin), "drain_replica", model, drain())
 
 
 @router.post(
@@ -166,3 +244,23 @@ async def drain(
     return await _audited(
         state, gateway, actor(admin), "drain_model", model, state.fleet.drain(model, timeout)
     )
+
+
+@router.post(
+    "/v1/admin/models/{model:path}/routing",
+    response_model=None,
+    responses=documented(ModelRuntime, *WRITE, 404),
+)
+async def set_routing(
+    model: str, body: RoutingRequest, state: StateDep, gateway: GatewayDep, admin: AdminDep
+) -> Response:
+    """How requests pick among the model's replicas, from the next request on (and for its later loads):
+    "prefix" sends a request where its prompt's prefix was recently served, unless it would queue there;
+    "least-load" always to the least loaded replica; "session" sends the requests naming one `user` to one
+    replica (on the same condition), the others by prefix."""
+    _status(state, model)
+
+    async def switch() -> ModelStatus:
+        return state.fleet.set_routing(model, body.routing)
+
+    return await _audited(state, gateway, actor(admin), "set_model_routing", model, switch())

@@ -96,6 +96,7 @@ def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) ->
         pricing=Pricing.of(listing.price),
         batch_pricing=Pricing.of(discounted(listing.price, state.tidal.settings.batch_discount_bps)),
         state=entry.state,
+        replicas=_num_replicas(state, listing),
         live=LiveFiguresBody(
             window_s=live.window_s,
             has_traffic=live.has_traffic,
@@ -110,6 +111,14 @@ def _body(state: ServingState, principal: KeyPrincipal, listing: ListingInfo) ->
         ),
         yours=yours,
     )
+
+
+def _num_replicas(state: ServingState, listing: ListingInfo) -> int | None:
+    served = state.served.get(listing.model)
+    if served is None or served.task != "chat":
+        return None if served is not None else 0
+    status = state.fleet.status_of(served.base_model or listing.model)
+    return sum(not replica.draining for replica in status.replicas)
 
 
 async def _visible(state: ServingState, principal: KeyPrincipal) -> dict[str, ListingInfo]:

@@ -245,10 +245,12 @@ async def create_chat_completion(
             lora=ticket.lora,
             priority=origin.priority,
         )
-        engine = assign_replica(state, ticket, len(prompt_ids) + params.n * max_tokens, params.n)
+        engine = assign_replica(
+            state, ticket, len(prompt_ids) + params.n * max_tokens, params.n, prompt_ids, body.user
+        )
         await check_guidance(engine, params)
         response = _Response(body, state.token_texts(ticket), params, tools=tools is not None)
-        requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn)]
+        requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn, ticket.reroute)]
         tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model, live=origin.is_live)
         logger.debug(
             "request %s: %s, model %s, n=%d, stream=%s",

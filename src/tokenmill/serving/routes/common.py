@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 
 from fastapi.responses import Response
@@ -92,10 +92,18 @@ def check_room(state: ServingState, ticket: Ticket, num_seqs: int) -> None:
         ticket.check_room(num_seqs)
 
 
-def assign_replica(state: ServingState, ticket: Ticket, work_tokens: int, num_seqs: int) -> EngineClient:
-    """The replica with the least outstanding work, or a 503 at once."""
+def assign_replica(
+    state: ServingState,
+    ticket: Ticket,
+    work_tokens: int,
+    num_seqs: int,
+    prompt_ids: Sequence[int],
+    user: str | None,
+) -> EngineClient:
+    """The replica holding the prompt's prefix (or the `user`'s session) or with the least outstanding work,
+    or a 503 at once."""
     with _refusals_counted(state, ticket.model_id):
-        return ticket.assign(work_tokens, num_seqs)
+        return ticket.assign(work_tokens, num_seqs, prompt_ids, session=user)
 
 
 async def check_guidance(engine: EngineClient, params: SamplingParams) -> None:

@@ -162,13 +162,23 @@ async def create_completion(
         num_prompt_tokens = sum(len(ids) for ids in prompt_ids)
         max_completion_tokens = sum(p.n * p.max_tokens for p in params)
         engine = assign_replica(
-            state, ticket, num_prompt_tokens + max_completion_tokens, sum(p.n for p in params)
+            state,
+            ticket,
+            num_prompt_tokens + max_completion_tokens,
+            sum(p.n for p in params),
+            prompt_ids[0],
+            body.user,
         )
         await check_guidance(engine, params[0])  # every prompt's params carry the same guidance
         response = _Response(body, state.token_texts(ticket), echoes)
         requests = [
             EngineRequest(
-                engine, ids, p, response.id if len(prompts) == 1 else f"{response.id}-{i}", state.spawn
+                engine,
+                ids,
+                p,
+                response.id if len(prompts) == 1 else f"{response.id}-{i}",
+                state.spawn,
+                ticket.reroute,
             )
             for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]

@@ -19,14 +19,26 @@ function bytes(n) {
   return `${number(n / 1024 ** power, power ? 1 : 0)} ${units[power]}`;
 }
 
+// Each replica's load, where it runs (a Ray node) and whether it is on its way out or restarting; under
+// them the autoscaler's last decision.
 function replicas(model) {
-  if (model.replicas.length === 0) return "—";
+  if (model.replicas.length === 0) return model.last_scaling ? h("div", { class: "muted" }, model.last_scaling) : "—";
+  const notes = (r) =>
+    [r.draining ? t("admin.replica_draining") : null, r.healthy ? null : t("admin.replica_restarting"), r.node ? t("admin.replica_node", { node: r.node }) : null]
+      .filter(Boolean)
+      .map((note) => ` · ${note}`)
+      .join("");
   return h(
-    "ul",
-    { class: "replica-list" },
-    model.replicas.map((r) =>
-      h("li", {}, t("admin.replica_line", { index: r.index, running: r.running_seqs, waiting: r.waiting_seqs, kv: number(r.kv_cache_usage * 100, 1) })),
+    "div",
+    {},
+    h(
+      "ul",
+      { class: "replica-list" },
+      model.replicas.map((r) =>
+        h("li", {}, t("admin.replica_line", { index: r.index, running: r.running_seqs, waiting: r.waiting_seqs, kv: number(r.kv_cache_usage * 100, 1) }) + notes(r)),
+      ),
     ),
+    model.last_scaling ? h("div", { class: "muted" }, t("admin.last_scaling", { decision: model.last_scaling })) : null,
   );
 }
 
