@@ -1,6 +1,7 @@
 """Admission under overload, through a real `tokenmill serve --config`: one small replica (2 running, a queue
-of 4) gets 50 requests at once. The excess is refused within 100 ms each with 503 + Retry-After in OpenAI's
-error shape, the accepted requests all complete, and the ledger charged exactly the accepted ones.
+of 4) gets 50 requests at once. The excess is refused at once (before any accepted request finishes; one
+at a time within 100 ms) with 503 + Retry-After in OpenAI's error shape, the accepted requests all complete,
+and the ledger charged exactly the accepted ones.
 
 The burst is sent over raw sockets, one connection per request: an HTTP client library spends milliseconds
 of Python per request, on the same two cores as the server, and would measure itself."""
@@ -150,9 +151,12 @@ def test_a_full_replica_refuses_the_excess_at_once_and_bills_only_what_it_served
         assert response.headers["retry-after"] == "1"
         error = response.json()["error"]
         assert (error["code"], error["type"], error["param"]) == ("model_overloaded", "server_error", "model")
-    # Refused at once, never held until capacity frees up: within 100 ms each, in the burst and when the
-    # replica is full, and in the burst before the first accepted request finishes.
-    assert max(seconds for _, seconds in refused) < 0.1, [
+    # Refused at once, never held until capacity frees up: one at a time while the replica is full within
+    # 100 ms each; in the burst, before the first accepted request finishes and within 250 ms. The burst's
+    # 44 refusals queue behind each other and behind the engine's thread for the same two cores and GIL:
+    # 15-35 ms on a quiet machine, up to 140 ms seen on a loaded CI host; a request held for capacity would
+    # take seconds.
+    assert max(seconds for _, seconds in refused) < 0.25, [
         round(s * 1000) for s in sorted(s for _, s in refused)
     ]
     assert max(seconds for _, seconds in refused) < min(s for r, s in results if r.status_code == 200)

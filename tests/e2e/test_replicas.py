@@ -167,9 +167,12 @@ async def _load_only(url: str, key: str) -> list[dict]:
 def test_bench_compare_routing_finds_prefix_routing_keeps_the_caches_warm(
     sqlite_platform: Platform, servers: Callable[[ServerProcess], ServerProcess], tmp_path: Path
 ) -> None:
-    """`tokenmill bench serve --compare-routing` across two worker replicas, on prompts that share five system
+    """`tokenmill bench serve --compare-routing` across two worker replicas, on prompts that share ten system
     prompts: least-load routing spreads each prefix over both replicas (each computes it), prefix routing
-    keeps each on one, so more of the prompt tokens come from a cache."""
+    keeps each on one, so more of the prompt tokens come from a cache. Ten, not fewer: while the first
+    requests are cold, prefix routing sends a repeat away from a replica busy computing another prefix
+    (weighing load against the cache), and with five prefixes that chain sometimes ran through all of
+    them, leaving prefix routing no better than least-load in that run."""
     from tokenmill.bench import serve
 
     platform = sqlite_platform
@@ -180,15 +183,15 @@ def test_bench_compare_routing_finds_prefix_routing_keeps_the_caches_warm(
         [
             "--base-url", f"{server.url}/v1", "--api-key", key, "--admin-key", admin_key,
             "--extra-body", json.dumps(NO_EOS), "--workload", "shared-prefix", "--prefix-len", "96",
-            "--num-prefixes", "5", "--input-len", "16", "--output-len", "4", "--concurrency", "2",
-            "--num-requests", "30", "--compare-routing", "--no-progress", "--output-dir", str(tmp_path),
+            "--num-prefixes", "10", "--input-len", "16", "--output-len", "4", "--concurrency", "2",
+            "--num-requests", "60", "--compare-routing", "--no-progress", "--output-dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert [p["label"] for p in result["points"]] == [
         "concurrency 2 least-load routing, round 1",
         "concurrency 2 prefix routing, round 1",
     ]
-    assert all(p["metrics"]["num_ok"] == 30 for p in result["points"])
+    assert all(p["metrics"]["num_ok"] == 60 for p in result["points"])
     compared = json.loads((tmp_path / "routing.json").read_text())["median"]
     assert compared["hit_rate_prefix"] > compared["hit_rate_least_load"]
     assert "admin_key" not in result["config"]  # the key is not written to the results

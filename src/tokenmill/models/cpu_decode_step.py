@@ -109,8 +109,7 @@ class CpuDecodeStep:
                 type(layer.input_layernorm) is type(layer.post_attention_layernorm) is RMSNorm
                 and layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps
                 and attention.scale == model.layers[0].self_attn.scale
-                and all(type(p) is Linear or (type(p) is Int8Linear and ops.gemm_q8) for p in projections)
-                and all(type(p) is Linear or dtype == torch.bfloat16 for p in projections)
+                and all(_kernel_computes(p, dtype, ops) for p in projections)
             ):
                 return None
         return cls(ops, model)
@@ -174,3 +173,10 @@ class CpuDecodeStep:
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*layers)
         self._caches = kv_caches
+
+
+def _kernel_computes(projection: nn.Module, dtype: torch.dtype, ops: CpuKernelOps) -> bool:
+    """A dense projection, or an int8 one in a bfloat16 model (the int8 kernel takes bfloat16 activations)."""
+    if type(projection) is Linear:
+        return True
+    return type(projection) is Int8Linear and ops.gemm_q8 is not None and dtype == torch.bfloat16
