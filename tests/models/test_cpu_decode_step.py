@@ -68,7 +68,8 @@ def _generate(
 
 
 @pytest.mark.parametrize(
-    ("dtype", "quantization"), [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")]
+    ("dtype", "quantization"),
+    [("float32", "none"), ("float32", "int8"), ("bfloat16", "none"), ("bfloat16", "int8")],
 )
 @pytest.mark.parametrize("num_prompts", [1, 3, 10])
 def test_whole_steps_equal_the_operators_one_by_one(checkpoint, dtype, quantization, num_prompts):

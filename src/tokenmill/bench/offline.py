@@ -7,6 +7,9 @@ tokenmill gets the same requests, each with its own SamplingParams, and batches 
 `--guided-fraction F` also runs tokenmill on the same requests with a fraction F of them constrained to a
 JSON schema (structured output) and reports the throughput ratio: the cost of the grammar masks.
 
+Both engines' throughput is also given as a share of the compute roofline: the workload's useful FLOPs per
+second over the measured peak of a large matrix product in the serving dtype (bench/compute.py).
+
 `--loras N` also runs tokenmill on the same requests spread round-robin over N random LoRA adapters (written
 for the model into a temporary directory, rank `--lora-rank`, all seven projections adapted), all served in
 the same batches, and reports the throughput ratio against the base model alone: the cost of multi-LoRA.
@@ -236,6 +239,7 @@ def run(args: argparse.Namespace) -> dict:
     ever slows a run down, and alternating exposes both engines to the same conditions."""
     import torch
 
+    from tokenmill.bench.compute import gemm_peak, useful_flops
     from tokenmill.engine.llm_engine import LLM
 
     llm = LLM(
@@ -297,6 +301,11 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "repeat": args.repeat,
     }
+    flops = useful_flops(llm.engine.runner.model, [len(p) for p in workload.prompts], workload.output_lengths)
+    if flops is not None:
+        rates = gemm_peak(getattr(torch, args.dtype))
+        result["useful_flops"] = flops
+        result["gemm_flops_per_s"] = rates
     for name, measured in runs.items():
         seconds, tokens = min(measured)
         result[name] = {
@@ -305,6 +314,19 @@ def run(args: argparse.Namespace) -> dict:
             "tokens_per_s": tokens / seconds,
             "all_seconds": [s for s, _ in measured],
         }
+        if flops is not None and name in ("tokenmill", "transformers"):
+            result[name]["share_of_compute_peak"] = flops / seconds / rates["peak"]
+    if flops is not None:
+        shares = ", ".join(
+            f"{name} {result[name]['share_of_compute_peak']:.0%}"
+            for name in ("tokenmill", "transformers")
+            if name in result
+        )
+        measured_rates = ", ".join(f"{d} {r / 1e9:.1f}" for d, r in rates.items() if d != "peak")
+        print(
+            f"compute roofline: {flops / 1e12:.2f} TFLOP useful, GEMM peak {rates['peak'] / 1e9:.1f} GFLOP/s "
+            f"(measured: {measured_rates}); best runs reach {shares} of it"
+        )
     if "tokenmill-guided" in result:
         result["guided_fraction"] = args.guided_fraction
         result["guided_throughput_ratio"] = (

@@ -176,7 +176,5 @@ class CpuDecodeStep:
 
 
 def _kernel_computes(projection: nn.Module, dtype: torch.dtype, ops: CpuKernelOps) -> bool:
-    """A dense projection, or an int8 one in a bfloat16 model (the int8 kernel takes bfloat16 activations)."""
-    if type(projection) is Linear:
-        return True
-    return type(projection) is Int8Linear and ops.gemm_q8 is not None and dtype == torch.bfloat16
+    """A dense projection, or an int8 one where this CPU has the int8 kernel."""
+    return type(projection) is Linear or (type(projection) is Int8Linear and dtype in ops.gemms_q8)

@@ -33,6 +33,7 @@ copy."""
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _GEMM = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
+_GEMM_Q8 = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
 _NORM = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _f32]
 _ROTARY = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
 _SILU_MUL = [_ptr, _i64, _ptr, _i64, _i64, _i64]
@@ -47,11 +48,8 @@ _SIGNATURES = {
     **{f"rotary_{suffix}": (None, _ROTARY) for suffix in _SUFFIX.values()},
     **{f"silu_mul_{suffix}": (None, _SILU_MUL) for suffix in _SUFFIX.values()},
     **{f"decode_step_{suffix}": (ctypes.c_int, _DECODE_STEP) for suffix in _SUFFIX.values()},
-    "skinny_gemm_q8": (
-        ctypes.c_int,
-        [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
-    ),
-    "dequantize_q8": (None, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int]),
+    **{f"skinny_gemm_q8_{suffix}": (ctypes.c_int, _GEMM_Q8) for suffix in _SUFFIX.values()},
+    "dequantize_q8": (None, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int, ctypes.c_int]),
     "read_memory": (ctypes.c_uint64, [_ptr, _i64, ctypes.c_int]),
 }
 
@@ -105,7 +103,12 @@ class CpuKernelOps(TorchOps):
             self.gemms[torch.bfloat16] = kernel.skinny_gemm_bf16
         if kernel.skinny_gemm_f32_supported():
             self.gemms[torch.float32] = kernel.skinny_gemm_f32
-        self.gemm_q8 = kernel.skinny_gemm_q8 if kernel.skinny_gemm_q8_supported() else None
+        self.gemms_q8 = {}
+        """dtype of the activations -> the few-row product with int8 weights, where this CPU has one."""
+        if kernel.skinny_gemm_q8_supported():
+            self.gemms_q8 = {
+                dtype: getattr(kernel, f"skinny_gemm_q8_{sfx}") for dtype, sfx in _SUFFIX.items()
+            }
         self.dequantize_q8 = kernel.dequantize_q8
         self.norms = {dtype: getattr(kernel, f"add_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.rotaries = {dtype: getattr(kernel, f"rotary_{suffix}") for dtype, suffix in _SUFFIX.items()}
@@ -144,17 +147,19 @@ class CpuKernelOps(TorchOps):
         block_sums: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        if not (x.dtype == torch.bfloat16 and _kernel_ready(x, bias) and qweight.is_contiguous()):
+        if not (x.dtype in _SUFFIX and _kernel_ready(x, bias) and qweight.is_contiguous()):
             return super().linear_int8(x, qweight, scales, block_sums, bias)
         rows, (outer, inner) = x.shape[0], qweight.shape
-        if rows > MAX_Q8_ROWS or self.gemm_q8 is None:  # compute-bound: torch's GEMM on a bfloat16 copy
-            weight = torch.empty((outer, inner), dtype=torch.bfloat16)
+        gemm = self.gemms_q8.get(x.dtype)
+        if rows > MAX_Q8_ROWS or gemm is None:  # compute-bound: torch's GEMM on a dequantised copy
+            weight = torch.empty((outer, inner), dtype=x.dtype)
             self.dequantize_q8(
-                qweight.data_ptr(), scales.data_ptr(), weight.data_ptr(), outer, inner, self.num_threads
-            )
+                qweight.data_ptr(), scales.data_ptr(), weight.data_ptr(), outer, inner, self.num_threads,
+                x.dtype == torch.bfloat16,
+            )  # fmt: skip
             return self._torch_linear(x, weight, bias)
-        out = torch.empty((rows, outer), dtype=torch.bfloat16)
-        status = self.gemm_q8(
+        out = torch.empty((rows, outer), dtype=x.dtype)
+        status = gemm(
             x.data_ptr(), x.stride(0), qweight.data_ptr(), scales.data_ptr(), block_sums.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows, outer, inner,
             self.num_threads,

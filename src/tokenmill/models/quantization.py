@@ -2,9 +2,10 @@
 with one float32 scale per output row (absmax / 127), halving the bytes a decode step streams. A tied output
 head gets an int8 copy of its own; the embedding lookup keeps the original table.
 
-On CPUs with AVX-512 VNNI a decode step's few rows of activations are quantized too, in blocks of 64 values
-with a scale each, so the kernel (models/cpu_ops.py) multiplies bytes with bytes; elsewhere, and for
-products with many rows (prefill), a dequantised copy of the weight goes through torch's GEMM.
+On CPUs with AVX-512 VNNI or AVX2 a decode step's few rows of activations (float32 or bfloat16) are
+quantized too, in blocks of 64 values with a scale each, so the kernel (models/cpu_ops.py) multiplies bytes
+with bytes; elsewhere, and for products with many rows (prefill), a dequantised copy of the weight goes
+through torch's GEMM.
 `tokenmill bench quality` measures what this costs.
 """
 

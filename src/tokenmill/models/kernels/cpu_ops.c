@@ -34,6 +34,17 @@ static inline float from_bf16(uint16_t value) {
     return out;
 }
 
+// Activations of the int8 product and the fused operators are float32 (is_bf16 = 0) or bfloat16; each is
+// instantiated for both by exported wrappers, so the branches on is_bf16 compile away.
+static inline __attribute__((always_inline)) float load(const void *base, int64_t i, int is_bf16) {
+    return is_bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+static inline __attribute__((always_inline)) void store(void *base, int64_t i, float value, int is_bf16) {
+    if (is_bf16) ((uint16_t *)base)[i] = to_bf16(value);
+    else ((float *)base)[i] = value;
+}
+
 // ---- few-row matrix products ------------------------------------------------------------------------
 
 // Two sets of tiles: AVX-512 (with BF16 dot products for bfloat16 weights) and AVX2 + FMA for the CPUs
@@ -337,7 +348,7 @@ int skinny_gemm_f32(
 
 static inline __attribute__((always_inline)) void tile_q8(
     const uint8_t *xq, const float *xscale, int64_t K, int64_t blocks, const int8_t *q, const float *scale,
-    const int32_t *block_sums, const uint16_t *bias, uint16_t *y, int64_t ldy, int nx, int nw
+    const int32_t *block_sums, const void *bias, void *y, int64_t ldy, int nx, int nw, int is_bf16
 ) {
     __m512 acc[X_PER_TILE][ROWS_PER_BLOCK];
     for (int i = 0; i < nx; i++)
@@ -355,7 +366,7 @@ static inline __attribute__((always_inline)) void tile_q8(
             for (int j = 0; j < nw; j++) wv[j] = _mm512_maskz_loadu_epi8(mask, q + j * K + k);
         }
         for (int i = 0; i < nx; i++) {
-            // x rows are padded to whole blocks with zeros (see skinny_gemm_q8): no mask needed.
+            // x rows are padded to whole blocks with zeros (see gemm_q8): no mask needed.
             __m512i xv = _mm512_loadu_si512((const void *)(xq + i * blocks * Q8_BLOCK + k));
             __m512 xs = _mm512_set1_ps(xscale[i * blocks + b]);
             for (int j = 0; j < nw; j++) {
@@ -375,7 +386,7 @@ static inline __attribute__((always_inline)) void tile_q8(
             float offset = 0.0f;  // the +128 of every x byte, times the weights it met
             for (int64_t b = 0; b < blocks; b++) offset += xscale[i * blocks + b] * (float)block_sums[j * blocks + b];
             float sum = (sums[j] - 128.0f * offset) * scale[j];
-            y[i * ldy + j] = to_bf16(bias ? sum + from_bf16(bias[j]) : sum);
+            store(y, i * ldy + j, bias ? sum + load(bias, j, is_bf16) : sum, is_bf16);
         }
     }
 }
@@ -386,7 +397,7 @@ static inline __attribute__((always_inline)) void tile_q8(
 // row of x), so the accumulators and x's block stay in registers.
 static inline __attribute__((always_inline)) void tile_q8(
     const uint8_t *xq, const float *xscale, int64_t K, int64_t blocks, const int8_t *q, const float *scale,
-    const int32_t *block_sums, const uint16_t *bias, uint16_t *y, int64_t ldy, int nx, int nw
+    const int32_t *block_sums, const void *bias, void *y, int64_t ldy, int nx, int nw, int is_bf16
 ) {
     (void)block_sums;  // no offset to take out: x is signed here
     const __m256i ones = _mm256_set1_epi16(1);
@@ -428,7 +439,7 @@ static inline __attribute__((always_inline)) void tile_q8(
     for (int i = 0; i < nx; i++)
         for (int j = 0; j < nw; j++) {
             float sum = sums[i][j] * scale[j];
-            y[i * ldy + j] = to_bf16(bias ? sum + from_bf16(bias[j]) : sum);
+            store(y, i * ldy + j, bias ? sum + load(bias, j, is_bf16) : sum, is_bf16);
         }
 }
 
@@ -440,19 +451,19 @@ static inline __attribute__((always_inline)) void tile_q8(
 // compiler rewrite x * (1 / step), and a bfloat16 value often lies on a rounding tie that a rewrite breaks
 // the other way (tests mirror this arithmetic).
 __attribute__((optimize("no-reciprocal-math", "no-associative-math"))) static void quantize_rows(
-    const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int64_t blocks, uint8_t *xq, float *xscale
+    const void *x, int64_t ldx, int64_t M, int64_t K, int64_t blocks, uint8_t *xq, float *xscale, int is_bf16
 ) {
     int64_t padded = blocks * Q8_BLOCK;
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < blocks; b++) {
             int64_t first = b * Q8_BLOCK, last = first + Q8_BLOCK < K ? first + Q8_BLOCK : K;
             float absmax = 0.0f;
-            for (int64_t k = first; k < last; k++) absmax = fmaxf(absmax, fabsf(from_bf16(x[m * ldx + k])));
+            for (int64_t k = first; k < last; k++) absmax = fmaxf(absmax, fabsf(load(x, m * ldx + k, is_bf16)));
             float step = absmax > 0.0f ? absmax * (1.0f / 127.0f) : 1.0f, inverse = 1.0f / step;
             xscale[m * blocks + b] = step;
             uint8_t *row = xq + m * padded;
             for (int64_t k = first; k < last; k++)
-                row[k] = (uint8_t)(lrintf(from_bf16(x[m * ldx + k]) * inverse) + Q8_OFFSET);
+                row[k] = (uint8_t)(lrintf(load(x, m * ldx + k, is_bf16) * inverse) + Q8_OFFSET);
             for (int64_t k = last; k < first + Q8_BLOCK; k++) row[k] = 0;  // padding meets zero weights
         }
 }
@@ -466,11 +477,12 @@ int skinny_gemm_q8_supported(void) {
 #endif
 }
 
-// block_sums: [N, ceil(K / Q8_BLOCK)] sums of each weight row's blocks. Returns 0; 1 where the CPU lacks
-// AVX-512 VNNI and AVX2, 2 for more than Q8_MAX_ROWS rows (callers check both first), 3 if out of memory.
-int skinny_gemm_q8(
-    const uint16_t *x, int64_t ldx, const int8_t *q, const float *scale, const int32_t *block_sums,
-    const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads
+// x, bias and y in the activations' dtype (is_bf16); block_sums: [N, ceil(K / Q8_BLOCK)] sums of each
+// weight row's blocks. Returns 0; 1 where the CPU lacks AVX-512 VNNI and AVX2, 2 for more than Q8_MAX_ROWS
+// rows (callers check both first), 3 if out of memory.
+static inline __attribute__((always_inline)) int gemm_q8(
+    const void *x, int64_t ldx, const int8_t *q, const float *scale, const int32_t *block_sums,
+    const void *bias, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads, int is_bf16
 ) {
 #if defined(Q8_TILES_512) || defined(Q8_TILES_256)
     if (M > Q8_MAX_ROWS) return 2;
@@ -482,30 +494,32 @@ int skinny_gemm_q8(
         free(xscale);
         return 3;
     }
-    quantize_rows(x, ldx, M, K, blocks, xq, xscale);
+    quantize_rows(x, ldx, M, K, blocks, xq, xscale, is_bf16);
     int64_t row_blocks = (N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t block = 0; block < row_blocks; block++) {
         int64_t n = block * ROWS_PER_BLOCK;
         const int8_t *qb = q + n * K;
         const int32_t *sb = block_sums + n * blocks;
-        const uint16_t *bb = bias ? bias + n : 0;
+        const size_t es = is_bf16 ? 2 : 4;
+        const char *bb = bias ? (const char *)bias + n * es : 0;
         for (int64_t m = 0; m < M; m += X_PER_TILE) {
             const uint8_t *xt = xq + m * padded;
             const float *st = xscale + m * blocks;
-            uint16_t *yt = y + m * ldy + n;
+            char *yt = (char *)y + (m * ldy + n) * es;
             if (n + ROWS_PER_BLOCK > N) {  // the last, partial block of weight rows: one row at a time
                 for (int64_t r = 0; r < N - n; r++)
                     for (int64_t i = 0; i < X_PER_TILE && m + i < M; i++)
                         tile_q8(xt + i * padded, st + i * blocks, K, blocks, qb + r * K, scale + n + r,
-                                sb + r * blocks, bb ? bb + r : 0, yt + i * ldy + r, ldy, 1, 1);
+                                sb + r * blocks, bb ? bb + r * es : 0, yt + (i * ldy + r) * es, ldy, 1, 1,
+                                is_bf16);
                 continue;
             }
             switch (M - m) {
-                case 1: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 1, ROWS_PER_BLOCK); break;
-                case 2: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 2, ROWS_PER_BLOCK); break;
-                case 3: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 3, ROWS_PER_BLOCK); break;
-                default: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 4, ROWS_PER_BLOCK); break;
+                case 1: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 1, ROWS_PER_BLOCK, is_bf16); break;
+                case 2: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 2, ROWS_PER_BLOCK, is_bf16); break;
+                case 3: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 3, ROWS_PER_BLOCK, is_bf16); break;
+                default: tile_q8(xt, st, K, blocks, qb, scale + n, sb, bb, yt, ldy, 4, ROWS_PER_BLOCK, is_bf16); break;
             }
         }
     }
@@ -514,31 +528,35 @@ int skinny_gemm_q8(
     return 0;
 #else
     (void)x; (void)ldx; (void)q; (void)scale; (void)block_sums; (void)bias; (void)y; (void)ldy; (void)M; (void)N;
-    (void)K; (void)num_threads;
+    (void)K; (void)num_threads; (void)is_bf16;
     return 1;
 #endif
 }
 
-// out[n, k] = bfloat16(q[n, k] * scale[n]): the whole matrix, for products with many rows (prefill
-// chunks), which are compute-bound and go to torch's GEMM. One pass, all threads.
-void dequantize_q8(const int8_t *q, const float *scale, uint16_t *out, int64_t N, int64_t K, int num_threads) {
+int skinny_gemm_q8_f32(
+    const void *x, int64_t ldx, const int8_t *q, const float *scale, const int32_t *block_sums,
+    const void *bias, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads
+) {
+    return gemm_q8(x, ldx, q, scale, block_sums, bias, y, ldy, M, N, K, num_threads, 0);
+}
+
+int skinny_gemm_q8_bf16(
+    const void *x, int64_t ldx, const int8_t *q, const float *scale, const int32_t *block_sums,
+    const void *bias, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int num_threads
+) {
+    return gemm_q8(x, ldx, q, scale, block_sums, bias, y, ldy, M, N, K, num_threads, 1);
+}
+
+// out[n, k] = q[n, k] * scale[n] in the activations' dtype: the whole matrix, for products with many rows
+// (prefill chunks), which are compute-bound and go to torch's GEMM. One pass, all threads.
+void dequantize_q8(const int8_t *q, const float *scale, void *out, int64_t N, int64_t K, int num_threads,
+                   int is_bf16) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) out[n * K + k] = to_bf16((float)q[n * K + k] * scale[n]);
+        for (int64_t k = 0; k < K; k++) store(out, n * K + k, (float)q[n * K + k] * scale[n], is_bf16);
 }
 
 // ---- fused small operators ----------------------------------------------------------------------------
-
-// Elements are float32 (is_bf16 = 0) or bfloat16; each operator is instantiated for both by the exported
-// wrappers at the end, so the branches on is_bf16 compile away.
-static inline __attribute__((always_inline)) float load(const void *base, int64_t i, int is_bf16) {
-    return is_bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-static inline __attribute__((always_inline)) void store(void *base, int64_t i, float value, int is_bf16) {
-    if (is_bf16) ((uint16_t *)base)[i] = to_bf16(value);
-    else ((float *)base)[i] = value;
-}
 
 // The value torch holds after an op in this dtype: rounded to bfloat16, or the float32 as is.
 static inline __attribute__((always_inline)) float held(float value, int is_bf16) {

@@ -5,7 +5,7 @@
 // from Python a step made, each costing more than the operator itself on a small model.
 //
 // Activations are float32 (is_bf16 = 0) or bfloat16; a weight matrix is in the activations' dtype or int8
-// with a float32 scale per row (bfloat16 activations only).
+// with a float32 scale per row.
 
 #include "paged_decode.c"
 #include "cpu_ops.c"
@@ -14,7 +14,7 @@ typedef struct {
     int64_t kind;  // MATRIX_DENSE or MATRIX_INT8
     const void *weight;
     const float *scales;        // int8: one per row
-    const int32_t *block_sums;  // int8: see skinny_gemm_q8
+    const int32_t *block_sums;  // int8: see gemm_q8 (cpu_ops.c)
     const void *bias;           // in the activations' dtype, or NULL
     int64_t rows, cols;
 } Matrix;
@@ -43,9 +43,8 @@ typedef struct {
 
 static int matmul(const Matrix *w, const void *x, void *y, int64_t M, int is_bf16, int threads) {
     if (w->kind == MATRIX_INT8)
-        return is_bf16 ? skinny_gemm_q8(x, w->cols, w->weight, w->scales, w->block_sums, w->bias, y, w->rows, M,
-                                        w->rows, w->cols, threads)
-                       : 4;
+        return gemm_q8(x, w->cols, w->weight, w->scales, w->block_sums, w->bias, y, w->rows, M, w->rows, w->cols,
+                       threads, is_bf16);
     if (is_bf16) return skinny_gemm_bf16(x, w->cols, w->weight, w->bias, y, w->rows, M, w->rows, w->cols, threads);
     return skinny_gemm_f32(x, w->cols, w->weight, w->bias, y, w->rows, M, w->rows, w->cols, threads);
 }
