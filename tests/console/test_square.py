@@ -215,7 +215,9 @@ def test_square_and_compare_in_chinese_and_dark_theme(console):
 def test_a_language_switch_while_the_square_loads_shows_the_page_once(console):
     page = console.page
     signed_in(console, route="keys")
-    # The keys page done loading first, so the only "Loading" below is the square's.
+    # The keys page rendered and done loading first (its form loads the catalog's models too, which the
+    # route below would hold), so the only "Loading" below is the square's.
+    expect(page.get_by_role("heading", level=1)).to_have_text("API keys")
     expect(page.get_by_role("status").filter(has_text="Loading")).to_have_count(0)
     held = []  # the first render's catalog answer waits here until the second render has begun
     released = False
