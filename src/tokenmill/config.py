@@ -159,11 +159,23 @@ class SchedulerConfig:
     """Token budget of one forward pass (decodes plus prefill chunks)."""
     max_num_seqs: int = 64
     """Sequences running at once."""
+    target_tpot_ms: float = 0.0
+    """While streams decode, steps take only as many prompt tokens (new prompts, chunks of long ones) as keep
+    the streams at this many milliseconds a token on average, by the engine's measured step costs
+    (`step_costs.TpotPacer`): e.g. 40 keeps them near 25 tokens/s while prompts wait their turn. 0 (the
+    default): throughput mode, every step fills the token budget, the most tokens/s and the shortest TTFT,
+    and streams slow down while prompts are computed. A target pays while the machine has room to spare; an
+    overloaded one (more prompts than it can compute at the target) trades TTFT for it."""
     batch_budget: BatchBudget = field(default_factory=lambda: BatchBudget())
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _require(
+            type(self.target_tpot_ms) in (int, float) and 0 <= self.target_tpot_ms <= 60_000,
+            "target_tpot_ms",
+            "must be from 0 (throughput mode) to 60000",
+        )
 
 
 @dataclass(frozen=True, slots=True)

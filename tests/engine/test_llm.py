@@ -108,6 +108,8 @@ def test_bad_models_and_settings_name_the_problem(tmp_path, tiny_llama_dir):
         LLM(str(tiny_llama_dir), block_size=3)
     with pytest.raises(ConfigError, match="no_such_setting"):
         LLM(str(tiny_llama_dir), no_such_setting=1)
+    with pytest.raises(ConfigError, match="target_tpot_ms: must be from 0"):
+        LLM(str(tiny_llama_dir), target_tpot_ms=-5)
     with pytest.raises(ConfigError, match="chat_template: must be Jinja template text"):
         LLM(str(tiny_llama_dir), chat_template=str(tmp_path / "no-such-template.jinja"))
 

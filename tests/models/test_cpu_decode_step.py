@@ -1,7 +1,7 @@
 """The whole-step decode kernel (models/cpu_decode_step.py) against the same kernels called one operator at a
 time: bit for bit the same tokens and logprobs, in float32 and bfloat16, with grouped-query attention, q/k/v
-biases, a sliding window, untied heads and batches of 1 to 8 decoding sequences; and it leaves alone the
-steps and models it does not compute. (tests/models/test_vs_transformers.py checks the default path, this
+biases, a sliding window, untied heads, batches of 1 to 10 decoding sequences and prompt tokens laid out as
+queries over their own cache; and it leaves alone the steps and models it does not compute. (tests/models/test_vs_transformers.py checks the default path, this
 one included, against transformers.)"""
 
 from __future__ import annotations
@@ -35,36 +35,44 @@ def checkpoint(request, tmp_path_factory, smollm2_tokenizer) -> Path:
 
 
 def _generate(
-    directory: Path, dtype: str, cpu_kernels: str, prompts: list[str], quantization: str = "none"
-) -> tuple[list, int]:
-    """(each prompt's tokens and logprobs, how many steps the whole-step kernel took)."""
+    directory: Path,
+    dtype: str,
+    cpu_kernels: str,
+    prompts: list[str],
+    quantization: str = "none",
+    query_rows: int | None = None,
+) -> tuple[list, list[tuple[int, bool]], int]:
+    """(each prompt's tokens and logprobs, each step's rows and whether the whole-step kernel took it, the
+    most rows it takes). `query_rows`: lay out steps of up to that many tokens as the kernel's steps are."""
     llm = LLM(
         str(directory), dtype=dtype, block_size=4, num_blocks=512, cpu_kernels=cpu_kernels,
         quantization=quantization,
     )  # fmt: skip
     model = llm.engine.runner.model
-    taken = 0
+    calls = []
+    max_rows = 0
     if cpu_kernels == "kernel":
         step = model.decode_step
         if step is None:
             pytest.skip("this CPU has no few-row product kernel for this dtype")
+        max_rows = step.max_rows
 
-        def counted(*args):
-            nonlocal taken
-            hidden = step(*args)
-            taken += hidden is not None
+        def counted(x, *args):
+            hidden = step(x, *args)
+            calls.append((x.shape[0], hidden is not None))
             return hidden
 
         model.decode_step = counted
     else:
         assert model.decode_step is None
+        llm.engine.runner.max_query_rows = query_rows or 0
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     outputs = llm.generate(prompts, params)
     answers = [
         (o.outputs[0].token_ids, [(lp.token_id, lp.logprob) for lp in o.outputs[0].logprobs or []])
         for o in outputs
     ]
-    return answers, taken
+    return answers, calls, max_rows
 
 
 @pytest.mark.parametrize(
@@ -73,14 +81,20 @@ def _generate(
 )
 @pytest.mark.parametrize("num_prompts", [1, 3, 10])
 def test_whole_steps_equal_the_operators_one_by_one(checkpoint, dtype, quantization, num_prompts):
-    """Every decode step of 1 or 3 sequences goes through the kernel; steps of 10 decoding sequences (more
-    rows than it takes) go through the modules."""
+    """Every step of up to `max_rows` tokens goes through the kernel, prompt tokens included; the prompt
+    step of 10 prompts (more rows than it takes) goes through the modules."""
     prompts = PROMPTS[:num_prompts]
-    fused, taken = _generate(checkpoint, dtype, "kernel", prompts, quantization)
-    per_op, _ = _generate(checkpoint, dtype, "per-op", prompts, quantization)
+    fused, calls, max_rows = _generate(checkpoint, dtype, "kernel", prompts, quantization)
+    per_op, _, _ = _generate(checkpoint, dtype, "per-op", prompts, quantization, query_rows=max_rows)
     assert fused == per_op
-    # 12 tokens each: the first from the prompt's step, 11 from decode steps (all prompts end together).
-    assert taken == (11 if num_prompts <= 8 else 0)
+    assert max_rows >= 8
+    assert all(taken == (rows <= max_rows) for rows, taken in calls), calls
+    # 12 tokens each: the first from the prompts' step, 11 from decode steps (all prompts end together).
+    assert [rows for rows, _ in calls[1:]] == [num_prompts] * 11
+    if num_prompts == 1:
+        assert calls[0][1]  # the prompt's step: 5 tokens, each a query over the cache up to itself
+    if num_prompts == 10:
+        assert calls[0][0] > max_rows
 
 
 def test_models_and_steps_it_does_not_compute_go_through_the_modules(tmp_path, smollm2_tokenizer):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.models.cpu_ops import MAX_GEMM_ROWS, MAX_Q8_ROWS, CpuKernelOps, load_ops_kernel
+from tokenmill.models.cpu_ops import MAX_Q8_ROWS, CpuKernelOps, load_ops_kernel
 from tokenmill.models.layers import RotaryEmbedding, TorchOps
 from tokenmill.models.quantization import ACTIVATION_BLOCK, block_sums, quantize_int8
 
@@ -93,7 +93,7 @@ def test_products_read_rows_of_a_wider_tensor(gemm_ops):
 def test_what_the_product_kernel_does_not_take_is_torchs(gemm_ops):
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(16, 32, generator=gen).bfloat16()
-    many_rows = torch.randn(MAX_GEMM_ROWS + 1, 32, generator=gen).bfloat16()
+    many_rows = torch.randn(gemm_ops.max_gemm_rows[torch.bfloat16] + 1, 32, generator=gen).bfloat16()
     for x, w in [(many_rows, weight), (many_rows[:2], weight.T.contiguous().T)]:
         assert torch.equal(gemm_ops.linear(x, w, None), TORCH.linear(x, w, None))
 

@@ -39,6 +39,8 @@ def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "64M",
         "--max-num-seqs",
         "64",
+        "--target-tpot-ms",
+        "30",
         "--no-auth",  # the OpenAI surface; keys and billing over a real server are in tests/e2e
     ]
     process = ServerProcess(args, tmp_path_factory.mktemp("serve") / "serve.log").start(timeout_s=180)
@@ -244,6 +246,11 @@ def test_closing_a_stream_frees_its_kv_blocks(server: ServerProcess) -> None:
         assert server.metric("tokenmill_kv_cache_usage_ratio", MODEL) > 0
     freed_after_s = _poll(lambda: server.metric("tokenmill_kv_cache_usage_ratio", MODEL) == 0, timeout_s=1.0)
     assert server.metric("tokenmill_num_running_seqs", MODEL) == 0, freed_after_s
+
+
+def test_metrics_show_the_step_time_policy(server: ServerProcess) -> None:
+    assert server.metric("tokenmill_target_tpot_seconds", MODEL) == 0.03
+    assert server.metric("tokenmill_tpot_limited_steps_total", MODEL) >= 0
 
 
 def test_cancelled_request_frees_its_kv_blocks(server: ServerProcess) -> None:

@@ -112,6 +112,7 @@ class EngineSettings(_Strict):
     kv_cache_memory: Annotated[int | None, BeforeValidator(_byte_size)] = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    target_tpot_ms: float | None = None
     block_size: int | None = None
     device: str | None = None
     seed: int | None = None

@@ -16,6 +16,7 @@ TOTALS = (
     "num_batch_tokens",
     "num_interactive_tokens",
     "num_batch_preemptions",
+    "num_tpot_limited_steps",
 )
 """The EngineStats fields that are totals since start."""
 

@@ -43,6 +43,10 @@ class EngineStats:
     computed), and preemptions of batch sequences. Together they show the capacity batch work used."""
     num_interactive_tokens: int = 0
     num_batch_preemptions: int = 0
+    target_tpot_s: float = 0.0
+    """The step-time target streams are kept to (0: throughput mode), and the steps in which it held
+    prefill tokens back since start: the policy and how often it acted."""
+    num_tpot_limited_steps: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

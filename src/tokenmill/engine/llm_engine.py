@@ -59,6 +59,7 @@ class LLMEngine:
             loras=self.loras,
             batch_budget=config.scheduler.batch_budget,
             step_costs=self.step_costs,
+            target_tpot_s=config.scheduler.target_tpot_ms / 1000 or None,
         )
         self.sampler = Sampler(
             self.vocab_size, loaded.eos_token_ids, seed=config.model.seed, device=plan.device
@@ -157,17 +158,16 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        started = time.perf_counter()
         logits = self.runner.execute(batch)
         seqs = [item.seq for item in batch.sampling_items]
         seq_ids = [seq.seq_id for seq in seqs]
         # Only constrained rows cost anything: their masks in one batched call, then one token each.
         grammar = self.guided.masks(enumerate(seq_ids)) if self.guided.active else None
         samples = self.sampler(logits, [_row(seq) for seq in seqs], grammar)
-        self.step_costs.observe(batch.num_tokens, time.perf_counter() - started)
         for seq, (_, logprob) in zip(seqs, samples, strict=True):
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -181,6 +181,8 @@ class LLMEngine:
         for seq in appended:
             if seq.finished:
                 self._free(seq)
+        # The whole step, as a stream sees it between two of its tokens: the TPOT target is held to this.
+        self.step_costs.observe(batch.num_tokens, time.perf_counter() - started)
         return outputs
 
     def stats(self) -> EngineStats:
@@ -197,6 +199,8 @@ class LLMEngine:
             num_batch_tokens=self.scheduler.num_batch_tokens,
             num_interactive_tokens=self.scheduler.num_interactive_tokens,
             num_batch_preemptions=self.scheduler.num_batch_preemptions,
+            target_tpot_s=0.0 if self.scheduler.pacer is None else self.scheduler.pacer.target_s,
+            num_tpot_limited_steps=self.scheduler.num_tpot_limited_steps,
         )
 
     # -- internals ---------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class ModelRunner:
         self.kv_caches = [
             layer.allocate(num_blocks * block_size, dtype, device) for layer in model.cache_layout
         ]
+        step_kernel = getattr(model, "decode_step", None)
+        self.max_query_rows = 0 if step_kernel is None else step_kernel.max_rows
+        """Steps of up to this many tokens, prompt tokens included, run whole in the model's CPU step kernel."""
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -74,11 +77,17 @@ class ModelRunner:
         prefills = [item for item in batch.items if item.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids, positions, slots = self._flatten(ordered)
+        if prefills and len(input_ids) <= self.max_query_rows:
+            # A step this small runs whole in the CPU step kernel, which attends row by row: each prompt
+            # token is a query over its sequence's cache up to itself (its K/V is written before any query
+            # reads), as a decode is.
+            decodes, prefills = ordered, []
+        num_decodes = len(input_ids) - sum(item.num_new_tokens for item in prefills)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            num_decodes=len(decodes),
+            num_decodes=num_decodes,
             decodes=self._prepare_decodes(decodes) if decodes else None,
-            prefills=self._prefill_chunks(prefills, len(decodes)),
+            prefills=self._prefill_chunks(prefills, num_decodes),
         )
         lora = self._lora_step(ordered)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta, lora)
@@ -126,11 +135,17 @@ class ModelRunner:
         return (block_ids[:, None] * self.block_size + np.arange(self.block_size)).reshape(-1)[: item.end]
 
     def _prepare_decodes(self, decodes: list[ScheduledSeq]) -> object:
+        """A row per token: its sequence's block table, and the context up to and including it."""
         num_blocks = max(len(item.seq.block_ids) for item in decodes)
-        block_tables = np.zeros((len(decodes), num_blocks), dtype=np.int64)
-        for row, item in enumerate(decodes):
-            block_tables[row, : len(item.seq.block_ids)] = _readable(item.seq.block_ids)
-        context_lens = np.asarray([item.end for item in decodes], dtype=np.int64)
+        num_rows = sum(item.num_new_tokens for item in decodes)
+        block_tables = np.zeros((num_rows, num_blocks), dtype=np.int64)
+        context_lens = np.empty(num_rows, dtype=np.int64)
+        row = 0
+        for item in decodes:
+            rows = slice(row, row + item.num_new_tokens)
+            block_tables[rows, : len(item.seq.block_ids)] = _readable(item.seq.block_ids)
+            context_lens[rows] = np.arange(item.start + 1, item.end + 1)
+            row = rows.stop
         return self.model.attention_backend.prepare_decodes(
             block_tables, context_lens, self.block_size, self.device
         )

@@ -5,6 +5,11 @@ There is no prefill or decode phase: a sequence has `num_computed_tokens` of `nu
 each step closes part of that gap. A decode is a gap of 1; a chunked prefill is a gap larger than the
 budget; a preempted sequence simply restarts from 0 (minus whatever the prefix cache still holds).
 
+Steady streams: a step cannot be interrupted, so every decoding stream waits for the prompt tokens computed
+beside it. While interactive streams decode, prompt chunks and admissions get only the tokens that keep the
+streams at the TPOT target on average (`step_costs.TpotPacer`, by the engine's measured step costs); without
+a target (throughput mode) they get the whole token budget.
+
 Priority classes: interactive work is served first and batch work only gets the capacity left. Beside live
 work, batch items get as many tokens as keep the step within `BatchBudget.max_slowdown` of the live work
 alone, by the engine's measured step costs (and at most `fill_tokens`); with no live work, a step of up to
@@ -28,7 +33,7 @@ from tokenmill.engine.block_pool import NO_BLOCK, BlockHash, BlockPool, hash_blo
 from tokenmill.engine.priority_queues import RunningSeqs, WaitingQueues, is_batch
 from tokenmill.engine.request import RequestStatus, Sequence
 from tokenmill.engine.sampling_params import InvalidRequestError
-from tokenmill.engine.step_costs import StepCosts
+from tokenmill.engine.step_costs import StepCosts, TpotPacer
 
 if TYPE_CHECKING:
     from tokenmill.engine.lora import LoRARequest
@@ -57,6 +62,7 @@ class Scheduler:
         loras: AdapterSlots | None = None,
         batch_budget: BatchBudget | None = None,
         step_costs: StepCosts | None = None,
+        target_tpot_s: float | None = None,
     ) -> None:
         self.pool = block_pool
         self.loras = loras
@@ -73,6 +79,11 @@ class Scheduler:
         self.step_costs = step_costs
         """Measured by the engine; None (tests of the policy alone): batch work beside live work is bounded
         by `fill_tokens` only."""
+        self.pacer = (
+            None if target_tpot_s is None or step_costs is None else TpotPacer(target_tpot_s, step_costs)
+        )
+        """Keeps live decoding streams at the TPOT target by how many prompt tokens each step takes; None: every
+        step takes the whole token budget (throughput mode)."""
         self.waiting = WaitingQueues()
         self.running = RunningSeqs()
         self.num_cached_prompt_tokens = 0
@@ -80,6 +91,8 @@ class Scheduler:
         self.num_batch_preemptions = 0
         self.num_batch_tokens = 0
         self.num_interactive_tokens = 0
+        self.num_tpot_limited_steps = 0
+        """Steps in which the TPOT target held back prefill tokens waiting for the token budget."""
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -131,11 +144,20 @@ class Scheduler:
         budgets = self.batch_budget  # read once: another thread may replace it
         # Running sequences first (oldest first): they hold memory, finishing them frees it. Then admission,
         # but only while no interactive sequence had to give memory back this step (batch ones may have).
-        budget -= self._run(self.running.interactive, budget, batch)
+        # Prompt tokens (chunks and admissions) take what the live decodes leave of the TPOT target.
+        decodes = sum(1 for seq in self.running.interactive if seq.num_tokens - seq.num_computed_tokens == 1)
+        chunks = self._prompt_allowance(decodes)
+        used, chunked = self._run(self.running.interactive, budget, batch, chunks)
+        budget -= used
         if not any(not is_batch(seq) for seq in batch.preempted):
-            budget -= self._admit(self.waiting.interactive, budget, batch, take_from_batch=True)
+            chunks = min(budget, chunks - chunked)
+            admitted = self._admit(self.waiting.interactive, chunks, batch, take_from_batch=True)
+            budget -= admitted
+            chunked += admitted
+        if self.pacer is not None:
+            self.pacer.spent(decodes, chunked)
         batch_share = min(budget, self._batch_share(live, self.max_num_batched_tokens - budget, budgets))
-        batch_share -= self._run(self.running.batch, batch_share, batch)
+        batch_share -= self._run(self.running.batch, batch_share, batch, batch_share)[0]
         # Batch work is admitted only behind every interactive request, and never under memory pressure.
         if not self.waiting.interactive and not batch.preempted:
             self._admit(self.waiting.batch, batch_share, batch, take_from_batch=False)
@@ -219,21 +241,40 @@ class Scheduler:
             return budgets.fill_tokens if budgets.max_slowdown else 0
         return self.step_costs.affordable(live_tokens, budgets.max_slowdown, budgets.fill_tokens)
 
-    def _run(self, running: list[Sequence], budget: int, batch: ScheduledBatch) -> int:
-        """Schedule the next chunk of each of `running` (one class, oldest first) within `budget`; returns
-        the tokens used."""
-        used = 0
+    def _prompt_allowance(self, decodes: int) -> int:
+        """Prompt tokens the next step may take beside its `decodes` live decoding streams."""
+        budget = self.max_num_batched_tokens
+        if self.pacer is None:
+            return budget
+        allowance = self.pacer.allowance(decodes, budget - decodes)
+        prompts = sum(seq.num_tokens - seq.num_computed_tokens for seq in self.running.interactive) - decodes
+        prompts += sum(seq.num_tokens for seq in self.waiting.interactive)  # less their cached prefixes
+        self.num_tpot_limited_steps += min(prompts, budget - decodes) > allowance
+        return allowance
+
+    def _run(
+        self, running: list[Sequence], budget: int, batch: ScheduledBatch, chunks: int
+    ) -> tuple[int, int]:
+        """Schedule the next token of each decoding sequence of `running` (one class, oldest first) and the
+        next chunk of each prefilling one, all within `budget` and the chunks within `chunks`; returns the
+        tokens used, and of them the chunks'."""
+        used = chunked = 0
         index = 0
         while index < len(running) and used < budget:
             seq = running[index]
             self._slide(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget - used)
+            gap = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(gap, budget - used) if gap == 1 else min(gap, budget - used, chunks - chunked)
+            if num_new == 0:
+                index += 1
+                continue  # a prefill past the chunk allowance waits; the decodes after it do not
             if not self._reserve_slots(seq, num_new, batch):
                 break  # `seq` itself was preempted: everything after it already was.
             batch.items.append(self._item(seq, num_new))
             used += num_new
+            chunked += num_new if gap > 1 else 0
             index += 1
-        return used
+        return used, chunked
 
     def _admit(
         self, waiting: deque[Sequence], budget: int, batch: ScheduledBatch, take_from_batch: bool

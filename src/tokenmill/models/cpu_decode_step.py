@@ -3,8 +3,9 @@
 On a small model the operators of a decode step each take microseconds and Python's dispatch around them
 (module calls, ctypes, tensor allocation) took more than half the step. The whole-step kernel runs the same
 operators as CpuKernelOps in the same order, so its hidden states are bit for bit those of the per-operator
-path (tests/models/test_cpu_decode_step.py); it takes steps whose every row decodes (no prompt chunk), up
-to MAX_GEMM_ROWS of them, without LoRA adapters. Everything else goes through the modules as before.
+path (tests/models/test_cpu_decode_step.py). It takes steps whose every row is a query over its own
+sequence's cache (decodes, and prompt tokens the model runner lays out as such: engine/model_runner.py), up
+to `max_rows` of them, without LoRA adapters. Everything else goes through the modules as before.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from tokenmill.models.attention import AttentionMetadata
 from tokenmill.models.cpu_attention import KernelPagedAttention
-from tokenmill.models.cpu_ops import _SUFFIX, MAX_GEMM_ROWS, CpuKernelOps, KernelRope
+from tokenmill.models.cpu_ops import _SUFFIX, MAX_Q8_ROWS, CpuKernelOps, KernelRope
 from tokenmill.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.models.llama import Attention, DecoderLayer, LlamaForCausalLM
 from tokenmill.models.quantization import Int8Linear
@@ -81,6 +82,10 @@ class CpuDecodeStep:
         self._caches: list | None = None
         self._layers: ctypes.Array | None = None
         self._shape: _Model | None = None
+        self.max_rows = ops.max_gemm_rows[dtype]
+        """The most rows a step takes: as many as its products' kernels take."""
+        if any(type(module) is Int8Linear for module in model.layers.modules()):
+            self.max_rows = min(self.max_rows, MAX_Q8_ROWS)
 
     @classmethod
     def for_model(cls, model: nn.Module, ops: CpuKernelOps) -> CpuDecodeStep | None:
@@ -125,7 +130,7 @@ class CpuDecodeStep:
         if (
             meta.prefills
             or rows != meta.num_decodes
-            or not 0 < rows <= MAX_GEMM_ROWS
+            or not 0 < rows <= self.max_rows
             or not x.is_contiguous()
         ):
             return None

@@ -5,9 +5,9 @@ and TorchOps run).
 Matrix products: torch's bfloat16 GEMM streams a weight matrix at a few GB/s when the other operand has one
 row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once at close to
 memory speed, with AVX-512 BF16 dot products or, on CPUs without AVX-512, AVX2 FMAs on weights widened to
-float32 (on SmolLM2's shapes: 3-6x torch at one row, still ahead at eight). float32 products of few rows
-go through the same kernel. Larger products (prefill chunks, big batches) are compute-bound and stay with
-torch's GEMM. int8 weights (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up
+float32 (on SmolLM2's shapes: 3-6x torch at one row, ahead to 8 rows with AVX2 and to 32 with AVX-512).
+float32 products of few rows go through the same kernel. Larger products (long prefill chunks, big batches)
+are compute-bound and stay with torch's GEMM. int8 weights (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up
 to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary,
 SiLU * up) run for float32 and bfloat16 and replace several torch calls each.
 """
@@ -22,9 +22,6 @@ import torch
 
 from tokenmill.models.layers import RotaryEmbedding, TorchOps
 from tokenmill.models.native import compile_library
-
-MAX_GEMM_ROWS = 8
-"""Up to this many rows the kernel beats torch's GEMM on every SmolLM2 shape; beyond, torch's is as fast."""
 
 MAX_Q8_ROWS = 16
 """Up to this many rows the int8 kernel computes (its Q8_MAX_ROWS); beyond, torch's GEMM on a dequantised
@@ -42,6 +39,7 @@ _SIGNATURES = {
     "skinny_gemm_supported": (ctypes.c_int, []),
     "skinny_gemm_f32_supported": (ctypes.c_int, []),
     "skinny_gemm_q8_supported": (ctypes.c_int, []),
+    "skinny_gemm_max_rows": (ctypes.c_int, [ctypes.c_int]),
     "skinny_gemm_bf16": (ctypes.c_int, _GEMM),
     "skinny_gemm_f32": (ctypes.c_int, _GEMM),
     **{f"add_rms_norm_{suffix}": (None, _NORM) for suffix in _SUFFIX.values()},
@@ -103,6 +101,10 @@ class CpuKernelOps(TorchOps):
             self.gemms[torch.bfloat16] = kernel.skinny_gemm_bf16
         if kernel.skinny_gemm_f32_supported():
             self.gemms[torch.float32] = kernel.skinny_gemm_f32
+        self.max_gemm_rows = {
+            dtype: kernel.skinny_gemm_max_rows(dtype == torch.bfloat16) for dtype in self.gemms
+        }
+        """dtype -> up to how many rows its product kernel beats torch's GEMM (more rows: torch's)."""
         self.gemms_q8 = {}
         """dtype of the activations -> the few-row product with int8 weights, where this CPU has one."""
         if kernel.skinny_gemm_q8_supported():
@@ -119,7 +121,7 @@ class CpuKernelOps(TorchOps):
         gemm = self.gemms.get(x.dtype)
         if not (
             gemm is not None
-            and x.shape[0] <= MAX_GEMM_ROWS
+            and x.shape[0] <= self.max_gemm_rows[x.dtype]
             and _kernel_ready(x, weight, bias)
             and weight.is_contiguous()
         ):

@@ -56,6 +56,11 @@ class _EngineCollector(Collector):
             "num_batch_waiting_seqs": GaugeMetricFamily(
                 "tokenmill_batch_waiting_seqs", "Batch-class sequences queued for a slot.", labels=["model"]
             ),
+            "target_tpot_s": GaugeMetricFamily(
+                "tokenmill_target_tpot_seconds",
+                "Step time the scheduler keeps decoding streams to (0: throughput mode).",
+                labels=["model"],
+            ),
         }
         counters = {
             "num_prompt_tokens": CounterMetricFamily(
@@ -82,6 +87,11 @@ class _EngineCollector(Collector):
             "num_batch_preemptions": CounterMetricFamily(
                 "tokenmill_batch_preemptions",
                 "Batch sequences preempted to give their memory back.",
+                labels=["model"],
+            ),
+            "num_tpot_limited_steps": CounterMetricFamily(
+                "tokenmill_tpot_limited_steps",
+                "Steps in which the TPOT target held prompt tokens back to keep decoding streams at speed.",
                 labels=["model"],
             ),
         }

@@ -37,6 +37,7 @@ ENGINE_FLAGS = (
     "kv_cache_memory",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "target_tpot_ms",
     "device",
     "seed",
     "max_loras",
@@ -362,6 +363,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--kv-cache-memory", type=byte_size, help="bytes for the KV cache, e.g. 2G")
     engine.add_argument("--max-num-seqs", type=int, help="sequences running at once")
     engine.add_argument("--max-num-batched-tokens", type=int, help="token budget of one forward pass")
+    engine.add_argument(
+        "--target-tpot-ms",
+        type=float,
+        metavar="MS",
+        help="keep decoding streams at MS per token on average by computing prompts beside them at that pace "
+        "(default: 0, throughput mode: every step fills the token budget)",
+    )
     engine.add_argument("--device", help="auto, cpu or cuda[:N]")
     engine.add_argument("--seed", type=int, help="seed for requests that bring none")
     engine.add_argument("--max-loras", type=int, help="LoRA adapters loaded at once per engine (default: 8)")

@@ -287,6 +287,21 @@ int skinny_gemm_f32_supported(void) {
 #endif
 }
 
+// Up to how many rows of x the kernel beats torch's GEMM on a small model's shapes (SmolLM2's, weights
+// streamed from memory; measured on a 2-core Xeon with AVX-512 BF16, 2026-12-02): with 512-bit tiles up
+// to ~32-48 rows in both dtypes (torch's bfloat16 GEMM without AMX runs at half its float32 rate), with the
+// AVX2 ones up to 8.
+int skinny_gemm_max_rows(int is_bf16) {
+#if defined(BF16_TILES_512)
+    if (is_bf16) return 32;
+#endif
+#if defined(F32_TILES_512)
+    if (!is_bf16) return 32;
+#endif
+    (void)is_bf16;
+    return 8;
+}
+
 // Returns 0; 1 where the CPU lacks the instructions (callers check skinny_gemm_supported first); 3 if out
 // of memory.
 int skinny_gemm_bf16(
