@@ -1,8 +1,8 @@
 """The whole-step decode kernel (models/cpu_decode_step.py) against the same kernels called one operator at a
 time: bit for bit the same tokens and logprobs, in float32 and bfloat16, with grouped-query attention, q/k/v
 biases, a sliding window, untied heads, batches of 1 to 10 decoding sequences and prompt tokens laid out as
-queries over their own cache; and it leaves alone the steps and models it does not compute. (tests/models/test_vs_transformers.py checks the default path, this
-one included, against transformers.)"""
+queries over their own cache; and it leaves alone the steps and models it does not compute.
+(tests/models/test_vs_transformers.py checks the default path, this one included, against transformers.)"""
 
 from __future__ import annotations
 

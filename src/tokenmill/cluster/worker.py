@@ -86,7 +86,7 @@ def worker_info(engine: LLMEngine, send_tokenizer: bool) -> WorkerInfo:
         block_size=scheduler.block_size,
         max_num_batched_tokens=scheduler.max_num_batched_tokens,
         max_num_seqs=scheduler.max_num_seqs,
-        sliding_window=scheduler.sliding_window,
+        sliding_window=scheduler.window.window,
     )
     return WorkerInfo(engine.model_id, fit, engine.stats(), engine.tokenizer if send_tokenizer else None)
 

@@ -44,8 +44,8 @@ class EngineStats:
     num_interactive_tokens: int = 0
     num_batch_preemptions: int = 0
     target_tpot_s: float = 0.0
-    """The step-time target streams are kept to (0: throughput mode), and the steps in which it held
-    prefill tokens back since start: the policy and how often it acted."""
+    """The time per token decoding streams are kept to (0: throughput mode), and the steps in which it held
+    prompt tokens back since start: the policy and how often it acted."""
     num_tpot_limited_steps: int = 0
 
     @property

@@ -16,8 +16,8 @@ alone, by the engine's measured step costs (and at most `fill_tokens`); with no 
 `idle_tokens` (a live request arriving meanwhile waits for the step under way). When memory runs short,
 batch sequences give it back first.
 
-Sliding-window models (every layer attends to at most its last `sliding_window` tokens) give back the blocks
-that slid out of the window as a sequence advances, so a sequence holds about a window of KV, however long.
+Sliding-window models give back the blocks that slid out of the window as a sequence advances
+(`kv_window.KvWindow`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 from tokenmill.config import BatchBudget
 from tokenmill.engine.batch import ScheduledBatch, ScheduledSeq
 from tokenmill.engine.block_pool import NO_BLOCK, BlockHash, BlockPool, hash_block, hash_salt
+from tokenmill.engine.kv_window import KvWindow, blocks_for
 from tokenmill.engine.priority_queues import RunningSeqs, WaitingQueues, is_batch
 from tokenmill.engine.request import RequestStatus, Sequence
 from tokenmill.engine.sampling_params import InvalidRequestError
@@ -70,9 +71,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.sliding_window = sliding_window
-        """The most recent tokens any layer attends to, when every layer has a window (models/attention.py
-        `kv_window`); None: sequences keep all their KV."""
+        self.window = KvWindow(sliding_window, self.block_size, max_num_batched_tokens)
+        """`sliding_window`: the most recent tokens any layer attends to, when every layer has a window
+        (models/attention.py `kv_window`); None: sequences keep all their KV."""
         self.eos_token_ids = frozenset(eos_token_ids)
         self.batch_budget = batch_budget or BatchBudget()
         """Another thread may replace it (`LLMEngine.set_batch_budget`): `schedule` reads it once per step."""
@@ -92,7 +93,7 @@ class Scheduler:
         self.num_batch_tokens = 0
         self.num_interactive_tokens = 0
         self.num_tpot_limited_steps = 0
-        """Steps in which the TPOT target held back prefill tokens waiting for the token budget."""
+        """Steps in which the TPOT target held back prompt tokens that the token budget had room for."""
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -109,7 +110,7 @@ class Scheduler:
                 code="context_length_exceeded",
             )
         # The last generated token never needs KV, hence the -1.
-        blocks_needed = self._peak_blocks(num_prompt_tokens + max_tokens - 1)
+        blocks_needed = self.window.peak_blocks(num_prompt_tokens + max_tokens - 1)
         if blocks_needed > self.pool.num_blocks:
             raise InvalidRequestError(
                 f"The request needs {blocks_needed} KV-cache blocks but the pool has only "
@@ -145,7 +146,7 @@ class Scheduler:
         # Running sequences first (oldest first): they hold memory, finishing them frees it. Then admission,
         # but only while no interactive sequence had to give memory back this step (batch ones may have).
         # Prompt tokens (chunks and admissions) take what the live decodes leave of the TPOT target.
-        decodes = sum(1 for seq in self.running.interactive if seq.num_tokens - seq.num_computed_tokens == 1)
+        decodes = self._live_decodes() if self.pacer is not None else 0
         chunks = self._prompt_allowance(decodes)
         used, chunked = self._run(self.running.interactive, budget, batch, chunks)
         budget -= used
@@ -157,7 +158,7 @@ class Scheduler:
         if self.pacer is not None:
             self.pacer.spent(decodes, chunked)
         batch_share = min(budget, self._batch_share(live, self.max_num_batched_tokens - budget, budgets))
-        batch_share -= self._run(self.running.batch, batch_share, batch, batch_share)[0]
+        batch_share -= self._run(self.running.batch, batch_share, batch)[0]
         # Batch work is admitted only behind every interactive request, and never under memory pressure.
         if not self.waiting.interactive and not batch.preempted:
             self._admit(self.waiting.batch, batch_share, batch, take_from_batch=False)
@@ -203,36 +204,6 @@ class Scheduler:
         start = seq.num_computed_tokens
         return ScheduledSeq(seq, start, num_new, samples=start + num_new == seq.num_tokens)
 
-    def _blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def _peak_blocks(self, num_tokens: int) -> int:
-        """The most blocks a sequence of `num_tokens` holds at once."""
-        blocks = self._blocks_needed(num_tokens)
-        if self.sliding_window is None:
-            return blocks
-        # A step's chunk and the window before its first token, each end possibly in a partial block.
-        span = self.sliding_window - 1 + self.max_num_batched_tokens
-        return min(blocks, self._blocks_needed(span) + 1)
-
-    def _slid_out(self, num_computed: int) -> int:
-        """How many leading blocks of a sequence with `num_computed` tokens in the cache no later query
-        reads: the next query (at position num_computed) reads keys from num_computed - window + 1 on."""
-        if self.sliding_window is None:
-            return 0
-        return max(0, num_computed - self.sliding_window + 1) // self.block_size
-
-    def _slide(self, seq: Sequence) -> None:
-        """Give back the blocks that slid out of every layer's window (newest first, so each is released
-        once: the older ones already were)."""
-        released = []
-        index = self._slid_out(seq.num_computed_tokens) - 1
-        while index >= 0 and seq.block_ids[index] != NO_BLOCK:
-            released.append(seq.block_ids[index])
-            seq.block_ids[index] = NO_BLOCK
-            index -= 1
-        self.pool.release(released)
-
     def _batch_share(self, live: bool, live_tokens: int, budgets: BatchBudget) -> int:
         """Tokens batch work may take in a step whose live work takes `live_tokens`."""
         if not live:
@@ -240,6 +211,9 @@ class Scheduler:
         if self.step_costs is None or budgets.max_slowdown == 0:
             return budgets.fill_tokens if budgets.max_slowdown else 0
         return self.step_costs.affordable(live_tokens, budgets.max_slowdown, budgets.fill_tokens)
+
+    def _live_decodes(self) -> int:
+        return sum(1 for seq in self.running.interactive if seq.num_tokens - seq.num_computed_tokens == 1)
 
     def _prompt_allowance(self, decodes: int) -> int:
         """Prompt tokens the next step may take beside its `decodes` live decoding streams."""
@@ -253,16 +227,17 @@ class Scheduler:
         return allowance
 
     def _run(
-        self, running: list[Sequence], budget: int, batch: ScheduledBatch, chunks: int
+        self, running: list[Sequence], budget: int, batch: ScheduledBatch, chunks: int | None = None
     ) -> tuple[int, int]:
         """Schedule the next token of each decoding sequence of `running` (one class, oldest first) and the
-        next chunk of each prefilling one, all within `budget` and the chunks within `chunks`; returns the
-        tokens used, and of them the chunks'."""
+        next chunk of each prefilling one, all within `budget` and the chunks within `chunks` (None: the
+        budget only); returns the tokens used, and of them the chunks'."""
+        chunks = budget if chunks is None else chunks
         used = chunked = 0
         index = 0
         while index < len(running) and used < budget:
             seq = running[index]
-            self._slide(seq)
+            self.window.slide(seq, self.pool)
             gap = seq.num_tokens - seq.num_computed_tokens
             num_new = min(gap, budget - used) if gap == 1 else min(gap, budget - used, chunks - chunked)
             if num_new == 0:
@@ -311,8 +286,8 @@ class Scheduler:
         num_cached = len(hits) * self.block_size
         num_new = min(seq.num_tokens - num_cached, budget)
         # Cached blocks already out of the window are not taken at all.
-        num_slid = self._slid_out(num_cached)
-        blocks_needed = self._blocks_needed(num_cached + num_new) - len(hits)
+        num_slid = self.window.slid_out(num_cached)
+        blocks_needed = blocks_for(num_cached + num_new, self.block_size) - len(hits)
         return _Admission(hits[num_slid:], num_slid, num_cached, num_new, blocks_needed)
 
     def _fits(self, plan: _Admission) -> bool:
@@ -365,7 +340,7 @@ class Scheduler:
         """Make room for `num_new` more tokens of a running sequence, preempting the newest running batch
         sequences, then (for an interactive `seq` only) the newest interactive ones, as needed. False if
         `seq` had to preempt itself."""
-        needed = self._blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_ids)
+        needed = blocks_for(seq.num_computed_tokens + num_new, self.block_size) - len(seq.block_ids)
         while needed > self.pool.num_free_blocks:
             victim = self.running.victim_for(seq)
             self._preempt_into(victim, batch)

@@ -7,8 +7,8 @@ row, so a decode step spent most of its time in `aten::mm`; the kernel reads eac
 memory speed, with AVX-512 BF16 dot products or, on CPUs without AVX-512, AVX2 FMAs on weights widened to
 float32 (on SmolLM2's shapes: 3-6x torch at one row, ahead to 8 rows with AVX2 and to 32 with AVX-512).
 float32 products of few rows go through the same kernel. Larger products (long prefill chunks, big batches)
-are compute-bound and stay with torch's GEMM. int8 weights (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up
-to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary,
+are compute-bound and stay with torch's GEMM. int8 weights (models/quantization.py) go through an int8
+kernel (AVX-512 VNNI, or AVX2) up to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary,
 SiLU * up) run for float32 and bfloat16 and replace several torch calls each.
 """
 
