@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.platform.helpers import FakeDateTime, make_account, priced_model, reopen, reserve_model
-from tokenmill.platform import data_controls, files
+from tokenmill.platform import data_controls, data_export, files
 from tokenmill.platform.audit import list_audit
 from tokenmill.platform.billing import settle
 from tokenmill.platform.db import Database, open_database
@@ -174,7 +174,7 @@ def test_the_export_holds_usage_requests_ledger_and_every_file(
     adapter.parent.mkdir(parents=True)
     adapter.write_text("{}")
     out = io.BytesIO()
-    names = data_controls.write_export(db, store, account.org.id, out, owners=[owner])
+    names = data_export.write_export(db, store, account.org.id, out, owners=[owner])
 
     archive = zipfile.ZipFile(io.BytesIO(out.getvalue()))
     assert sorted(archive.namelist()) == sorted(names)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tokenmill import cli
+from tokenmill.config import BatchBudget
 from tokenmill.platform.gateway import PlatformSettings
 from tokenmill.serving.settings import ModelSpec, ServerSettings
+from tokenmill.serving.tidal import TidalSettings
 
 
 @pytest.fixture
@@ -91,6 +94,12 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "8",
         "--max-num-batched-tokens",
         "1024",
+        "--target-tpot-ms",
+        "40",
+        "--batch-fill-tokens",
+        "5",
+        "--off-peak-batch-idle-tokens",
+        "99",
         "--log-level",
         "debug",
         "--data-dir",
@@ -121,7 +130,13 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
     assert (call["max_queue"], call["memory_budget_bytes"]) == (5, 6 * 1024**3)
     assert call["models"] == [ModelSpec("/models/qwen", "chat"), ModelSpec("/models/llama-3")]
     assert call["embedding_models"] == []
-    assert call["settings"] == ServerSettings(host="0.0.0.0", port=9000, max_body_bytes=1024**2, no_auth=True)
+    tide = TidalSettings(
+        batch_budget=BatchBudget(fill_tokens=5),
+        off_peak_batch_budget=replace(TidalSettings().off_peak_batch_budget, idle_tokens=99),
+    )
+    assert call["settings"] == ServerSettings(
+        host="0.0.0.0", port=9000, max_body_bytes=1024**2, no_auth=True, tidal=tide
+    )
     assert call["engine_kwargs"] == {
         "dtype": "bfloat16",
         "quantization": "int8",
@@ -130,6 +145,7 @@ def test_flags_become_configs(calls: list[dict[str, Any]]) -> None:
         "kv_cache_memory": 2 * 1024**3,
         "max_num_seqs": 8,
         "max_num_batched_tokens": 1024,
+        "target_tpot_ms": 40.0,
     }
     assert call["log_level"] == "debug"
 

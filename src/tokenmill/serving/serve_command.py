@@ -392,6 +392,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {flag: getattr(args, flag) for flag in ENGINE_FLAGS if getattr(args, flag, None) is not None}
 
 
+def _batch_budget(args: argparse.Namespace, prefix: str) -> BatchBudget:
+    """`--{prefix}-max-slowdown`, `--{prefix}-fill-tokens` and `--{prefix}-idle-tokens` as one budget."""
+    return BatchBudget(
+        **{name: getattr(args, f"{prefix}_{name}") for name in ("max_slowdown", "fill_tokens", "idle_tokens")}
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenmill.serving.server import serve  # fastapi/uvicorn/torch: not needed for --help
 
@@ -409,19 +416,11 @@ def run(args: argparse.Namespace) -> int:
         tidal=TidalSettings(
             batch_discount_bps=args.batch_discount_bps,
             batch_lines_in_flight=args.batch_lines_in_flight,
-            batch_budget=BatchBudget(
-                max_slowdown=args.batch_max_slowdown,
-                fill_tokens=args.batch_fill_tokens,
-                idle_tokens=args.batch_idle_tokens,
-            ),
+            batch_budget=_batch_budget(args, "batch"),
             off_peak=args.off_peak,
             timezone=args.timezone,
             off_peak_batch_lines_in_flight=args.off_peak_batch_lines_in_flight,
-            off_peak_batch_budget=BatchBudget(
-                max_slowdown=args.off_peak_batch_max_slowdown,
-                fill_tokens=args.off_peak_batch_fill_tokens,
-                idle_tokens=args.off_peak_batch_idle_tokens,
-            ),
+            off_peak_batch_budget=_batch_budget(args, "off_peak_batch"),
             off_peak_live_discount_bps=args.off_peak_live_discount_bps,
         ),
         completion_limits=CompletionLimits(args.default_max_tokens, args.max_completion_tokens),

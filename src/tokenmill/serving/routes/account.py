@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from tokenmill.platform.data_export import spreadsheet_cell
 from tokenmill.platform.gateway import Gateway
 from tokenmill.platform.money import format_micros
 from tokenmill.platform.principal import KeyPrincipal
@@ -198,15 +199,6 @@ CSV_MONEY = {
     "buyer": ("cost", "cost_micros"),
     "provider": ("cost", "cost_micros", "earnings", "earnings_micros", "platform_fee_micros"),
 }
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _cell(value: object) -> object:
-    """A model name is chosen by its provider: one starting like a formula is quoted, so a spreadsheet
-    opening the export shows it as text instead of evaluating it."""
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
-        return "'" + value
-    return value
 
 
 def _csv_response(report: UsageList) -> Response:
@@ -217,7 +209,7 @@ def _csv_response(report: UsageList) -> Response:
     writer.writerow(columns)
     for entry in report.data:
         values = entry.model_dump()
-        writer.writerow([_cell(values[column]) for column in columns])
+        writer.writerow([spreadsheet_cell(values[column]) for column in columns])
     name = f"tokenmill-usage-{report.role}-{report.start_date}-{report.end_date}.csv"
     return Response(
         content=out.getvalue(),

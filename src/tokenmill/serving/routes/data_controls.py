@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from tokenmill.platform import data_controls
+from tokenmill.platform import data_controls, data_export
 from tokenmill.platform.data_controls import FACTS, DataControlsInfo
 from tokenmill.platform.principal import KeyPrincipal
 from tokenmill.serving.deps import PrincipalDep
@@ -111,7 +111,7 @@ def export(principal: PrincipalDep, services: DataDep) -> Response:
     gateway, data = services
     spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the response ends, not in this scope
     try:
-        data_controls.write_export(gateway.db, data.store, principal.org_id, spool, owners=data.owners)
+        data_export.write_export(gateway.db, data.store, principal.org_id, spool, owners=data.owners)
         size = spool.tell()
         spool.seek(0)
     except BaseException:
