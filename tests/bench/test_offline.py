@@ -31,7 +31,7 @@ def test_offline_benchmark_counts_only_requested_tokens(tiny_llama_dir, tmp_path
             "--hf-batch-size",
             "4",
             "--repeat",
-            "1",
+            "2",
             "--guided-fraction",
             "0.5",
             "--output",
@@ -39,6 +39,8 @@ def test_offline_benchmark_counts_only_requested_tokens(tiny_llama_dir, tmp_path
         ]
     )
     requested = result["requested_output_tokens"]
+    # Every run computed every prompt: none found the last run's K/V in the prefix cache.
+    assert result["cached_prompt_tokens"] == 0
     assert result["tokenmill"]["output_tokens"] == requested
     assert result["transformers"]["output_tokens"] == requested
     # The constrained half runs to its full length too (its schema cannot complete): a like-for-like ratio.

@@ -43,7 +43,9 @@ def paged_case(context_lens, num_kv_heads, group, head_dim, block_size, dtype, s
     return q, k_cache, v_cache, tables, lens
 
 
-@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 1, 32), (1, 8, 128), (4, 4, 16)])
+@pytest.mark.parametrize(
+    "num_kv_heads,group,head_dim", [(3, 3, 64), (2, 1, 32), (1, 8, 128), (4, 4, 16), (1, 12, 32)]
+)
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("window", [None, 20])
