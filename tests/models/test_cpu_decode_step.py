@@ -79,11 +79,12 @@ def _generate(
     ("dtype", "quantization"),
     [("float32", "none"), ("float32", "int8"), ("bfloat16", "none"), ("bfloat16", "int8")],
 )
-@pytest.mark.parametrize("num_prompts", [1, 3, 10])
+@pytest.mark.parametrize("num_prompts", [1, 3, 10, 40])
 def test_whole_steps_equal_the_operators_one_by_one(checkpoint, dtype, quantization, num_prompts):
     """Every step of up to `max_rows` tokens goes through the kernel, prompt tokens included; the prompt
-    step of 10 prompts (more rows than it takes) goes through the modules."""
-    prompts = PROMPTS[:num_prompts]
+    step of 10 or 40 prompts (more rows than it takes) goes through the modules, and so do 40 decodes
+    where the kernel takes fewer rows (int8 weights)."""
+    prompts = (PROMPTS * 4)[:num_prompts]
     fused, calls, max_rows = _generate(checkpoint, dtype, "kernel", prompts, quantization)
     per_op, _, _ = _generate(checkpoint, dtype, "per-op", prompts, quantization, query_rows=max_rows)
     assert fused == per_op
@@ -93,7 +94,7 @@ def test_whole_steps_equal_the_operators_one_by_one(checkpoint, dtype, quantizat
     assert [rows for rows, _ in calls[1:]] == [num_prompts] * 11
     if num_prompts == 1:
         assert calls[0][1]  # the prompt's step: 5 tokens, each a query over the cache up to itself
-    if num_prompts == 10:
+    if num_prompts >= 10:
         assert calls[0][0] > max_rows
 
 

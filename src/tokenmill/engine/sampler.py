@@ -17,7 +17,7 @@ from tokenmill.engine.sampling_params import SamplingParams
 _MIN_TEMPERATURE = 1e-5
 """Below this, logits / T can overflow float32; such rows are sampled greedily (the T -> 0 limit)."""
 _TOP_P_PROBE_SIZES = (64, 1024)
-"""top-p first looks for its cut-off among this many most likely tokens (a top-k is far cheaper than a sort
+"""top-p first looks for its cut-off among this many most likely tokens (selecting them is far cheaper than a sort
 on CPU); only rows whose nucleus is wider than the largest probe are sorted in full."""
 _MASK64 = (1 << 64) - 1
 
@@ -312,7 +312,7 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tenso
 def _below_kth(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """transformers' TopKLogitsWarper: drop what is below the k-th largest logit (ties with it stay)."""
     k = top_k.long()
-    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    kth = _largest(logits, int(k.max())).gather(1, (k - 1)[:, None])
     return logits < kth
 
 
@@ -335,7 +335,7 @@ def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     for size in (*_TOP_P_PROBE_SIZES, probs.shape[-1]):
         size = min(size, probs.shape[-1])
         part = probs[pending]
-        values = part.topk(size, dim=-1).values if size < probs.shape[-1] else _sort_descending(part)
+        values = _largest(part, size)
         target = top_p[pending] * total[pending]
         before = values.cumsum(dim=-1) - values
         num_kept = (before < target[:, None]).sum(dim=-1)
@@ -348,12 +348,16 @@ def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return threshold
 
 
-def _sort_descending(x: torch.Tensor) -> torch.Tensor:
-    """Sorted values of each row, largest first. On CPU numpy's values-only sort is ~6x faster than
-    torch.sort, which always computes indices too."""
+def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row, largest first. On CPU numpy selects them in time linear in the row
+    and sorts only those (values only): for 1,024 of a 49,152-token row ~5x faster than torch.topk, for the
+    whole row ~6x faster than torch.sort, which always computes indices too."""
     if x.device.type != "cpu":
-        return x.sort(dim=-1, descending=True).values
-    return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+        return x.topk(k, dim=-1).values
+    values = x.numpy()
+    if k < values.shape[-1]:
+        values = np.partition(values, values.shape[-1] - k, axis=-1)[:, -k:]
+    return torch.from_numpy(np.ascontiguousarray(np.sort(values, axis=-1)[:, ::-1]))
 
 
 def _mix_seed(seed: int, sample_index: int) -> int:
