@@ -17,8 +17,8 @@ from tokenmill.engine.sampling_params import SamplingParams
 _MIN_TEMPERATURE = 1e-5
 """Below this, logits / T can overflow float32; such rows are sampled greedily (the T -> 0 limit)."""
 _TOP_P_PROBE_SIZES = (64, 1024)
-"""top-p first looks for its cut-off among this many most likely tokens (selecting them is far cheaper than a sort
-on CPU); only rows whose nucleus is wider than the largest probe are sorted in full."""
+"""top-p first looks for its cut-off among this many most likely tokens (selecting them is far cheaper than a
+sort on CPU); only rows whose nucleus is wider than the largest probe are sorted in full."""
 _MASK64 = (1 << 64) - 1
 
 

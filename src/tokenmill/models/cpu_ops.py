@@ -5,11 +5,12 @@ and TorchOps run).
 Matrix products: torch's bfloat16 GEMM streams a weight matrix at a few GB/s when the other operand has one
 row, so a decode step spent most of its time in `aten::mm`; the kernel reads each weight once at close to
 memory speed, with AVX-512 BF16 dot products or, on CPUs without AVX-512, AVX2 FMAs on weights widened to
-float32 (on SmolLM2's shapes: 3-6x torch at one row, ahead to 8 rows with AVX2 and to 32 with AVX-512).
-float32 products of few rows go through the same kernel. Larger products (long prefill chunks, big batches)
-are compute-bound and stay with torch's GEMM. int8 weights (models/quantization.py) go through an int8
-kernel (AVX-512 VNNI, or AVX2) up to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary,
-SiLU * up) run for float32 and bfloat16 and replace several torch calls each.
+float32 (on SmolLM2's shapes: 3-6x torch at one row; it takes up to 8 rows with AVX2 and 64 with AVX-512,
+see skinny_gemm_max_rows). float32 products of few rows go through the same kernel. Larger products (long
+prefill chunks, big batches) are compute-bound and stay with torch's GEMM. int8 weights
+(models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up to 16 rows and a dequantised
+copy beyond. The fused small operators (residual add + RMSNorm, rotary, SiLU * up) run for float32 and
+bfloat16 and replace several torch calls each.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class CpuKernelOps(TorchOps):
         self.max_gemm_rows = {
             dtype: kernel.skinny_gemm_max_rows(dtype == torch.bfloat16) for dtype in self.gemms
         }
-        """dtype -> up to how many rows its product kernel beats torch's GEMM (more rows: torch's)."""
+        """dtype -> up to how many rows its product kernel takes (more rows: torch's GEMM)."""
         self.gemms_q8 = {}
         """dtype of the activations -> the few-row product with int8 weights, where this CPU has one."""
         if kernel.skinny_gemm_q8_supported():
