@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tokenmill.models.cpu_ops import MAX_Q8_ROWS, CpuKernelOps, load_ops_kernel
-from tokenmill.models.layers import RotaryEmbedding, TorchOps
+from tokenmill.models.layers import Linear, RotaryEmbedding, TorchOps
+from tokenmill.models.packed_linear import PANEL, PackedLinear, pack, pack_model, unpack
 from tokenmill.models.quantization import ACTIVATION_BLOCK, block_sums, quantize_int8
 
 TORCH = TorchOps()
@@ -96,6 +97,95 @@ def test_what_the_product_kernel_does_not_take_is_torchs(gemm_ops):
     many_rows = torch.randn(gemm_ops.max_gemm_rows[torch.bfloat16] + 1, 32, generator=gen).bfloat16()
     for x, w in [(many_rows, weight), (many_rows[:2], weight.T.contiguous().T)]:
         assert torch.equal(gemm_ops.linear(x, w, None), TORCH.linear(x, w, None))
+
+
+@pytest.fixture(scope="module")
+def packed_ops(ops) -> CpuKernelOps:
+    if ops.packed_gemm is None:
+        pytest.skip("this CPU lacks AVX-512 BF16: bfloat16 weights stay unpacked")
+    return ops
+
+
+def test_packing_keeps_every_weight_and_unpacks_to_it():
+    weight = torch.randn(37, 10).bfloat16()  # rows not a multiple of the panel: padded with zeros
+    packed = pack(weight)
+    assert packed.shape == (2, 5, PANEL, 2)
+    assert packed[1, 3, 4].tolist() == weight[PANEL + 4, 6:8].tolist()
+    assert (packed[1, :, 37 - PANEL :] == 0).all()
+    assert torch.equal(unpack(packed, 37), weight)
+
+
+# 1 to 100 rows (tiles of up to 12 rows, split evenly: 13 -> 7 + 6), outer sizes not a multiple of the
+# panel of 32 (its last columns masked), inner sizes down to one pair.
+PACKED_SHAPES = [
+    (1, 576, 960),
+    (5, 34, 37),
+    (12, 2, 64),
+    (13, 100, 33),
+    (16, 1536, 96),
+    (64, 96, 17),
+    (100, 64, 70),
+]
+
+
+@pytest.mark.parametrize(("rows", "inner", "outer"), PACKED_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_products_round_the_exact_result_once(packed_ops, rows, inner, outer, with_bias):
+    gen = torch.Generator().manual_seed(rows * inner + outer)
+    x = torch.randn(rows, inner, generator=gen).bfloat16()
+    weight = torch.randn(outer, inner, generator=gen).bfloat16()
+    bias = torch.randn(outer, generator=gen).bfloat16() if with_bias else None
+    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+
+    ours = packed_ops.linear_packed(x, pack(weight), bias, outer)
+
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
+    assert ((ours.double() - exact).abs() <= bf16_ulp(exact) + 1e-4).all()
+    matches = (ours == TORCH.linear(x, weight, bias)).double().mean().item()
+    assert matches > 0.9, f"only {matches:.0%} of the outputs equal torch's"
+    assert torch.equal(TORCH.linear_packed(x, pack(weight), bias, outer), TORCH.linear(x, weight, bias))
+
+
+def test_packed_products_read_rows_of_a_wider_tensor(packed_ops):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 200, generator=gen).bfloat16()[:, 40:140]
+    packed = pack(torch.randn(50, 100, generator=gen).bfloat16())
+    assert torch.equal(
+        packed_ops.linear_packed(x, packed, None, 50),
+        packed_ops.linear_packed(x.contiguous(), packed, None, 50),
+    )
+
+
+def test_packed_products_round_as_torch_does_at_the_edges(packed_ops):
+    """Sums that land halfway between two bfloat16 numbers round to the even one, as torch rounds; a sum
+    past the largest float32 is infinity and a NaN stays NaN. (Denormal inputs are zero to the BF16 dot
+    product instruction itself, as to the skinny kernel's.)"""
+    x = torch.ones(1, 2).bfloat16()
+    # Each output column is w[c, 0] + w[c, 1].
+    weight = torch.tensor(
+        [[1.0, 2**-8], [1.015625, -(2**-8)], [-1.0, -(2**-8)], [3.0e38, 3.0e38], [float("nan"), 1.0]]
+    ).bfloat16()
+    ours = packed_ops.linear_packed(x, pack(weight), None, 5)[0]
+    assert ours[:4].tolist() == [1.0, 1.015625, -1.0, float("inf")]
+    assert ours[:4].tolist() == weight.float().sum(dim=1).bfloat16()[:4].tolist()
+    assert ours[4].isnan()
+
+
+def test_pack_model_packs_the_bfloat16_projections_and_a_tied_head(tmp_path, smollm2_tokenizer):
+    from tests.tiny_models import build_tiny_model
+    from tokenmill import LLM
+
+    directory = build_tiny_model("llama", tmp_path / "llama", smollm2_tokenizer)
+    model = LLM(str(directory), dtype="bfloat16", num_blocks=64, cpu_kernels="torch").engine.runner.model
+    embedding = model.embed_tokens.weight.clone()
+    hidden = torch.randn(3, embedding.shape[1]).bfloat16()
+    reference = model.compute_logits(hidden)
+    pack_model(model)
+    assert not any(type(m) is Linear for m in model.modules())
+    assert isinstance(model.lm_head, PackedLinear) and not model.tie_word_embeddings
+    assert torch.equal(model.embed_tokens.weight, embedding)  # the lookup keeps the table
+    assert torch.equal(unpack(model.lm_head.packed, embedding.shape[0]), embedding)
+    assert torch.equal(model.compute_logits(hidden), reference)  # torch's ops: the unpacked product
 
 
 def test_without_native_bfloat16_larger_products_are_computed_in_float32(ops):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tokenmill.models.layers import Linear
+from tokenmill.models.packed_linear import PackedLinear
 from tokenmill.models.quantization import Int8Linear
 
 PEAK_SIZE = 2048
@@ -43,8 +44,9 @@ def useful_flops(model: nn.Module, prompt_lens: Sequence[int], output_lens: Sequ
     """FLOPs a Llama-family decoder needs for these requests: every token it reads (the prompt, then each
     generated token but the last) through every layer's projections and causal attention over the tokens
     before it, and the output head once per generated token. None for a model whose layers hold anything
-    but dense or int8 projections (mixture-of-experts, latent attention): counting those is not done here."""
-    projections = [m for m in model.layers.modules() if type(m) in (Linear, Int8Linear)]
+    but dense, packed or int8 projections (mixture-of-experts, latent attention): counting those is not done
+    here."""
+    projections = [m for m in model.layers.modules() if type(m) in (Linear, Int8Linear, PackedLinear)]
     counted = {id(p) for m in projections for p in m.parameters()}
     if any(p.dim() > 1 and id(p) not in counted for p in model.layers.parameters()):
         return None

@@ -18,6 +18,7 @@ from tokenmill.models.cpu_decode_step import CpuDecodeStep
 from tokenmill.models.cpu_ops import CpuKernelOps, load_ops_kernel
 from tokenmill.models.layers import use_ops
 from tokenmill.models.loader import ModelSource, iter_weights, load_hf_config, load_tokenizer, resolve_model
+from tokenmill.models.packed_linear import pack_model
 from tokenmill.models.quantization import quantize_model
 from tokenmill.models.registry import create_model
 
@@ -165,6 +166,8 @@ def _use_cpu_kernels(choice: str, model: nn.Module, device: torch.device) -> Non
         raise ConfigError("cpu_kernels: the C kernels need a CPU device and a working C compiler (cc or gcc)")
     if kernel is not None:
         ops = CpuKernelOps(kernel, native_bf16=native_bf16_flag() is not None)
+        if ops.packed_gemm is not None:
+            pack_model(model)
         use_ops(model, ops)
         if choice != "per-op":
             model.decode_step = CpuDecodeStep.for_model(model, ops)

@@ -11,6 +11,7 @@ to `max_rows` of them, without LoRA adapters. Everything else goes through the m
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from tokenmill.models.cpu_attention import KernelPagedAttention
 from tokenmill.models.cpu_ops import _SUFFIX, MAX_Q8_ROWS, CpuKernelOps, KernelRope
 from tokenmill.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from tokenmill.models.llama import Attention, DecoderLayer, LlamaForCausalLM
+from tokenmill.models.packed_linear import PackedLinear
 from tokenmill.models.quantization import Int8Linear
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -32,7 +34,7 @@ class _Matrix(ctypes.Structure):
     ]  # fmt: skip
 
 
-_DENSE, _INT8 = 0, 1
+_DENSE, _INT8, _PACKED = 0, 1, 2
 
 
 class _Layer(ctypes.Structure):
@@ -62,6 +64,11 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def _matrix(module: nn.Module) -> _Matrix:
+    if isinstance(module, PackedLinear):
+        return _Matrix(
+            _PACKED, module.packed.data_ptr(), None, None, _pointer(module.bias), module.out_features,
+            module.in_features,
+        )  # fmt: skip
     if isinstance(module, Int8Linear):
         return _Matrix(
             _INT8, module.qweight.data_ptr(), module.scales.data_ptr(), module.block_sums.data_ptr(),
@@ -82,10 +89,8 @@ class CpuDecodeStep:
         self._caches: list | None = None
         self._layers: ctypes.Array | None = None
         self._shape: _Model | None = None
-        self.max_rows = ops.max_gemm_rows[dtype]
+        self.max_rows = min(_max_rows(p, dtype, ops) for layer in model.layers for p in _projections(layer))
         """The most rows a step takes: as many as its products' kernels take."""
-        if any(type(module) is Int8Linear for module in model.layers.modules()):
-            self.max_rows = min(self.max_rows, MAX_Q8_ROWS)
 
     @classmethod
     def for_model(cls, model: nn.Module, ops: CpuKernelOps) -> CpuDecodeStep | None:
@@ -108,13 +113,11 @@ class CpuDecodeStep:
                 and type(layer.mlp) is GatedMLP
             ):
                 return None
-            attention, mlp = layer.self_attn, layer.mlp
-            projections = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if not (
                 type(layer.input_layernorm) is type(layer.post_attention_layernorm) is RMSNorm
                 and layer.input_layernorm.eps == layer.post_attention_layernorm.eps == eps
-                and attention.scale == model.layers[0].self_attn.scale
-                and all(_kernel_computes(p, dtype, ops) for p in projections)
+                and layer.self_attn.scale == model.layers[0].self_attn.scale
+                and all(_kernel_computes(p, dtype, ops) for p in _projections(layer))
             ):
                 return None
         return cls(ops, model)
@@ -180,6 +183,25 @@ class CpuDecodeStep:
         self._caches = kv_caches
 
 
+def _projections(layer: DecoderLayer) -> tuple[nn.Module, ...]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
 def _kernel_computes(projection: nn.Module, dtype: torch.dtype, ops: CpuKernelOps) -> bool:
-    """A dense projection, or an int8 one where this CPU has the int8 kernel."""
-    return type(projection) is Linear or (type(projection) is Int8Linear and dtype in ops.gemms_q8)
+    """A dense or packed projection, or an int8 one where this CPU has the int8 kernel."""
+    kind = type(projection)
+    return (
+        kind is Linear
+        or (kind is PackedLinear and ops.packed_gemm is not None)
+        or (kind is Int8Linear and dtype in ops.gemms_q8)
+    )
+
+
+def _max_rows(projection: nn.Module, dtype: torch.dtype, ops: CpuKernelOps) -> int:
+    """Up to how many rows the kernel computes this projection's product (packed: any number)."""
+    if type(projection) is PackedLinear:
+        return sys.maxsize
+    if type(projection) is Int8Linear:
+        return MAX_Q8_ROWS
+    return ops.max_gemm_rows[dtype]

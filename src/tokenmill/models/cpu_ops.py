@@ -7,7 +7,9 @@ row, so a decode step spent most of its time in `aten::mm`; the kernel reads eac
 memory speed, with AVX-512 BF16 dot products or, on CPUs without AVX-512, AVX2 FMAs on weights widened to
 float32 (on SmolLM2's shapes: 3-6x torch at one row; it takes up to 8 rows with AVX2 and 64 with AVX-512,
 see skinny_gemm_max_rows). float32 products of few rows go through the same kernel. Larger products (long
-prefill chunks, big batches) are compute-bound and stay with torch's GEMM. int8 weights
+prefill chunks, big batches) are compute-bound and stay with torch's GEMM. With AVX-512 BF16, bfloat16
+projections are packed at load (models/packed_linear.py) and every product against them, of any size, goes
+through the packed kernel (`linear_packed`), faster than both at every size. int8 weights
 (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up to 16 rows and a dequantised
 copy beyond. The fused small operators (residual add + RMSNorm, rotary, SiLU * up) run for float32 and
 bfloat16 and replace several torch calls each.
@@ -40,6 +42,8 @@ _SIGNATURES = {
     "skinny_gemm_supported": (ctypes.c_int, []),
     "skinny_gemm_f32_supported": (ctypes.c_int, []),
     "skinny_gemm_q8_supported": (ctypes.c_int, []),
+    "packed_gemm_supported": (ctypes.c_int, []),
+    "packed_gemm_bf16": (ctypes.c_int, _GEMM),
     "skinny_gemm_max_rows": (ctypes.c_int, [ctypes.c_int]),
     "skinny_gemm_bf16": (ctypes.c_int, _GEMM),
     "skinny_gemm_f32": (ctypes.c_int, _GEMM),
@@ -113,6 +117,8 @@ class CpuKernelOps(TorchOps):
                 dtype: getattr(kernel, f"skinny_gemm_q8_{sfx}") for dtype, sfx in _SUFFIX.items()
             }
         self.dequantize_q8 = kernel.dequantize_q8
+        self.packed_gemm = kernel.packed_gemm_bf16 if kernel.packed_gemm_supported() else None
+        """The product against packed bfloat16 weights (models/packed_linear.py), where this CPU has it."""
         self.norms = {dtype: getattr(kernel, f"add_rms_norm_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.rotaries = {dtype: getattr(kernel, f"rotary_{suffix}") for dtype, suffix in _SUFFIX.items()}
         self.silu_muls = {dtype: getattr(kernel, f"silu_mul_{suffix}") for dtype, suffix in _SUFFIX.items()}
@@ -141,6 +147,23 @@ class CpuKernelOps(TorchOps):
             wide_bias = None if bias is None else bias.float()
             return super().linear(x.float(), weight.float(), wide_bias).to(torch.bfloat16)
         return super().linear(x, weight, bias)
+
+    def linear_packed(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        if not (
+            self.packed_gemm is not None
+            and x.dtype == torch.bfloat16
+            and _kernel_ready(x, bias)
+            and x.shape[1] == 2 * packed.shape[1]
+        ):
+            return super().linear_packed(x, packed, bias, out_features)
+        out = torch.empty((x.shape[0], out_features), dtype=x.dtype)
+        self.packed_gemm(
+            x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), out.stride(0), x.shape[0], out_features, x.shape[1], self.num_threads,
+        )  # fmt: skip
+        return out
 
     def linear_int8(
         self,

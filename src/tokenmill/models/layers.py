@@ -39,6 +39,14 @@ class TorchOps:
         weight = (qweight.to(torch.float32) * scales[:, None]).to(x.dtype)
         return nn.functional.linear(x, weight, bias)
 
+    def linear_packed(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        """A product with a weight in the packed kernel's layout (models/packed_linear.py), unpacked."""
+        from tokenmill.models.packed_linear import unpack  # packed_linear builds on this module
+
+        return nn.functional.linear(x, unpack(packed, out_features), bias)
+
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tokenmill.models.layers import TORCH_OPS, Linear
+from tokenmill.models.packed_linear import PackedLinear
 
 QUANTIZATIONS = ("int8",)
 
@@ -68,14 +69,14 @@ def quantize_model(model: nn.Module, method: str) -> None:
 
 
 def weight_bytes_per_step(model: nn.Module) -> int:
-    """Bytes of the weights one decode step multiplies with: every parameter and quantized weight, except
-    the embedding table where the output head does not read it (the lookup takes one row)."""
+    """Bytes of the weights one decode step multiplies with: every parameter, quantized and packed weight,
+    except the embedding table where the output head does not read it (the lookup takes one row)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(
         b.numel() * b.element_size()
         for m in model.modules()
-        if isinstance(m, Int8Linear)
-        for b in (m.qweight, m.scales, m.block_sums)
+        if isinstance(m, (Int8Linear, PackedLinear))
+        for b in m.buffers(recurse=False)
     )
     if not getattr(model, "tie_word_embeddings", False):
         embedding = model.embed_tokens.weight

@@ -5,13 +5,13 @@
 // from Python a step made, each costing more than the operator itself on a small model.
 //
 // Activations are float32 (is_bf16 = 0) or bfloat16; a weight matrix is in the activations' dtype or int8
-// with a float32 scale per row.
+// with a float32 scale per row, or bfloat16 packed for packed_gemm_bf16.
 
 #include "paged_decode.c"
 #include "cpu_ops.c"
 
 typedef struct {
-    int64_t kind;  // MATRIX_DENSE or MATRIX_INT8
+    int64_t kind;  // MATRIX_DENSE, MATRIX_INT8 or MATRIX_PACKED
     const void *weight;
     const float *scales;        // int8: one per row
     const int32_t *block_sums;  // int8: see gemm_q8 (cpu_ops.c)
@@ -21,6 +21,7 @@ typedef struct {
 
 #define MATRIX_DENSE 0
 #define MATRIX_INT8 1
+#define MATRIX_PACKED 2  // bfloat16 in packed_gemm_bf16's layout (models/packed_linear.py)
 
 typedef struct {
     const void *input_norm, *post_norm;
@@ -45,6 +46,8 @@ static int matmul(const Matrix *w, const void *x, void *y, int64_t M, int is_bf1
     if (w->kind == MATRIX_INT8)
         return gemm_q8(x, w->cols, w->weight, w->scales, w->block_sums, w->bias, y, w->rows, M, w->rows, w->cols,
                        threads, is_bf16);
+    if (w->kind == MATRIX_PACKED)
+        return packed_gemm_bf16(x, w->cols, w->weight, w->bias, y, w->rows, M, w->rows, w->cols, threads);
     if (is_bf16) return skinny_gemm_bf16(x, w->cols, w->weight, w->bias, y, w->rows, M, w->rows, w->cols, threads);
     return skinny_gemm_f32(x, w->cols, w->weight, w->bias, y, w->rows, M, w->rows, w->cols, threads);
 }
