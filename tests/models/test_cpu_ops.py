@@ -50,17 +50,24 @@ SHAPES = [(1, 576, 960), (3, 100, 37), (8, 1536, 576), (5, 33, 8), (2, 7, 1), (7
 @pytest.mark.parametrize(("rows", "inner", "outer"), SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_few_row_products_round_the_exact_result_once(gemm_ops, rows, inner, outer, with_bias):
+    x, weight, bias = _operands(rows, inner, outer, with_bias)
+    _assert_rounded_once(gemm_ops.linear(x, weight, bias), x, weight, bias)
+
+
+def _operands(
+    rows: int, inner: int, outer: int, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     gen = torch.Generator().manual_seed(rows * inner + outer)
     x = torch.randn(rows, inner, generator=gen).bfloat16()
     weight = torch.randn(outer, inner, generator=gen).bfloat16()
-    bias = torch.randn(outer, generator=gen).bfloat16() if with_bias else None
-    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    return x, weight, torch.randn(outer, generator=gen).bfloat16() if with_bias else None
 
-    ours = gemm_ops.linear(x, weight, bias)
 
-    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
-    # One rounding of a float32 sum: within a bfloat16 step of the exact value (torch's GEMM rounds the
-    # product before adding the bias, so it may be off by more), and equal to torch's in most places.
+def _assert_rounded_once(ours, x, weight, bias) -> None:
+    """One rounding of a float32 sum: within a bfloat16 step of the exact value (torch's GEMM rounds the
+    product before adding the bias, so it may be off by more), and equal to torch's in most places."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    assert ours.dtype == torch.bfloat16 and ours.shape == exact.shape
     assert ((ours.double() - exact).abs() <= bf16_ulp(exact) + 1e-4).all()
     matches = (ours == TORCH.linear(x, weight, bias)).double().mean().item()
     assert matches > 0.9, f"only {matches:.0%} of the outputs equal torch's"
@@ -131,18 +138,8 @@ PACKED_SHAPES = [
 @pytest.mark.parametrize(("rows", "inner", "outer"), PACKED_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_products_round_the_exact_result_once(packed_ops, rows, inner, outer, with_bias):
-    gen = torch.Generator().manual_seed(rows * inner + outer)
-    x = torch.randn(rows, inner, generator=gen).bfloat16()
-    weight = torch.randn(outer, inner, generator=gen).bfloat16()
-    bias = torch.randn(outer, generator=gen).bfloat16() if with_bias else None
-    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
-
-    ours = packed_ops.linear_packed(x, pack(weight), bias, outer)
-
-    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, outer)
-    assert ((ours.double() - exact).abs() <= bf16_ulp(exact) + 1e-4).all()
-    matches = (ours == TORCH.linear(x, weight, bias)).double().mean().item()
-    assert matches > 0.9, f"only {matches:.0%} of the outputs equal torch's"
+    x, weight, bias = _operands(rows, inner, outer, with_bias)
+    _assert_rounded_once(packed_ops.linear_packed(x, pack(weight), bias, outer), x, weight, bias)
     assert torch.equal(TORCH.linear_packed(x, pack(weight), bias, outer), TORCH.linear(x, weight, bias))
 
 

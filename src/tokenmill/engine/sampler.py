@@ -1,9 +1,13 @@
 """One batched sampling pass per engine step: logits plus per-row parameters -> next token ids (and raw
 logprobs), with grammar masks, logit bias, min_tokens, penalties, temperature/top-k/top-p/min-p and
-per-request seeds."""
+per-request seeds. On the CPU the sampled rows' truncation and draw run in a C kernel
+(models/kernels/sampling.c), a few passes over each row where torch makes about ten; torch does the same
+elsewhere."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -13,6 +17,7 @@ import torch
 
 from tokenmill.engine.request import TokenLogprob
 from tokenmill.engine.sampling_params import SamplingParams
+from tokenmill.models.native import compile_library
 
 _MIN_TEMPERATURE = 1e-5
 """Below this, logits / T can overflow float32; such rows are sampled greedily (the T -> 0 limit)."""
@@ -83,6 +88,8 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed & _MASK64)
         self._seq_generators: dict[str, torch.Generator] = {}
+        self.kernel = load_sampling_kernel() if self.device.type == "cpu" else None
+        """The C kernel that draws the sampled rows on the CPU (kernels/sampling.c); None: torch does."""
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None = None
@@ -109,8 +116,13 @@ class Sampler:
             token_ids[greedy_idx] = _take_rows(processed, greedy_idx, len(rows)).argmax(dim=-1)
         if sampled:
             sampled_idx = self._index(sampled)
-            probs = self._probs(_take_rows(processed, sampled_idx, len(rows)), [rows[i] for i in sampled])
-            token_ids[sampled_idx] = self._draw(probs, [rows[i] for i in sampled])
+            sampled_rows = [rows[i] for i in sampled]
+            uniforms = self._uniforms(sampled_rows)
+            if self.kernel is not None and processed.stride(1) == 1:
+                token_ids[sampled_idx] = self._kernel_draw(processed, sampled_idx, sampled_rows, uniforms)
+            else:
+                probs = self._probs(_take_rows(processed, sampled_idx, len(rows)), sampled_rows)
+                token_ids[sampled_idx] = self._draw(probs, uniforms)
         token_list = token_ids.tolist()
         return list(zip(token_list, self._logprobs(raw, token_ids, token_list, rows), strict=True))
 
@@ -242,10 +254,29 @@ class Sampler:
             part = x[sub]
             x[sub] = part.masked_fill_(mask_fn(part, setting), fill)
 
-    def _draw(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Inverse-CDF sampling with one uniform per row: a row's draw depends only on its own generator
-        (seeded rows) and its own probabilities, so a seeded request reproduces in any batch. One uniform
-        per row costs ~1000x fewer random numbers than a Gumbel/exponential race over the vocabulary."""
+    def _kernel_draw(
+        self, x: torch.Tensor, row_idx: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor
+    ) -> torch.Tensor:
+        """`_probs` and `_draw` in one call to the C kernel, for the rows `row_idx` of x."""
+        params = [row.params for row in rows]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+        tokens = torch.empty(len(rows), dtype=torch.int64)
+        status = self.kernel.sample_rows(
+            x.data_ptr(), x.stride(0), row_idx.data_ptr(), len(rows), self.vocab_size, temperature.data_ptr(),
+            top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("the sampling kernel ran out of memory")
+        return tokens
+
+    def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
+        """One uniform per row: a row's draw depends only on its own generator (seeded rows) and its own
+        probabilities, so a seeded request reproduces in any batch. One uniform per row costs ~1000x fewer
+        random numbers than a Gumbel/exponential race over the vocabulary."""
         uniforms = torch.empty(len(rows), device=self.device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
         if unseeded:
@@ -255,6 +286,10 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.params.seed is not None:
                 uniforms[i] = torch.rand(1, generator=self._seq_generator(row), device=self.device)[0]
+        return uniforms
+
+    def _draw(self, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF sampling in token order, a uniform per row."""
         cdf = probs.cumsum(dim=-1)
         total = cdf[:, -1:].contiguous()
         token_ids = torch.searchsorted(cdf, uniforms[:, None] * total, right=True)
@@ -358,6 +393,16 @@ def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
     if k < values.shape[-1]:
         values = np.partition(values, values.shape[-1] - k, axis=-1)[:, -k:]
     return torch.from_numpy(np.ascontiguousarray(np.sort(values, axis=-1)[:, ::-1]))
+
+
+@functools.cache
+def load_sampling_kernel() -> ctypes.CDLL | None:
+    library = compile_library("sampling.c", ("-fopenmp",))  # torch's OpenMP threads, as cpu_ops.py's kernels
+    if library is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        library.sample_rows.restype = ctypes.c_int
+        library.sample_rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    return library
 
 
 def _mix_seed(seed: int, sample_index: int) -> int:

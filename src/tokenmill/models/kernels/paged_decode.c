@@ -225,12 +225,64 @@ static inline __m512 sum16(const __m512 v[LANES]) {
 
 DEFINE_VECTOR_PASSES(f32, float, load16_f32)
 DEFINE_VECTOR_PASSES(bf16, uint16_t, load16_bf16)
+
+#if defined(__AVX512BF16__)
+/* bfloat16 keys dotted with the bfloat16 query as they are, two dimensions per BF16 dot product: no key is
+ * widened to float32 and stored first, so a cached row costs a third of the instructions, which is what
+ * bounds the pass when the keys are in cache (prompt tokens, each a query over the rows before it). The
+ * products are exact and sum in float32; the scale multiplies the sum (the float32 pass scales the query). */
+static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint16_t *keys, const int64_t *table,
+                                int64_t block_size, int64_t first, int64_t len, int64_t head_dim, float scale,
+                                float *scores, float *max_score) {
+    static const uint16_t zeros[MAX_HEAD_DIM] __attribute__((aligned(64)));
+    const __m512 scale16 = _mm512_set1_ps(scale);
+    __m512 best[MAX_GROUP];
+    for (int64_t g = 0; g < group; g++) best[g] = _mm512_set1_ps(-INFINITY);
+    Cursor at = cursor_at(table, block_size, first), ahead = at;
+    cursor_advance(&ahead, LANES < len ? LANES : len);
+    for (int64_t pos = 0; pos < len; pos += LANES) {
+        const int64_t n = len - pos < LANES ? len - pos : LANES;
+        const uint16_t *rows[LANES];
+        for (int64_t j = 0; j < LANES; j++) {
+            if (j < n) {
+                rows[j] = keys + cursor_slot(&at) * head_dim;
+                cursor_next(&at);
+                if (pos + LANES + j < len) { /* the next tile's row j */
+                    prefetch_rows(&ahead, keys, 1, head_dim * (int64_t)sizeof(uint16_t));
+                    cursor_next(&ahead);
+                }
+            } else {
+                rows[j] = zeros; /* past the context: a zero row, so every tile is a full one */
+            }
+        }
+        const __mmask16 valid = (__mmask16)((1u << n) - 1);
+        for (int64_t g = 0; g < group; g++) {
+            __m512 acc[LANES];
+            for (int j = 0; j < LANES; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(query + g * head_dim + d));
+                for (int j = 0; j < LANES; j++)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512((const void *)(rows[j] + d)));
+            }
+            const __m512 dots = _mm512_mul_ps(sum16(acc), scale16);
+            _mm512_mask_storeu_ps(scores + g * len + pos, valid, dots);
+            best[g] = _mm512_mask_max_ps(best[g], valid, best[g], dots);
+        }
+    }
+    for (int64_t g = 0; g < group; g++) max_score[g] = _mm512_reduce_max_ps(best[g]);
+}
+#define DOT_SCORES_bf16(...) (head_dim % 32 == 0 ? (score_pass_bf16_dot(__VA_ARGS__), 1) : 0)
+#endif
 #define VECTOR_SCORES(SUFFIX, ...) (head_dim % LANES == 0 ? (score_pass_##SUFFIX(__VA_ARGS__), 1) : 0)
 #define VECTOR_VALUES(SUFFIX, ...) (head_dim % LANES == 0 ? (value_pass_##SUFFIX(__VA_ARGS__), 1) : 0)
 #else
 #define VECTOR_SCORES(SUFFIX, ...) 0
 #define VECTOR_VALUES(SUFFIX, ...) 0
 #endif
+#if !defined(DOT_SCORES_bf16)
+#define DOT_SCORES_bf16(...) 0
+#endif
+#define DOT_SCORES_f32(...) 0
 
 /* One (sequence, KV head) pair: its `group` query heads share every K/V row read. */
 #define DEFINE_KERNEL(NAME, SUFFIX, T, LOAD, STORE)                                                      \
@@ -261,8 +313,11 @@ DEFINE_VECTOR_PASSES(bf16, uint16_t, load16_bf16)
             }                                                                                            \
             const T *keys = k_cache + kvh * num_slots * head_dim;                                        \
             const T *values = v_cache + kvh * num_slots * head_dim;                                      \
-            if (!VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,      \
-                               scores, max_score)) {                                                     \
+            const T *q_group = q + (seq * num_heads + kvh * group) * head_dim;                           \
+            if (!DOT_SCORES_##SUFFIX(q_group, group, keys, table, block_size, first, len, head_dim, scale, \
+                                     scores, max_score)                                                  \
+                && !VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,   \
+                                  scores, max_score)) {                                                  \
                 Cursor at = cursor_at(table, block_size, first);                                         \
                 for (int64_t pos = 0; pos < len; pos++, cursor_next(&at)) {                              \
                     const T *key = keys + cursor_slot(&at) * head_dim;                                   \

@@ -1,0 +1,183 @@
+// One token per row of float32 logits, for the CPU (engine/sampler.py): temperature, top-k, softmax, top-p
+// and min-p in transformers' order, then a draw by inverse CDF in token order with the row's own uniform.
+// The sampler's torch path builds each truncated distribution as a [rows, vocabulary] tensor, masks it and
+// sums it again to draw, ten or so passes over every row; here a row takes four or five, and the top-k and
+// top-p cut-offs come from histograms of the values' bits rather than from sorting the row.
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+// glibc declares its vector expf (libmvec) only under -ffast-math; declared here, the loops stay vectorised.
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
+#define RADIX_BITS 11
+#define BUCKETS (1 << RADIX_BITS)
+#define DRAW_BLOCK 256  // tokens whose kept mass is summed together before the draw walks them one by one
+
+// Order-preserving map of a float to an unsigned key: the larger float has the larger key.
+static inline uint32_t key_of(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+static inline float value_of(uint32_t key) {
+    uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+// The k-th largest of values[0, n) (1 <= k <= n): radix selection, RADIX_BITS of the keys at a time, each
+// pass keeping only the candidates in the bucket that holds it. keys: n scratch slots.
+static float kth_largest(const float *values, int64_t n, int64_t k, uint32_t *keys) {
+    for (int64_t i = 0; i < n; i++) keys[i] = key_of(values[i]);
+    int64_t count = n;
+    for (int shift = 32; shift > 0;) {
+        const int bits = shift < RADIX_BITS ? shift : RADIX_BITS;
+        shift -= bits;
+        const uint32_t mask = (1u << bits) - 1;
+        int64_t histogram[BUCKETS] = {0};
+        for (int64_t i = 0; i < count; i++) histogram[(keys[i] >> shift) & mask]++;
+        uint32_t bucket = mask;
+        while (histogram[bucket] < k) k -= histogram[bucket--];
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i++)
+            if (((keys[i] >> shift) & mask) == bucket) keys[kept++] = keys[i];
+        count = kept;
+    }
+    return value_of(keys[0]);
+}
+
+static int descending(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+// The smallest weight top-p keeps: weights sorted largest first, a weight is kept while the mass before it is
+// below `target` (at least the largest is). Buckets of the weights' keys, each with its count and mass, are
+// walked from the top; only the bucket where the mass crosses the target is sorted. scratch: n floats.
+static float nucleus_floor(const float *weights, int64_t n, double target, float *scratch) {
+    static __thread int64_t counts[BUCKETS];
+    static __thread double masses[BUCKETS];
+    memset(counts, 0, sizeof counts);
+    memset(masses, 0, sizeof masses);
+    const int shift = 32 - RADIX_BITS;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t bucket = key_of(weights[i]) >> shift;
+        counts[bucket]++;
+        masses[bucket] += weights[i];
+    }
+    double before = 0.0;
+    for (int bucket = BUCKETS - 1; bucket >= 0; bucket--) {
+        if (!counts[bucket]) continue;
+        if (before + masses[bucket] < target) {  // every weight of the bucket is kept: on to the next
+            before += masses[bucket];
+            continue;
+        }
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (key_of(weights[i]) >> shift == (uint32_t)bucket) scratch[m++] = weights[i];
+        qsort(scratch, (size_t)m, sizeof *scratch, descending);
+        float floor = scratch[0];
+        for (int64_t j = 0; j < m && before < target; j++) {
+            floor = scratch[j];
+            before += scratch[j];
+        }
+        return floor;
+    }
+    return 0.0f;  // the whole mass is below the target (rounding): every positive weight stays
+}
+
+// One row: x [n] logits, returns the token. work: n floats and n uint32 of scratch.
+static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t top_k, float top_p, float min_p,
+                          float uniform, float *weights, uint32_t *keys) {
+    const float inverse = 1.0f / temperature;
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        weights[i] = x[i] * inverse;
+        top = weights[i] > top ? weights[i] : top;
+    }
+    float cut = -INFINITY;  // logits below it are dropped (top-k); ties with the k-th largest stay
+    if (top_k > 0 && top_k < n) cut = kth_largest(weights, n, top_k, keys);
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const float w = weights[i] >= cut ? expf(weights[i] - top) : 0.0f;
+        weights[i] = w;
+        total += w;
+    }
+    if (!(total > 0.0) || !isfinite(top)) {  // NaN or all -inf: the first token of the highest logit
+        int64_t best = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (x[i] > x[best]) best = i;
+        return best;
+    }
+    float floor = 0.0f;  // weights below it are dropped (top-p, min-p)
+    if (top_p < 1.0f) floor = nucleus_floor(weights, n, (double)top_p * total, (float *)keys);
+    // min-p: relative to the most likely token, whose weight is exp(0) = 1.
+    if (min_p > 0.0f && min_p > floor) floor = min_p;
+    // Inverse CDF in token order: block sums first, then one block walked token by token.
+    float sums[(n + DRAW_BLOCK - 1) / DRAW_BLOCK];
+    double kept = 0.0;
+    for (int64_t b = 0; b * DRAW_BLOCK < n; b++) {
+        const int64_t end = (b + 1) * DRAW_BLOCK < n ? (b + 1) * DRAW_BLOCK : n;
+        float sum = 0.0f;
+        for (int64_t i = b * DRAW_BLOCK; i < end; i++) sum += weights[i] >= floor && weights[i] > 0.0f ? weights[i] : 0.0f;
+        sums[b] = sum;
+        kept += sum;
+    }
+    const double goal = (double)uniform * kept;
+    double cumulative = 0.0;
+    int64_t last = -1;
+    for (int64_t b = 0; b * DRAW_BLOCK < n; b++) {
+        if (sums[b] <= 0.0f) continue;
+        const int64_t end = (b + 1) * DRAW_BLOCK < n ? (b + 1) * DRAW_BLOCK : n;
+        if (cumulative + sums[b] <= goal) {
+            cumulative += sums[b];
+            for (int64_t i = end - 1; i >= b * DRAW_BLOCK; i--)
+                if (weights[i] >= floor && weights[i] > 0.0f) {
+                    last = i;
+                    break;
+                }
+            continue;
+        }
+        for (int64_t i = b * DRAW_BLOCK; i < end; i++) {
+            if (!(weights[i] >= floor && weights[i] > 0.0f)) continue;
+            cumulative += weights[i];
+            last = i;
+            if (cumulative > goal) return i;
+        }
+    }
+    return last;  // u * total rounded up to the total: the last token with mass
+}
+
+// logits: rows ld floats apart (the first n columns are the vocabulary), of which rows row_ids[0, rows) are
+// sampled, each with its settings and uniform in [0, 1); tokens: out. Rows are independent (a seeded row
+// draws the same in any batch) and split over the threads. Returns 0, or 3 out of memory.
+int sample_rows(const float *logits, int64_t ld, const int64_t *row_ids, int64_t rows, int64_t n,
+                const float *temperature, const int64_t *top_k, const float *top_p, const float *min_p,
+                const float *uniforms, int64_t *tokens, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *weights = malloc(sizeof(float) * (size_t)n);
+        uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)n);
+        if (!weights || !keys) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; r++) {
+            if (weights && keys)
+                tokens[r] = sample_row(logits + row_ids[r] * ld, n, temperature[r], top_k[r], top_p[r], min_p[r],
+                                       uniforms[r], weights, keys);
+        }
+        free(weights);
+        free(keys);
+    }
+    return failed ? 3 : 0;
+}
