@@ -313,9 +313,8 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
             }                                                                                            \
             const T *keys = k_cache + kvh * num_slots * head_dim;                                        \
             const T *values = v_cache + kvh * num_slots * head_dim;                                      \
-            const T *q_group = q + (seq * num_heads + kvh * group) * head_dim;                           \
-            if (!DOT_SCORES_##SUFFIX(q_group, group, keys, table, block_size, first, len, head_dim, scale, \
-                                     scores, max_score)                                                  \
+            if (!DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, table,  \
+                                     block_size, first, len, head_dim, scale, scores, max_score)         \
                 && !VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,   \
                                   scores, max_score)) {                                                  \
                 Cursor at = cursor_at(table, block_size, first);                                         \

@@ -58,7 +58,7 @@ static int descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-// The smallest weight top-p keeps: weights sorted largest first, a weight is kept while the mass before it is
+// The least weight top-p keeps: weights sorted largest first, a weight is kept while the mass before it is
 // below `target` (at least the largest is). Buckets of the weights' keys, each with its count and mass, are
 // walked from the top; only the bucket where the mass crosses the target is sorted. scratch: n floats.
 static float nucleus_floor(const float *weights, int64_t n, double target, float *scratch) {
@@ -83,12 +83,12 @@ static float nucleus_floor(const float *weights, int64_t n, double target, float
         for (int64_t i = 0; i < n; i++)
             if (key_of(weights[i]) >> shift == (uint32_t)bucket) scratch[m++] = weights[i];
         qsort(scratch, (size_t)m, sizeof *scratch, descending);
-        float floor = scratch[0];
+        float least = scratch[0];
         for (int64_t j = 0; j < m && before < target; j++) {
-            floor = scratch[j];
+            least = scratch[j];
             before += scratch[j];
         }
-        return floor;
+        return least;
     }
     return 0.0f;  // the whole mass is below the target (rounding): every positive weight stays
 }
@@ -116,17 +116,19 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
             if (x[i] > x[best]) best = i;
         return best;
     }
-    float floor = 0.0f;  // weights below it are dropped (top-p, min-p)
-    if (top_p < 1.0f) floor = nucleus_floor(weights, n, (double)top_p * total, (float *)keys);
+    float least = 0.0f;  // weights below it are dropped (top-p, min-p)
+    if (top_p < 1.0f) least = nucleus_floor(weights, n, (double)top_p * total, (float *)keys);
     // min-p: relative to the most likely token, whose weight is exp(0) = 1.
-    if (min_p > 0.0f && min_p > floor) floor = min_p;
+    if (min_p > least) least = min_p;
+    // Kept: a positive weight, not below the floor. Zeroing the rest keeps the draw's loops simple.
+    for (int64_t i = 0; i < n; i++) weights[i] = weights[i] >= least ? weights[i] : 0.0f;
     // Inverse CDF in token order: block sums first, then one block walked token by token.
     float sums[(n + DRAW_BLOCK - 1) / DRAW_BLOCK];
     double kept = 0.0;
     for (int64_t b = 0; b * DRAW_BLOCK < n; b++) {
         const int64_t end = (b + 1) * DRAW_BLOCK < n ? (b + 1) * DRAW_BLOCK : n;
         float sum = 0.0f;
-        for (int64_t i = b * DRAW_BLOCK; i < end; i++) sum += weights[i] >= floor && weights[i] > 0.0f ? weights[i] : 0.0f;
+        for (int64_t i = b * DRAW_BLOCK; i < end; i++) sum += weights[i];
         sums[b] = sum;
         kept += sum;
     }
@@ -139,14 +141,14 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
         if (cumulative + sums[b] <= goal) {
             cumulative += sums[b];
             for (int64_t i = end - 1; i >= b * DRAW_BLOCK; i--)
-                if (weights[i] >= floor && weights[i] > 0.0f) {
+                if (weights[i] > 0.0f) {
                     last = i;
                     break;
                 }
             continue;
         }
         for (int64_t i = b * DRAW_BLOCK; i < end; i++) {
-            if (!(weights[i] >= floor && weights[i] > 0.0f)) continue;
+            if (weights[i] <= 0.0f) continue;
             cumulative += weights[i];
             last = i;
             if (cumulative > goal) return i;
