@@ -179,44 +179,6 @@ def test_top_p_nucleus_matches_transformers_for_narrow_and_wide_nuclei(spread: f
         )
 
 
-def _kernel_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
-    """The kernel's token for each uniform, every uniform drawing on the same one-row logits."""
-    sampler = Sampler(logits.shape[-1], [EOS])
-    batch = logits.expand(len(uniforms), -1).contiguous()
-    rows = rows_of(params, len(uniforms))
-    return sampler._kernel_draw(batch, torch.arange(len(uniforms)), rows, uniforms.float())
-
-
-@pytest.mark.parametrize("spread", [0.5, 2.0, 6.0], ids=["wide", "medium", "narrow"])
-def test_kernel_draws_exactly_from_transformers_nucleus(sampling_path: str, spread: float) -> None:
-    """Uniforms spread over [0, 1) reach every token of the kept set with a share above their spacing and
-    nothing outside it; u = 0 and u just below 1 give its first and last tokens, in token order."""
-    if sampling_path != "kernel":
-        pytest.skip("the torch path's threshold is checked above")
-    torch.manual_seed(4)
-    uniforms = torch.cat([torch.tensor([0.0, 1 - 2**-24]), (torch.arange(4000) + 0.5) / 4000])
-    for top_p in (0.1, 0.5, 0.9):
-        logits = torch.randn(1, 49152) * spread
-        kept = TopPLogitsWarper(top_p)(None, logits.clone())[0] > float("-inf")
-        tokens = _kernel_tokens(logits, SamplingParams(top_p=top_p), uniforms)
-        ids = kept.nonzero()[:, 0]
-        assert tokens[0] == ids[0] and tokens[1] == ids[-1], (top_p, int(kept.sum()))
-        assert kept[tokens].all(), f"top_p={top_p}: drew outside the nucleus"
-        probs = torch.softmax(logits[0], dim=-1)
-        share = probs / probs[kept].sum()
-        assert set(tokens.tolist()) >= set((kept & (share > 2 / 4000)).nonzero()[:, 0].tolist())
-
-
-def test_kernel_top_k_keeps_ties_with_the_kth_logit(sampling_path: str) -> None:
-    if sampling_path != "kernel":
-        pytest.skip("kernel only")
-    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
-    tokens = _kernel_tokens(logits, SamplingParams(top_k=2), (torch.arange(1000) + 0.5) / 1000)
-    assert set(tokens.tolist()) == {0, 1, 2, 3}  # TopKLogitsWarper keeps ties too
-    broken = torch.tensor([[float("nan"), 2.0, 5.0, float("-inf")]])
-    assert _kernel_tokens(broken, SamplingParams(top_p=0.9), torch.tensor([0.5])).tolist() == [2]
-
-
 def test_top_p_keeps_at_least_the_most_likely_token() -> None:
     logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]])
     tokens = draw(Sampler(4, [EOS]), logits, SamplingParams(top_p=0.01), repeats=200)
