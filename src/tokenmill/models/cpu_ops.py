@@ -131,16 +131,10 @@ class CpuKernelOps(TorchOps):
             and x.shape[0] <= self.max_gemm_rows[x.dtype]
             and _kernel_ready(x, weight, bias)
             and weight.is_contiguous()
+            and x.shape[1] == weight.shape[1]
         ):
             return self._torch_linear(x, weight, bias)
-        out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
-        status = gemm(
-            x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), out.stride(0), x.shape[0], weight.shape[0], weight.shape[1], self.num_threads,
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"few-row product kernel failed with status {status}")
-        return out
+        return self._product(gemm, x, weight, bias, weight.shape[0])
 
     def _torch_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.widen_bf16 and x.dtype == weight.dtype == torch.bfloat16:
@@ -158,11 +152,24 @@ class CpuKernelOps(TorchOps):
             and x.shape[1] == 2 * packed.shape[1]
         ):
             return super().linear_packed(x, packed, bias, out_features)
+        return self._product(self.packed_gemm, x, packed, bias, out_features)
+
+    def _product(
+        self,
+        gemm: object,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_features: int,
+    ) -> torch.Tensor:
+        """y = x w^T (+ bias) by a product kernel taking cpu_ops.c's GEMM arguments; `weight` in its layout."""
         out = torch.empty((x.shape[0], out_features), dtype=x.dtype)
-        self.packed_gemm(
-            x.data_ptr(), x.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+        status = gemm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
             out.data_ptr(), out.stride(0), x.shape[0], out_features, x.shape[1], self.num_threads,
         )  # fmt: skip
+        if status:
+            raise RuntimeError(f"product kernel failed with status {status}")
         return out
 
     def linear_int8(
