@@ -115,6 +115,23 @@ def test_prefix_routing_counts_a_warm_cache_as_work_the_replica_will_not_do():
     assert plain.assign(300, prompt_ids=SYSTEM_A).engine is plain_engines[1]
 
 
+def test_a_computed_prompt_no_longer_counts_as_work_so_a_repeat_finds_its_cache():
+    pool, engines = _pool(2, max_running=8, max_queue=8, routing="prefix")
+    first = pool.assign(300, prompt_ids=SYSTEM_A + [1])
+    assert first.engine is engines[0]
+    # While its prompt is computing, replica 0 is busier than its cache saves (300 - 256 > 0): a repeat
+    # goes to the idle replica.
+    assert pool.assign(300, prompt_ids=SYSTEM_A + [2]).engine is engines[1]
+    second = pool.assign(300, prompt_ids=SYSTEM_B).engine
+    assert second is engines[0]  # 300 < 600
+    first.done(257)  # its prompt is computed; 43 tokens left to generate
+    assert pool.replicas[0].outstanding_tokens == 43 + 300
+    first.done(1000)  # never below nothing
+    assert pool.replicas[0].outstanding_tokens == 300
+    first.release()
+    assert pool.replicas[0].outstanding_tokens == 300 and pool.in_flight_seqs == 2
+
+
 def test_a_warm_replica_that_would_make_the_request_queue_loses_it_to_an_idle_one():
     pool, engines = _pool(2, max_running=2, max_queue=8, routing="prefix")
     assert pool.assign(300, prompt_ids=SYSTEM_A).engine is engines[0]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tokenmill.engine.lora import LoRARequest
+    from tokenmill.engine.request import RequestOutput
 
 
 @dataclass(eq=False)
@@ -150,6 +151,11 @@ class Ticket:
         assignment.release()
         self._assignment = moved
         return moved.engine
+
+    def prompt_done(self, first: RequestOutput) -> None:
+        """A prompt's first output: the tokens it computed are work its replica no longer has ahead."""
+        if self._assignment is not None:
+            self._assignment.done(len(first.prompt_token_ids) - first.num_cached_tokens)
 
     @property
     def _salt(self) -> str | None:

@@ -111,6 +111,16 @@ class Assignment:
     def released(self) -> bool:
         return self._released
 
+    def done(self, work_tokens: int) -> None:
+        """Part of the work is behind the replica (a prompt was computed): it no longer counts as outstanding.
+        Without this a request whose prompt is done but still decoding would weigh as if it had not started,
+        and prefix routing would send a repeat of its prefix away from the replica that holds it."""
+        if self._released:
+            return
+        work_tokens = min(max(0, work_tokens), self._work_tokens)
+        self._work_tokens -= work_tokens
+        self.replica._add(0, -work_tokens)
+
     def release(self) -> None:
         if self._released:
             return

@@ -36,15 +36,18 @@ class EngineRequest:
         request_id: str,
         spawn: Spawn,
         reroute: Callable[[EngineClient], EngineClient | None] | None = None,
+        prompt_done: Callable[[RequestOutput], None] | None = None,
     ) -> None:
         """`reroute(failed engine)`: another replica to submit to when this one fails before the first
-        output (the ticket's `reroute`), or None."""
+        output (the ticket's `reroute`), or None; `prompt_done(first output)`: told once the prompt is
+        computed (the ticket's `prompt_done`, for the router's count of work outstanding)."""
         self.engine = engine
         self.prompt = prompt
         self.params = params
         self.request_id = request_id
         self._spawn = spawn
         self._reroute = reroute
+        self._prompt_done = prompt_done
         self._outputs: AsyncIterator[RequestOutput] | None = None
         self._first: RequestOutput | None = None
         self.finished = False
@@ -68,6 +71,8 @@ class EngineRequest:
                 logger.warning("request %s: %s; submitted again to another replica", self.request_id, error)
                 self.engine = engine
         self.finished = self._first.finished
+        if self._prompt_done is not None:
+            self._prompt_done(self._first)
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """Cumulative snapshots, the one `start()` waited for first."""

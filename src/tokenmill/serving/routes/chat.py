@@ -250,7 +250,11 @@ async def create_chat_completion(
         )
         await check_guidance(engine, params)
         response = _Response(body, state.token_texts(ticket), params, tools=tools is not None)
-        requests = [EngineRequest(engine, prompt_ids, params, response.id, state.spawn, ticket.reroute)]
+        requests = [
+            EngineRequest(
+                engine, prompt_ids, params, response.id, state.spawn, ticket.reroute, ticket.prompt_done
+            )
+        ]
         tracker, timer = DeltaTracker(body.n), state.metrics.timer(body.model, live=origin.is_live)
         logger.debug(
             "request %s: %s, model %s, n=%d, stream=%s",

@@ -179,6 +179,7 @@ async def create_completion(
                 response.id if len(prompts) == 1 else f"{response.id}-{i}",
                 state.spawn,
                 ticket.reroute,
+                ticket.prompt_done,
             )
             for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True))
         ]
