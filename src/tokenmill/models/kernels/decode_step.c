@@ -10,6 +10,8 @@
 #include "paged_decode.c"
 #include "cpu_ops.c"
 
+#include <omp.h>
+
 typedef struct {
     int64_t kind;  // MATRIX_DENSE, MATRIX_INT8 or MATRIX_PACKED
     const void *weight;
@@ -68,6 +70,32 @@ static void scatter_qkv(const DecodeModel *model, const DecodeLayer *layer, cons
     }
 }
 
+// A small operator between the products, on decode_step's rows [0, M) split over its `threads` when there
+// are many (rows are independent, so the result does not change; below PARALLEL_ROWS starting the threads
+// costs more than the rows). CALL names its share FIRST and COUNT, and the dtype as a constant BF16, so
+// the operator's code is specialised as in a direct call.
+#define PARALLEL_ROWS 16
+#define ON_ROWS_SHARE(CALL, SHARE, T)                                                                    \
+    do {                                                                                                 \
+        const int64_t FIRST = M * (T) / (SHARE), COUNT = M * ((T) + 1) / (SHARE) - FIRST;                \
+        if (is_bf16) {                                                                                   \
+            const int BF16 = 1;                                                                          \
+            CALL;                                                                                        \
+        } else {                                                                                         \
+            const int BF16 = 0;                                                                          \
+            CALL;                                                                                        \
+        }                                                                                                \
+    } while (0)
+#define ON_ROWS(CALL)                                                                                    \
+    do {                                                                                                 \
+        if (M < PARALLEL_ROWS) {                                                                         \
+            ON_ROWS_SHARE(CALL, 1, 0);                                                                   \
+        } else {                                                                                         \
+            _Pragma("omp parallel num_threads(threads)")                                                 \
+            ON_ROWS_SHARE(CALL, omp_get_num_threads(), omp_get_thread_num());                            \
+        }                                                                                                \
+    } while (0)
+
 // x: the step's embeddings [M, hidden]; out: the hidden states after the final norm. Returns 0; 3 out of
 // memory; else the first failing operator's status.
 static int decode_step(const DecodeModel *model, const DecodeLayer *layers, const void *final_norm,
@@ -84,12 +112,18 @@ static int decode_step(const DecodeModel *model, const DecodeLayer *layers, cons
     int status = 0;
     for (int64_t l = 0; l < model->num_layers && !status; l++) {
         const DecodeLayer *layer = layers + l;
-        if (l == 0) add_rms_norm(residual, H, NULL, 0, layer->input_norm, h, H, M, H, model->eps, is_bf16);
-        else add_rms_norm(stream, H, residual, H, layer->input_norm, h, H, M, H, model->eps, is_bf16);
+        const int first_layer = l == 0;
+        ON_ROWS(
+                add_rms_norm((first_layer ? residual : stream) + FIRST * H * es, H,
+                             first_layer ? NULL : residual + FIRST * H * es, H, layer->input_norm,
+                             h + FIRST * H * es, H, COUNT, H, model->eps, BF16));
         if ((status = matmul(&layer->qkv, h, qkv, M, is_bf16, threads))) break;
-        rotary(qkv, qkv_size, M, model->num_heads + model->num_kv_heads, D, batch->positions, batch->cos,
-               batch->sin, is_bf16);
-        scatter_qkv(model, layer, qkv, q, batch->slots, M, es);
+        ON_ROWS({
+            rotary(qkv + FIRST * qkv_size * es, qkv_size, COUNT, model->num_heads + model->num_kv_heads, D,
+                   batch->positions + FIRST, batch->cos, batch->sin, BF16);
+            scatter_qkv(model, layer, qkv + FIRST * qkv_size * es, q + FIRST * q_size * es,
+                        batch->slots + FIRST, COUNT, es);
+        });
         status = is_bf16 ? paged_decode_bf16((const uint16_t *)q, layer->k_cache, layer->v_cache, batch->block_tables,
                                              batch->context_lens, (uint16_t *)attn, M, model->num_heads,
                                              model->num_kv_heads, D, model->num_slots, batch->max_blocks,
@@ -99,12 +133,17 @@ static int decode_step(const DecodeModel *model, const DecodeLayer *layers, cons
                                             model->num_kv_heads, D, model->num_slots, batch->max_blocks,
                                             model->block_size, layer->window, model->scale);
         if (status || (status = matmul(&layer->o, attn, stream, M, is_bf16, threads))) break;
-        add_rms_norm(stream, H, residual, H, layer->post_norm, h, H, M, H, model->eps, is_bf16);
+        ON_ROWS(
+                add_rms_norm(stream + FIRST * H * es, H, residual + FIRST * H * es, H, layer->post_norm,
+                             h + FIRST * H * es, H, COUNT, H, model->eps, BF16));
         if ((status = matmul(&layer->gate_up, h, gate_up, M, is_bf16, threads))) break;
-        silu_mul(gate_up, 2 * I, act, I, M, I, is_bf16);
+        ON_ROWS(silu_mul(gate_up + FIRST * 2 * I * es, 2 * I, act + FIRST * I * es, I, COUNT, I, BF16));
         status = matmul(&layer->down, act, stream, M, is_bf16, threads);
     }
-    if (!status) add_rms_norm(stream, H, residual, H, final_norm, out, H, M, H, model->eps, is_bf16);
+    if (!status)
+        ON_ROWS(
+                add_rms_norm(stream + FIRST * H * es, H, residual + FIRST * H * es, H, final_norm,
+                             (char *)out + FIRST * H * es, H, COUNT, H, model->eps, BF16));
     free(scratch);
     return status;
 }
