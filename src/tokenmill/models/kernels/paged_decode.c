@@ -56,6 +56,7 @@ static inline float dot_product(const float *a, const float *b, int64_t n) {
 }
 
 #define MAX_HEAD_DIM 256
+#define PREFETCH_ROWS 32 /* 4 KB of keys and as much of values (a head_dim of 64 in bfloat16) */
 #define MAX_GROUP 16
 
 /* Walks a sequence's context without a division per position (an integer division per cached row was a
@@ -231,15 +232,22 @@ DEFINE_VECTOR_PASSES(bf16, uint16_t, load16_bf16)
  * widened to float32 and stored first, so a cached row costs a third of the instructions, which is what
  * bounds the pass when the keys are in cache (prompt tokens, each a query over the rows before it). The
  * products are exact and sum in float32; the scale multiplies the sum (the float32 pass scales the query). */
-static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint16_t *keys, const int64_t *table,
-                                int64_t block_size, int64_t first, int64_t len, int64_t head_dim, float scale,
-                                float *scores, float *max_score) {
+static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint16_t *keys, const uint16_t *values,
+                                int cold, const int64_t *table, int64_t block_size, int64_t first, int64_t len,
+                                int64_t head_dim, float scale, float *scores, float *max_score) {
     static const uint16_t zeros[MAX_HEAD_DIM] __attribute__((aligned(64)));
     const __m512 scale16 = _mm512_set1_ps(scale);
+    const int64_t row_bytes = head_dim * (int64_t)sizeof(uint16_t);
     __m512 best[MAX_GROUP];
     for (int64_t g = 0; g < group; g++) best[g] = _mm512_set1_ps(-INFINITY);
+    /* A context read from memory (cold) is asked for PREFETCH_ROWS rows ahead, its values with its keys,
+     * so the value pass finds them in cache; one that the row before just read is in cache already, and
+     * asking again would only take load slots. */
     Cursor at = cursor_at(table, block_size, first), ahead = at;
-    cursor_advance(&ahead, LANES < len ? LANES : len);
+    for (int64_t i = 0; cold && i < (PREFETCH_ROWS < len ? PREFETCH_ROWS : len); i++, cursor_next(&ahead)) {
+        prefetch_rows(&ahead, keys, 1, row_bytes);
+        prefetch_rows(&ahead, values, 1, row_bytes);
+    }
     for (int64_t pos = 0; pos < len; pos += LANES) {
         const int64_t n = len - pos < LANES ? len - pos : LANES;
         const uint16_t *rows[LANES];
@@ -247,8 +255,9 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
             if (j < n) {
                 rows[j] = keys + cursor_slot(&at) * head_dim;
                 cursor_next(&at);
-                if (pos + LANES + j < len) { /* the next tile's row j */
-                    prefetch_rows(&ahead, keys, 1, head_dim * (int64_t)sizeof(uint16_t));
+                if (cold && pos + PREFETCH_ROWS + j < len) {
+                    prefetch_rows(&ahead, keys, 1, row_bytes);
+                    prefetch_rows(&ahead, values, 1, row_bytes);
                     cursor_next(&ahead);
                 }
             } else {
@@ -279,10 +288,12 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
 #define VECTOR_SCORES(SUFFIX, ...) 0
 #define VECTOR_VALUES(SUFFIX, ...) 0
 #endif
+/* No BF16 dot products: the vector or portable pass computes the scores (and `cold` goes unused). */
+#define NO_DOT_SCORES(QUERY, GROUP, KEYS, VALUES, COLD, ...) ((void)(COLD), 0)
 #if !defined(DOT_SCORES_bf16)
-#define DOT_SCORES_bf16(...) 0
+#define DOT_SCORES_bf16 NO_DOT_SCORES
 #endif
-#define DOT_SCORES_f32(...) 0
+#define DOT_SCORES_f32 NO_DOT_SCORES
 
 /* One (sequence, KV head) pair: its `group` query heads share every K/V row read. */
 #define DEFINE_KERNEL(NAME, SUFFIX, T, LOAD, STORE)                                                      \
@@ -313,8 +324,14 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
             }                                                                                            \
             const T *keys = k_cache + kvh * num_slots * head_dim;                                        \
             const T *values = v_cache + kvh * num_slots * head_dim;                                      \
-            if (!DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, table,  \
-                                     block_size, first, len, head_dim, scale, scores, max_score)         \
+            /* A prompt token's row follows its predecessor's (one position on, the same table): their   \
+             * context is in cache. */                                                                   \
+            const int cold = !(seq > 0 && context_lens[seq] == context_lens[seq - 1] + 1                 \
+                               && !memcmp(table, table - max_blocks,                                     \
+                                          sizeof(int64_t) * (size_t)((context_lens[seq - 1] + block_size - 1) / block_size))); \
+            if (!DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, values, \
+                                     cold, table, block_size, first, len, head_dim, scale, scores,      \
+                                     max_score)                                                          \
                 && !VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,   \
                                   scores, max_score)) {                                                  \
                 Cursor at = cursor_at(table, block_size, first);                                         \
