@@ -1,6 +1,7 @@
 """A replica that fails before a request's first output (its worker died) hands the request to another
 replica: the client, who has seen nothing yet, gets a whole answer, and is billed for it once. Only when no
-other replica can take it does the client get the clean 503."""
+other replica can take it does the client get the clean 503. And the router's count of each replica's
+outstanding work follows the request to where it runs, and drops its prompt once that is computed."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Replicas:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.engines: list[FakeEngine] = []
+        self.fleet: Fleet | None = None
 
     def __call__(self) -> FakeEngine:
         self.engines.append(FakeEngine(self.tokenizer, model_id="m"))
@@ -38,6 +40,7 @@ class Replicas:
 def served(smollm2_tokenizer: Any, gateway: Gateway) -> Iterator[tuple[str, str, Gateway, Replicas]]:
     replicas = Replicas(smollm2_tokenizer)
     fleet = Fleet([ModelDeployment("m", 1, replicas, pinned=True, num_replicas=2)])
+    replicas.fleet = fleet
     gateway.register_models(["m"])
     admin_ops.create_org(gateway.db, "test", "buyer")
     admin_ops.create_user(gateway.db, "test", "buyer", "buyer@example.com")
@@ -101,3 +104,26 @@ def test_with_no_other_replica_left_the_client_gets_a_clean_503_and_pays_nothing
     error = refused.json()["error"]
     assert error["code"] == "engine_failed" and "Traceback" not in error["message"]
     assert _spent_micros(gateway) == 0
+
+
+def test_a_computed_prompt_stops_counting_as_its_replicas_outstanding_work(served) -> None:
+    """Prefix routing weighs a replica's outstanding work against the prompt tokens its cache holds: a
+    request whose prompt is done and that only decodes must weigh its tokens to generate, not its prompt."""
+    url, key, _, replicas = served
+    dead, alive = replicas.engines
+    dead.fail_at_submit = DIED  # the request moves: the count must follow it
+    alive.step_delay_s = 0.5  # time to look between the first output and the next
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi " * 40}], "max_tokens": 20}
+
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**chat, "stream": True},
+        headers={"authorization": f"Bearer {key}"}, timeout=30,
+    ) as stream:  # fmt: skip
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # held: a dropped iterator would close the stream, and end the request
+        next(line for line in lines if line.startswith("data: "))
+        assert replicas.fleet is not None
+        counts = [(r.in_flight_seqs, r.outstanding_tokens) for r in replicas.fleet.status_of("m").replicas]
+    prompt_tokens = len(alive.submitted[0][0])
+    assert prompt_tokens > 40
+    assert counts == [(0, 0), (1, 20)]  # the 20 tokens to generate; the prompt is behind the replica

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,7 +157,7 @@ class CpuKernelOps(TorchOps):
 
     def _product(
         self,
-        gemm: object,
+        gemm: Callable[..., int],
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
