@@ -173,13 +173,14 @@ static inline __m512 sum16(const __m512 v[LANES]) {
      * for a group of G heads (a constant after inlining: the sums stay in registers). */                \
     static inline __attribute__((always_inline)) void value_pass_##SUFFIX##_g(                           \
         const float *weights, const T *values, const int64_t *table, int64_t block_size, int64_t first,  \
-        int64_t len, int64_t head_dim, float acc[][MAX_HEAD_DIM], const int G) {                         \
-        /* A block's rows are consecutive in the cache: each is read whole while it is in L1. */         \
+        int64_t len, int64_t head_dim, float acc[][MAX_HEAD_DIM], const int G, int prefetch) {           \
+        /* A block's rows are consecutive in the cache: each is read whole while it is in L1. Unless the \
+         * score pass asked for them (`prefetch` 0), the next block's are asked for meanwhile. */         \
         Cursor at = cursor_at(table, block_size, first);                                                 \
         for (int64_t pos = 0; pos < len;) {                                                              \
             const int64_t run = cursor_run(&at) < len - pos ? cursor_run(&at) : len - pos;               \
             const T *rows = values + cursor_slot(&at) * head_dim;                                        \
-            if (pos + run < len) {                                                                       \
+            if (prefetch && pos + run < len) {                                                           \
                 Cursor next = at;                                                                        \
                 cursor_advance(&next, run);                                                              \
                 const int64_t rest = len - pos - run;                                                    \
@@ -202,24 +203,24 @@ static inline __m512 sum16(const __m512 v[LANES]) {
     }                                                                                                    \
     static void value_pass_##SUFFIX(const float *weights, int64_t group, const T *values,               \
                                     const int64_t *table, int64_t block_size, int64_t first, int64_t len, \
-                                    int64_t head_dim, float acc[][MAX_HEAD_DIM]) {                      \
+                                    int64_t head_dim, float acc[][MAX_HEAD_DIM], int prefetch) {        \
         switch (group) { /* the group sizes models use; more heads a pass would spill the sums */       \
-            case 1: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 1); break; \
-            case 2: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 2); break; \
-            case 3: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 3); break; \
-            case 4: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 4); break; \
-            case 5: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 5); break; \
-            case 6: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 6); break; \
-            case 7: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 7); break; \
+            case 1: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 1, prefetch); break; \
+            case 2: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 2, prefetch); break; \
+            case 3: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 3, prefetch); break; \
+            case 4: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 4, prefetch); break; \
+            case 5: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 5, prefetch); break; \
+            case 6: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 6, prefetch); break; \
+            case 7: value_pass_##SUFFIX##_g(weights, values, table, block_size, first, len, head_dim, acc, 7, prefetch); break; \
             default:                                                                                     \
                 for (int64_t g = 0; g < group; g += 8) {                                                 \
                     const int64_t rest = group - g < 8 ? group - g : 8;                                  \
                     if (rest == 8)                                                                       \
                         value_pass_##SUFFIX##_g(weights + g * len, values, table, block_size, first, len, \
-                                                head_dim, acc + g, 8);                                   \
+                                                head_dim, acc + g, 8, prefetch);                         \
                     else                                                                                 \
                         value_pass_##SUFFIX(weights + g * len, rest, values, table, block_size, first,   \
-                                            len, head_dim, acc + g);                                     \
+                                            len, head_dim, acc + g, prefetch);                           \
                 }                                                                                        \
         }                                                                                                \
     }
@@ -329,10 +330,11 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
             const int cold = !(seq > 0 && context_lens[seq] == context_lens[seq - 1] + 1                 \
                                && !memcmp(table, table - max_blocks,                                     \
                                           sizeof(int64_t) * (size_t)((context_lens[seq - 1] + block_size - 1) / block_size))); \
-            if (!DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, values, \
-                                     cold, table, block_size, first, len, head_dim, scale, scores,      \
-                                     max_score)                                                          \
-                && !VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,   \
+            /* The BF16 pass asks for a cold context's values with its keys (a warm one is in cache). */ \
+            const int dotted = DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, \
+                                                   values, cold, table, block_size, first, len, head_dim, \
+                                                   scale, scores, max_score);                            \
+            if (!dotted && !VECTOR_SCORES(SUFFIX, query, group, keys, table, block_size, first, len, head_dim,   \
                                   scores, max_score)) {                                                  \
                 Cursor at = cursor_at(table, block_size, first);                                         \
                 for (int64_t pos = 0; pos < len; pos++, cursor_next(&at)) {                              \
@@ -354,7 +356,7 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
                 }                                                                                        \
             }                                                                                            \
             if (!VECTOR_VALUES(SUFFIX, scores, group, values, table, block_size, first, len, head_dim,   \
-                               acc)) {                                                                   \
+                               acc, !dotted)) {                                                          \
                 Cursor at = cursor_at(table, block_size, first);                                         \
                 for (int64_t pos = 0; pos < len; pos++, cursor_next(&at)) {                              \
                     const T *value = values + cursor_slot(&at) * head_dim;                               \
