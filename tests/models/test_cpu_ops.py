@@ -143,6 +143,21 @@ def test_packed_products_round_the_exact_result_once(packed_ops, rows, inner, ou
     assert torch.equal(TORCH.linear_packed(x, pack(weight), bias, outer), TORCH.linear(x, weight, bias))
 
 
+@pytest.mark.parametrize(
+    "inner", [100, 1536]
+)  # 100: AVX-512 tiles on every CPU; 1536: AMX tiles where present
+def test_a_packed_products_row_does_not_depend_on_the_rows_beside_it(packed_ops, inner):
+    """A sequence's logits must not change with the batch it decodes in: each row of a product is the same
+    alone and among 1 to 40 others (AMX takes 16 rows a tile and reads a short last tile from a padded
+    copy that holds an earlier call's rows past the end)."""
+    gen = torch.Generator().manual_seed(inner)
+    x = torch.randn(41, inner, generator=gen).bfloat16()
+    packed = pack(torch.randn(1000, inner, generator=gen).bfloat16())
+    alone = torch.cat([packed_ops.linear_packed(x[i : i + 1], packed, None, 1000) for i in range(41)])
+    for rows in (41, 40, 17, 16, 5, 2):
+        assert torch.equal(packed_ops.linear_packed(x[-rows:], packed, None, 1000), alone[-rows:])
+
+
 def test_packed_products_read_rows_of_a_wider_tensor(packed_ops):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(20, 200, generator=gen).bfloat16()[:, 40:140]

@@ -376,6 +376,27 @@ static inline __m512 widen_bf16(const uint16_t *values, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// A panel's `cols` real columns as masks of its two 16-column halves, and its bias (zero without one).
+typedef struct {
+    __mmask16 low, high;
+    __m512 b0, b1;
+} panel_edge;
+
+static inline __attribute__((always_inline)) panel_edge panel_edge_of(const uint16_t *bias, int cols) {
+    panel_edge edge;
+    edge.low = (__mmask16)(cols >= 16 ? 0xffff : (1u << cols) - 1);
+    edge.high = (__mmask16)(cols >= 32 ? 0xffff : cols > 16 ? (1u << (cols - 16)) - 1 : 0);
+    edge.b0 = bias ? widen_bf16(bias, edge.low) : _mm512_setzero_ps();
+    edge.b1 = bias ? widen_bf16(bias + 16, edge.high) : _mm512_setzero_ps();
+    return edge;
+}
+
+// One row of y's panel from its float32 sums (the panel's two halves): plus bias, rounded once.
+static inline __attribute__((always_inline)) void store_panel_row(uint16_t *y, __m512 s0, __m512 s1, panel_edge edge) {
+    _mm256_mask_storeu_epi16(y, edge.low, round_to_bf16(_mm512_add_ps(s0, edge.b0)));
+    _mm256_mask_storeu_epi16(y + 16, edge.high, round_to_bf16(_mm512_add_ps(s1, edge.b1)));
+}
+
 // `mr` rows of x (a constant where inlined) times one panel; `cols` of its PANEL columns are real.
 static inline __attribute__((always_inline)) void packed_tile(
     const uint16_t *x, int64_t ldx, const uint16_t *panel, int64_t pairs, const uint16_t *bias, uint16_t *y,
@@ -396,14 +417,104 @@ static inline __attribute__((always_inline)) void packed_tile(
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, (__m512bh)w1);
         }
     }
-    __mmask16 low = (__mmask16)(cols >= 16 ? 0xffff : (1u << cols) - 1);
-    __mmask16 high = (__mmask16)(cols >= 32 ? 0xffff : cols > 16 ? (1u << (cols - 16)) - 1 : 0);
-    __m512 b0 = bias ? widen_bf16(bias, low) : _mm512_setzero_ps();
-    __m512 b1 = bias ? widen_bf16(bias + 16, high) : _mm512_setzero_ps();
-    for (int i = 0; i < mr; i++) {
-        _mm256_mask_storeu_epi16(y + i * ldy, low, round_to_bf16(_mm512_add_ps(acc[i][0], b0)));
-        _mm256_mask_storeu_epi16(y + i * ldy + 16, high, round_to_bf16(_mm512_add_ps(acc[i][1], b1)));
+    panel_edge edge = panel_edge_of(bias, cols);
+    for (int i = 0; i < mr; i++) store_panel_row(y + i * ldy, acc[i][0], acc[i][1], edge);
+}
+#endif
+
+#include "amx.c"
+#if defined(BF16_TILES_512) && defined(TOKENMILL_AMX)
+// With AMX the same packed layout is what a tile multiply takes as its right operand: 16 pairs of inputs
+// (rows) of 16 columns (64 bytes), and a panel's two halves are two such tiles 128 bytes a row apart. One
+// tile multiply does 16 x 16 x 32 multiply-adds: on a 2-core Xeon (2026-12-02, SmolLM2's shapes) 2.3-2.6
+// TFLOP/s from 128 rows, 5-10x the tiles above and 1.1-2.9x torch's oneDNN GEMM from 16 rows up; at 1-4
+// rows, streaming the weights, ~10% slower than the tiles above. Each output sums its products in float32
+// in the same order whatever the number of rows, so a row's result does not depend on the rows beside it.
+#define PACKED_AMX 1
+// Bytes ahead of a weight tile to prefetch, for few rows, where the tiles stream from memory (4 KB: +10-20%
+// over none at 1-4 rows; 8 and 16 KB no better, measured).
+#define AMX_PREFETCH 4096
+
+// One or two tiles of x (16 rows each, rows ldx0 and ldx1 elements apart) times a panel, into
+// sums[32][PANEL]. Tiles: sums 0-3 (two row tiles of x by the panel's two halves), x 4-5, weight 6-7.
+static inline __attribute__((always_inline)) void amx_panel(
+    const uint16_t *x0, int64_t ldx0, const uint16_t *x1, int64_t ldx1, const uint16_t *panel, int64_t pairs,
+    float *sums, int two
+) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
     }
+    for (int64_t kk = 0; kk < pairs; kk += AMX_ROWS) {
+        const uint16_t *w = panel + kk * 2 * PANEL;
+        for (int line = 0; line < 2 * AMX_ROWS; line++)
+            _mm_prefetch((const char *)w + AMX_PREFETCH + 64 * line, _MM_HINT_T0);
+        _tile_loadd(6, w, 4 * PANEL);
+        _tile_loadd(7, w + 32, 4 * PANEL);
+        _tile_loadd(4, x0 + 2 * kk, 2 * ldx0);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, x1 + 2 * kk, 2 * ldx1);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, sums, 4 * PANEL);
+    _tile_stored(1, sums + 16, 4 * PANEL);
+    if (two) {
+        _tile_stored(2, sums + AMX_ROWS * PANEL, 4 * PANEL);
+        _tile_stored(3, sums + AMX_ROWS * PANEL + 16, 4 * PANEL);
+    }
+}
+
+// packed_gemm_bf16 by tiles (K a multiple of 32). A tile loads 16 rows, so a last tile of x with fewer is
+// read from a copy in a buffer of 16 rows, one per calling thread, kept for its next calls.
+static int packed_gemm_amx(
+    const uint16_t *x, int64_t ldx, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int64_t ldy,
+    int64_t M, int64_t N, int64_t K, int num_threads
+) {
+    const int64_t panels = (N + PANEL - 1) / PANEL, pairs = K / 2, whole = M / AMX_ROWS * AMX_ROWS;
+    // Its rows past M are whatever an earlier call left (zeros at first): their sums are never stored.
+    static __thread uint16_t *tail;
+    static __thread int64_t tail_size;
+    if (whole < M) {
+        if (tail_size < AMX_ROWS * K) {
+            free(tail);
+            tail = calloc((size_t)(AMX_ROWS * K), sizeof *tail);
+            tail_size = tail ? AMX_ROWS * K : 0;
+            if (!tail) return 3;
+        }
+        for (int64_t i = whole; i < M; i++) memcpy(tail + (i - whole) * K, x + i * ldx, (size_t)K * sizeof *x);
+    }
+    const uint16_t *padded = tail;  // the calling thread's buffer, named so the team's threads read it
+    _Pragma("omp parallel num_threads(num_threads)") {
+        amx_configure();
+        float sums[2 * AMX_ROWS * PANEL] __attribute__((aligned(64)));
+        _Pragma("omp for schedule(static)")
+        for (int64_t p = 0; p < panels; p++) {
+            const uint16_t *panel = packed + p * pairs * 2 * PANEL;
+            const int cols = N - p * PANEL < PANEL ? (int)(N - p * PANEL) : PANEL;
+            panel_edge edge = panel_edge_of(bias ? bias + p * PANEL : 0, cols);
+            for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
+                const uint16_t *x0 = m < whole ? x + m * ldx : padded;
+                const uint16_t *x1 = m + AMX_ROWS < whole ? x0 + AMX_ROWS * ldx : padded;
+                const int64_t ldx0 = m < whole ? ldx : K, ldx1 = m + AMX_ROWS < whole ? ldx : K;
+                const int rows = M - m < 2 * AMX_ROWS ? (int)(M - m) : 2 * AMX_ROWS;
+                if (rows > AMX_ROWS) amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 1);
+                else amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 0);
+                uint16_t *yt = y + m * ldy + p * PANEL;
+                for (int i = 0; i < rows; i++) {
+                    __m512 low = _mm512_load_ps(sums + i * PANEL), high = _mm512_load_ps(sums + i * PANEL + 16);
+                    store_panel_row(yt + i * ldy, low, high, edge);
+                }
+            }
+        }
+        _tile_release();
+    }
+    return 0;
 }
 #endif
 
@@ -417,13 +528,18 @@ int packed_gemm_supported(void) {
 
 // x [M, K] bfloat16 (rows ldx apart, K even), packed as above for w [N, K], y [M, N] (rows ldy apart).
 // Threads split the panels; within one, the rows go in tiles of near-equal size (16 rows: 8 + 8, not
-// 12 + 4, whose short tile would re-read the panel for little work). Returns 0; 1 without the
-// instructions (callers check packed_gemm_supported first).
+// 12 + 4, whose short tile would re-read the panel for little work); with AMX, by packed_gemm_amx where K
+// is a multiple of 32. Returns 0; 1 without the instructions (callers check packed_gemm_supported first);
+// 3 out of memory.
 int packed_gemm_bf16(
     const uint16_t *x, int64_t ldx, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int64_t ldy,
     int64_t M, int64_t N, int64_t K, int num_threads
 ) {
 #if defined(BF16_TILES_512)
+#if defined(PACKED_AMX)
+    if (K % (2 * AMX_ROWS) == 0 && amx_ready())
+        return packed_gemm_amx(x, ldx, packed, bias, y, ldy, M, N, K, num_threads);
+#endif
     const int64_t panels = (N + PANEL - 1) / PANEL, pairs = K / 2, tiles = (M + PACKED_MR - 1) / PACKED_MR;
     _Pragma("omp parallel for schedule(static) num_threads(num_threads)")
     for (int64_t p = 0; p < panels; p++) {
