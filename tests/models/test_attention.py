@@ -91,3 +91,47 @@ def test_kernel_bfloat16_is_within_rounding_of_the_float32_reference(kernel):
     exact = reference.decode(q.float(), k_cache.float(), v_cache.float(), groups, 0.125)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), exact, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads,group,head_dim,block_size,window",
+    [(3, 3, 64, 16, None), (1, 8, 128, 32, None), (2, 1, 32, 16, 20), (1, 12, 32, 64, None)],
+)
+def test_bfloat16_rows_attend_the_same_alone_as_in_any_step(
+    kernel, num_kv_heads, group, head_dim, block_size, window
+):
+    """A token's attention must not depend on what else its step holds: a prompt chunk's 70 tokens (each a
+    query over its sequence's cache up to itself) beside two decodes, attended in one call, split over two
+    threads, and one row at a time, give the same bits. (With AMX, bfloat16 rows go through tiles of 16
+    rows: a prompt's tokens share tiles, a decode's query heads fill one alone.) And within bfloat16
+    rounding of the float32 reference."""
+    q, k_cache, v_cache, tables, lens = paged_case(
+        [300, 41, 70], num_kv_heads, group, head_dim, block_size, torch.bfloat16
+    )
+    # Rows: the 300- and 41-token sequences' decodes, then the 70-token one's prompt tokens 1 to 70.
+    tables = np.vstack([tables[:2], np.repeat(tables[2:3], 70, axis=0)])
+    lens = np.concatenate([[300, 41], np.arange(1, 71)])
+    q = torch.randn(
+        len(lens), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)
+    ).bfloat16()
+    scale = head_dim**-0.5
+    step = KernelPagedAttention(kernel, 1)
+    together = step.decode(
+        q, k_cache, v_cache, step.prepare_decodes(tables, lens, block_size, CPU), scale, window
+    )
+    split = KernelPagedAttention(kernel, 2)
+    assert torch.equal(
+        split.decode(
+            q, k_cache, v_cache, split.prepare_decodes(tables, lens, block_size, CPU), scale, window
+        ),
+        together,
+    )
+    for row in range(len(lens)):
+        alone = step.prepare_decodes(tables[row : row + 1], lens[row : row + 1], block_size, CPU)
+        assert torch.equal(
+            step.decode(q[row : row + 1], k_cache, v_cache, alone, scale, window), together[row : row + 1]
+        )
+    reference = TorchPagedAttention()
+    groups = reference.prepare_decodes(tables, lens, block_size, CPU)
+    exact = reference.decode(q.float(), k_cache.float(), v_cache.float(), groups, scale, window)
+    torch.testing.assert_close(together.float(), exact, atol=1e-2, rtol=1e-2)

@@ -1,7 +1,7 @@
 // AMX: Intel's tile registers and tile multiplies (Sapphire Rapids and later), for the kernels that use
-// them (cpu_ops.c's packed products). Linux hands the tiles out only to a process that asks once
-// (ARCH_REQ_XCOMP_PERM); each thread then loads a configuration before its first tile instruction and
-// releases the tiles after its last, so its saved state stays small.
+// them (cpu_ops.c's packed products, paged_tiles.c's attention). Linux hands the tiles out only to a
+// process that asks once (ARCH_REQ_XCOMP_PERM); each thread then loads a configuration before its first
+// tile instruction and releases the tiles after its last, so its saved state stays small.
 #ifndef TOKENMILL_AMX
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define TOKENMILL_AMX 1

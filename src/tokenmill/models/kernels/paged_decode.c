@@ -381,4 +381,20 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
 DEFINE_KERNEL(paged_decode_f32, f32, float, LOAD_F32, STORE_F32)
-DEFINE_KERNEL(paged_decode_bf16, bf16, uint16_t, bf16_to_float, float_to_bf16)
+DEFINE_KERNEL(paged_vectors_bf16, bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+#include "paged_tiles.c"
+
+/* bfloat16: by AMX tiles where they take the shape (paged_tiles.c), else by the vector kernel above. */
+int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                      const int64_t *block_tables, const int64_t *context_lens, uint16_t *out, int64_t num_seqs,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
+                      int64_t max_blocks, int64_t block_size, int64_t window, float scale) {
+#if defined(TOKENMILL_AMX)
+    if (tiles_take(head_dim, num_heads / num_kv_heads, block_size))
+        return paged_tiles_bf16(q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
+                                num_kv_heads, head_dim, num_slots, max_blocks, block_size, window, scale);
+#endif
+    return paged_vectors_bf16(q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
+                              num_kv_heads, head_dim, num_slots, max_blocks, block_size, window, scale);
+}

@@ -1,0 +1,347 @@
+/* paged_decode_bf16 by AMX tiles, where the CPU has them (included by paged_decode.c).
+ *
+ * A prompt chunk's tokens are rows of a step too, each a query over its sequence's cache up to itself, and
+ * the vector kernel scores them one row at a time at about the CPU's float32 rate. Here the rows that share
+ * a context (consecutive tokens of one sequence, times the query heads of a KV head) go 16 to a tile, and
+ * tile multiplies compute their scores and weighted values 32 cached positions at a time: for 16 rows the
+ * work of 256 BF16 dot products per instruction.
+ *
+ * Per step of 32 positions, for a tile of rows (r) and the positions (p):
+ *   scores^T[p][r] = K[p] . q[r]    K straight from the cache as the left tile, q^T packed once per run
+ *   an online softmax: each row's running maximum m, sum l and float32 output o, rescaled by exp(m - m')
+ *   o[r] += P[r] . V                P (rounded to bfloat16) as the left tile, V's rows paired as the right
+ * Each row's result depends on its own query and context only: the steps start at multiples of 32 positions
+ * whatever rows share its tile, positions outside a row's context weigh exactly zero, and a step with none
+ * of them leaves its sums as they were. So a token gets the same attention as a prompt token, as a decode
+ * or in any batch, as the vector kernel's rows do. It differs from the vector kernel in the last bits: the
+ * softmax is online, and P is rounded to bfloat16 for its tile multiply.
+ */
+#include "amx.c"
+#if defined(TOKENMILL_AMX)
+
+#define STEP_POSITIONS 32 /* two tiles of 16 positions; also the pairs of positions a tile of P holds */
+#define RUN_ROWS 64       /* (token, head) rows a job takes at most: four tiles */
+#define MAX_TILE_DIM 256  /* the head sizes the tiles take: multiples of 32 up to this */
+#define PREFETCH_STEPS 1 /* steps ahead to ask for the cache lines of: 2 and 4 were no better */
+
+/* 1 if step row i is the token after row i - 1 of the same sequence (one position on, the same blocks). */
+static int continues_run(const int64_t *block_tables, const int64_t *context_lens, int64_t i,
+                         int64_t max_blocks, int64_t block_size) {
+    const int64_t before = context_lens[i - 1];
+    return context_lens[i] == before + 1
+           && !memcmp(block_tables + i * max_blocks, block_tables + (i - 1) * max_blocks,
+                      sizeof(int64_t) * (size_t)((before + block_size - 1) / block_size));
+}
+
+/* Per-thread buffers of a job (64-byte aligned rows, as tile loads and stores read them). */
+typedef struct {
+    uint32_t qt[RUN_ROWS / AMX_ROWS][MAX_TILE_DIM / 2][AMX_ROWS]; /* q^T: [pair of dims][row] */
+    uint32_t values[STEP_POSITIONS / 2][MAX_TILE_DIM];             /* V: [pair of positions][dim] */
+    float scores[STEP_POSITIONS][AMX_ROWS];                        /* [position][row] */
+    uint32_t weights[AMX_ROWS][STEP_POSITIONS / 2];                /* P: [row][pair of positions] */
+    float step_out[AMX_ROWS][MAX_TILE_DIM];                        /* P . V of the step */
+    float out[RUN_ROWS][MAX_TILE_DIM];                             /* o */
+    float max[RUN_ROWS], sum[RUN_ROWS];                            /* m, l */
+    int32_t lo[RUN_ROWS], hi[RUN_ROWS];                            /* each row's positions [lo, hi) */
+} TileScratch;
+
+/* e^x on 16 lanes, within ~2 ulp: 2^n e^r with n = round(x / ln 2), so |r| <= ln 2 / 2, where a degree-6
+ * Taylor polynomial is exact to float32 rounding. Below -103 (ln of the smallest denormal) it is 0, and
+ * exactly 0 at -inf: a masked position must weigh nothing. */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* r = x - n ln 2, with ln 2 in two parts so n ln 2 is exact enough */
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps((__mmask16)~zero, p, n);
+}
+
+/* The 16 x 16 transpose of 32-bit elements: v[i] lane j <-> v[j] lane i. */
+static inline void transpose16(__m512i v[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) { /* 128-bit lanes: rows 4i..4i+3 of each quarter */
+        t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+        v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+}
+
+/* The online softmax of a step, for a tile's rows [base, base + 16): scores (raw dot products,
+ * [position][row]) to weights (bfloat16, [row][pair of positions]), each row's running maximum and sum
+ * updated, and rescale[r] = exp(m - m') for its output. Two ways with the same arithmetic on every value,
+ * so the same bits: on vectors over the 16 rows (a tile of prompt tokens), or row by row on vectors over the
+ * positions (a tile of FEW_ROWS rows or fewer, such as one decode token's query heads). The weights of a
+ * step sum as a tree: positions p and p + 16, then p and p + 8, ... */
+#define FEW_ROWS 6
+
+static inline void softmax_rows(TileScratch *s, int64_t base, int64_t step, float scale, float *rescale) {
+    const __m512i row_lo = _mm512_load_si512(s->lo + base), row_hi = _mm512_load_si512(s->hi + base);
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale16 = _mm512_set1_ps(scale);
+    __m512 step_max = minus_inf;
+    for (int p = 0; p < STEP_POSITIONS; p++) {
+        const __m512i at = _mm512_set1_epi32((int32_t)(step + p));
+        const __mmask16 seen = _mm512_cmpge_epi32_mask(at, row_lo) & _mm512_cmplt_epi32_mask(at, row_hi);
+        const __m512 score = _mm512_mask_mul_ps(minus_inf, seen, _mm512_load_ps(s->scores[p]), scale16);
+        _mm512_store_ps(s->scores[p], score);
+        step_max = _mm512_max_ps(step_max, score);
+    }
+    const __m512 before = _mm512_load_ps(s->max + base), now = _mm512_max_ps(before, step_max);
+    _mm512_store_ps(s->max + base, now);
+    /* No position seen yet: shift by 0, so the weights are exp(-inf) = 0, not NaN. */
+    const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(now, minus_inf, _CMP_EQ_OQ), now,
+                                              _mm512_setzero_ps());
+    const __m512 factor = exp16(_mm512_sub_ps(before, shift));
+    _mm512_store_ps(rescale, factor);
+    __m512 weights[STEP_POSITIONS];
+    __m512i columns[STEP_POSITIONS / 2]; /* columns[k][r] = row r's weights at positions 2k and 2k + 1 */
+    for (int p = 0; p < STEP_POSITIONS; p += 2) {
+        const __m256i even = (__m256i)_mm512_cvtneps_pbh(exp16(_mm512_sub_ps(_mm512_load_ps(s->scores[p]), shift)));
+        const __m256i odd = (__m256i)_mm512_cvtneps_pbh(exp16(_mm512_sub_ps(_mm512_load_ps(s->scores[p + 1]), shift)));
+        const __m512i even32 = _mm512_cvtepu16_epi32(even), odd32 = _mm512_cvtepu16_epi32(odd);
+        weights[p] = _mm512_castsi512_ps(_mm512_slli_epi32(even32, 16));
+        weights[p + 1] = _mm512_castsi512_ps(_mm512_slli_epi32(odd32, 16));
+        columns[p / 2] = _mm512_or_si512(even32, _mm512_slli_epi32(odd32, 16));
+    }
+    for (int width = STEP_POSITIONS / 2; width > 0; width /= 2)
+        for (int p = 0; p < width; p++) weights[p] = _mm512_add_ps(weights[p], weights[p + width]);
+    _mm512_store_ps(s->sum + base, _mm512_fmadd_ps(_mm512_load_ps(s->sum + base), factor, weights[0]));
+    transpose16(columns);
+    for (int r = 0; r < AMX_ROWS; r++) _mm512_store_si512(s->weights[r], columns[r]);
+}
+
+static inline void softmax_few_rows(TileScratch *s, int64_t base, int64_t real, int64_t step, float scale,
+                                    float *rescale) {
+    __m512i raw[2][AMX_ROWS]; /* raw[h][r]: row r's scores at positions 16h .. 16h + 15 */
+    for (int h = 0; h < 2; h++) {
+        for (int p = 0; p < AMX_ROWS; p++) raw[h][p] = _mm512_load_si512(s->scores[h * AMX_ROWS + p]);
+        transpose16(raw[h]);
+    }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i at_low = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)step));
+    const __m512i at_high = _mm512_add_epi32(at_low, _mm512_set1_epi32(AMX_ROWS));
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale16 = _mm512_set1_ps(scale);
+    for (int64_t r = 0; r < real; r++) {
+        const __m512i row_lo = _mm512_set1_epi32(s->lo[base + r]), row_hi = _mm512_set1_epi32(s->hi[base + r]);
+        const __mmask16 seen_low = _mm512_cmpge_epi32_mask(at_low, row_lo) & _mm512_cmplt_epi32_mask(at_low, row_hi);
+        const __mmask16 seen_high = _mm512_cmpge_epi32_mask(at_high, row_lo) & _mm512_cmplt_epi32_mask(at_high, row_hi);
+        const __m512 low = _mm512_mask_mul_ps(minus_inf, seen_low, _mm512_castsi512_ps(raw[0][r]), scale16);
+        const __m512 high = _mm512_mask_mul_ps(minus_inf, seen_high, _mm512_castsi512_ps(raw[1][r]), scale16);
+        const float before = s->max[base + r], step_max = _mm512_reduce_max_ps(_mm512_max_ps(low, high));
+        const float now = step_max > before ? step_max : before, shift = now == -INFINITY ? 0.0f : now;
+        s->max[base + r] = now;
+        rescale[r] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(before - shift)));
+        const __m512 shift16 = _mm512_set1_ps(shift);
+        const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(exp16(_mm512_sub_ps(high, shift16)),
+                                                             exp16(_mm512_sub_ps(low, shift16)));
+        _mm512_store_si512(s->weights[r], rounded);
+        const __m512 weight_low = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(rounded)), 16));
+        const __m512 weight_high = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(rounded, 1)), 16));
+        const __m512 sum16 = _mm512_add_ps(weight_low, weight_high);
+        const __m256 sum8 = _mm256_add_ps(_mm512_castps512_ps256(sum16), _mm512_extractf32x8_ps(sum16, 1));
+        const __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+        const __m128 sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+        const __m128 sum1 = _mm_add_ss(sum2, _mm_shuffle_ps(sum2, sum2, 1));
+        s->sum[base + r] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(s->sum[base + r]), _mm_set_ss(rescale[r]), sum1));
+    }
+}
+
+/* Rows [first_row, first_row + tokens) of the step, one run, with KV head kvh: `group` query heads each. */
+static void attend_run(TileScratch *s, const uint16_t *q, const uint16_t *keys, const uint16_t *values,
+                       const int64_t *table, const int64_t *context_lens, uint16_t *out, int64_t first_row,
+                       int64_t tokens, int64_t group, int64_t kvh, int64_t num_heads, int64_t head_dim,
+                       int64_t block_size, int64_t window, float scale) {
+    const int64_t rows = tokens * group, tiles = (rows + AMX_ROWS - 1) / AMX_ROWS, pairs = head_dim / 2;
+    for (int64_t t = 0; t < tiles; t++) memset(s->qt[t], 0, sizeof s->qt[t][0] * (size_t)pairs);
+    for (int64_t r = 0; r < tiles * AMX_ROWS; r++) {
+        s->max[r] = -INFINITY;
+        s->sum[r] = 0.0f;
+        s->lo[r] = s->hi[r] = 0; /* a tile's rows past the run see no position */
+        if (r >= rows) continue;
+        const int64_t row = first_row + r / group, head = kvh * group + r % group, end = context_lens[row];
+        s->lo[r] = (int32_t)(window > 0 && end > window ? end - window : 0);
+        s->hi[r] = (int32_t)end;
+        memset(s->out[r], 0, sizeof(float) * (size_t)head_dim);
+        uint32_t query[MAX_TILE_DIM / 2];
+        memcpy(query, q + (row * num_heads + head) * head_dim, sizeof(uint16_t) * (size_t)head_dim);
+        for (int64_t d = 0; d < pairs; d++) s->qt[r / AMX_ROWS][d][r % AMX_ROWS] = query[d];
+    }
+    const int64_t lo = s->lo[0], hi = s->hi[rows - 1];
+    memset(s->weights, 0, sizeof s->weights); /* rows past the run's: zero weights, never NaN */
+    /* Indices interleaving two vectors of 32 bfloat16 (a, b) as a0 b0 a1 b1 ..., from lane 0 or lane 16 on. */
+    __m512i pair_low, pair_high;
+    {
+        uint16_t low[32], high[32];
+        for (int i = 0; i < 32; i++) {
+            low[i] = (uint16_t)((i % 2 ? 32 : 0) + i / 2);
+            high[i] = (uint16_t)(low[i] + 16);
+        }
+        pair_low = _mm512_loadu_si512(low);
+        pair_high = _mm512_loadu_si512(high);
+    }
+    for (int64_t step = lo / STEP_POSITIONS * STEP_POSITIONS; step < hi; step += STEP_POSITIONS) {
+        /* The step's two halves of 16 positions, each consecutive in the cache (blocks hold multiples of
+         * 16); a half wholly outside [lo, hi) is not read (its block may not be this sequence's). */
+        const uint16_t *half_keys[2] = {0, 0};
+        for (int h = 0; h < 2; h++) {
+            const int64_t at = step + h * AMX_ROWS;
+            if (at + AMX_ROWS > lo && at < hi)
+                half_keys[h] = keys + (table[at / block_size] * block_size + at % block_size) * head_dim;
+        }
+        /* The cache lines of the step PREFETCH_STEPS on, so they arrive while this one computes: a sequence's
+         * blocks lie anywhere in the cache, where the hardware prefetcher does not follow. */
+        const int64_t ahead = step + PREFETCH_STEPS * STEP_POSITIONS;
+        for (int64_t at = ahead; at < ahead + STEP_POSITIONS && at < hi; at += AMX_ROWS) {
+            const int64_t slot = table[at / block_size] * block_size + at % block_size;
+            const char *k_lines = (const char *)(keys + slot * head_dim), *v_lines = (const char *)(values + slot * head_dim);
+            for (int64_t byte = 0; byte < AMX_ROWS * head_dim * 2; byte += 64) {
+                _mm_prefetch(k_lines + byte, _MM_HINT_T0);
+                _mm_prefetch(v_lines + byte, _MM_HINT_T0);
+            }
+        }
+        /* V's rows of the step two by two, interleaved as a right tile wants them; zero outside [lo, hi),
+         * where a weight of zero must not meet a NaN of an unwritten slot. */
+        for (int64_t k = 0; k < STEP_POSITIONS / 2; k++) {
+            const int64_t at = step + 2 * k;
+            const uint16_t *even = 0, *odd = 0;
+            if (half_keys[2 * k / AMX_ROWS]) {
+                const uint16_t *base = values + (table[at / block_size] * block_size + at % block_size) * head_dim;
+                if (at >= lo && at < hi) even = base;
+                if (at + 1 >= lo && at + 1 < hi) odd = base + head_dim;
+            }
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                const __m512i a = even ? _mm512_loadu_si512(even + d) : _mm512_setzero_si512();
+                const __m512i b = odd ? _mm512_loadu_si512(odd + d) : _mm512_setzero_si512();
+                _mm512_store_si512(&s->values[k][d], _mm512_permutex2var_epi16(a, pair_low, b));
+                _mm512_store_si512(&s->values[k][d + 16], _mm512_permutex2var_epi16(a, pair_high, b));
+            }
+        }
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t base = t * AMX_ROWS;
+            /* scores^T: tile 0 and 1 the two halves of positions, 4 the keys, 6 q^T. */
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                _tile_loadd(6, &s->qt[t][d / 2][0], AMX_ROWS * 4);
+                if (half_keys[0]) {
+                    _tile_loadd(4, half_keys[0] + d, head_dim * 2);
+                    _tile_dpbf16ps(0, 4, 6);
+                }
+                if (half_keys[1]) {
+                    _tile_loadd(4, half_keys[1] + d, head_dim * 2);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+            }
+            _tile_stored(0, &s->scores[0][0], AMX_ROWS * 4);
+            _tile_stored(1, &s->scores[AMX_ROWS][0], AMX_ROWS * 4);
+            const int64_t real = rows - base < AMX_ROWS ? rows - base : AMX_ROWS;
+            float rescale[AMX_ROWS] __attribute__((aligned(64)));
+            if (real <= FEW_ROWS) softmax_few_rows(s, base, real, step, scale, rescale);
+            else softmax_rows(s, base, step, scale, rescale);
+            /* P . V, 64 dimensions (four tiles of 16) at a time: tiles 0-3 the sums, 5 P, 6 V. */
+            _tile_loadd(5, &s->weights[0][0], STEP_POSITIONS * 2);
+            for (int64_t d = 0; d < head_dim; d += 64) {
+                const int64_t parts = head_dim - d < 64 ? (head_dim - d) / 16 : 4;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                _tile_loadd(6, &s->values[0][d], MAX_TILE_DIM * 4);
+                _tile_dpbf16ps(0, 5, 6);
+                _tile_loadd(6, &s->values[0][d + 16], MAX_TILE_DIM * 4);
+                _tile_dpbf16ps(1, 5, 6);
+                _tile_stored(0, &s->step_out[0][d], MAX_TILE_DIM * 4);
+                _tile_stored(1, &s->step_out[0][d + 16], MAX_TILE_DIM * 4);
+                if (parts == 4) {
+                    _tile_loadd(6, &s->values[0][d + 32], MAX_TILE_DIM * 4);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_loadd(6, &s->values[0][d + 48], MAX_TILE_DIM * 4);
+                    _tile_dpbf16ps(3, 5, 6);
+                    _tile_stored(2, &s->step_out[0][d + 32], MAX_TILE_DIM * 4);
+                    _tile_stored(3, &s->step_out[0][d + 48], MAX_TILE_DIM * 4);
+                }
+            }
+            for (int64_t r = 0; r < real; r++) {
+                const __m512 factor = _mm512_set1_ps(rescale[r]);
+                for (int64_t d = 0; d < head_dim; d += 16)
+                    _mm512_store_ps(s->out[base + r] + d, _mm512_fmadd_ps(_mm512_load_ps(s->out[base + r] + d), factor,
+                                                                           _mm512_load_ps(s->step_out[r] + d)));
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t row = first_row + r / group, head = kvh * group + r % group;
+        uint16_t *dst = out + (row * num_heads + head) * head_dim;
+        const float inv = 1.0f / s->sum[r];
+        for (int64_t d = 0; d < head_dim; d++) dst[d] = float_to_bf16(s->out[r][d] * inv);
+    }
+}
+
+/* 1 if the tiles take this shape (and Linux lets the process use them), else 0: the vector kernel runs. */
+static int tiles_take(int64_t head_dim, int64_t group, int64_t block_size) {
+    return head_dim % 32 == 0 && head_dim <= MAX_TILE_DIM && group <= AMX_ROWS && block_size % AMX_ROWS == 0
+           && amx_ready();
+}
+
+/* paged_decode_bf16's arguments and result. */
+static int paged_tiles_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int64_t *block_tables, const int64_t *context_lens, uint16_t *out,
+                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t num_slots, int64_t max_blocks, int64_t block_size, int64_t window,
+                            float scale) {
+    const int64_t group = num_heads / num_kv_heads, run_tokens = RUN_ROWS / group;
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1)), runs = 0;
+    if (starts == NULL) return 2;
+    for (int64_t i = 0; i < num_seqs; i++)
+        if (i == 0 || i - starts[runs - 1] == run_tokens
+            || !continues_run(block_tables, context_lens, i, max_blocks, block_size))
+            starts[runs++] = i;
+    starts[runs] = num_seqs;
+    int failed = 0;
+    _Pragma("omp parallel") {
+        TileScratch *scratch = aligned_alloc(64, sizeof(TileScratch));
+        if (scratch == NULL) failed = 1;
+        else amx_configure();
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t job = 0; job < runs * num_kv_heads; job++) {
+            if (scratch == NULL) continue;
+            const int64_t run = job / num_kv_heads, kvh = job % num_kv_heads, first_row = starts[run];
+            attend_run(scratch, q, k_cache + kvh * num_slots * head_dim, v_cache + kvh * num_slots * head_dim,
+                       block_tables + first_row * max_blocks, context_lens, out, first_row,
+                       starts[run + 1] - first_row, group, kvh, num_heads, head_dim, block_size, window, scale);
+        }
+        if (scratch != NULL) _tile_release();
+        free(scratch);
+    }
+    free(starts);
+    return failed ? 2 : 0;
+}
+#endif
