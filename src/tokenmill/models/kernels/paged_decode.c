@@ -11,7 +11,8 @@
  *   block_tables  [num_seqs, max_blocks] int64
  *   context_lens  [num_seqs] int64
  * Query head h uses KV head h / (num_heads / num_kv_heads) (grouped-query attention).
- * Scores and the softmax are float32, as in the torch backend.
+ * Scores and the softmax are float32, as in the torch backend. bfloat16 caches on CPUs with AMX go through
+ * tiles instead (paged_tiles.c), with rows of a prompt chunk sharing each read of their context.
  */
 #include <math.h>
 #include <stdint.h>
