@@ -10,10 +10,9 @@ see skinny_gemm_max_rows). float32 products of few rows go through the same kern
 prefill chunks, big batches) are compute-bound and stay with torch's GEMM. With AVX-512 BF16, bfloat16
 projections are packed at load (models/packed_linear.py) and every product against them, of any size, goes
 through the packed kernel (`linear_packed`), faster than both at every size (by AMX tile multiplies where
-the CPU has them). int8 weights
-(models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2) up to 16 rows and a dequantised
-copy beyond. The fused small operators (residual add + RMSNorm, rotary, SiLU * up) run for float32 and
-bfloat16 and replace several torch calls each.
+the CPU has them). int8 weights (models/quantization.py) go through an int8 kernel (AVX-512 VNNI, or AVX2)
+up to 16 rows and a dequantised copy beyond. The fused small operators (residual add + RMSNorm, rotary,
+SiLU * up) run for float32 and bfloat16 and replace several torch calls each.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 load where that kernel runs (AVX-512 BF16): a decode step's products then run at close to memory speed with
 few rows and close to the CPU's bfloat16 peak with many (see `packed_gemm_bf16`), and prefill chunks take the
 same kernel, a little faster than torch's GEMM. The layout is also what AMX tile multiplies take, so on CPUs
-with AMX the same packed weights go through tiles, 1.1-2.9x faster than torch's (oneDNN) GEMM. The packed weight replaces the original: no copy is kept
-(a tied output head gets a packed copy of its own; the embedding lookup keeps the table).
+with AMX the same packed weights go through tiles, 1.1-2.9x faster than torch's (oneDNN) GEMM. The packed
+weight replaces the original: no copy is kept (a tied output head gets a packed copy of its own; the
+embedding lookup keeps the table).
 
 Layout: panels of PANEL output columns, each holding its columns' inputs two by two,
 packed[p, k // 2, c, k % 2] = weight[p * PANEL + c, k], zero-padded to whole panels.

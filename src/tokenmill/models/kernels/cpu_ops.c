@@ -430,7 +430,6 @@ static inline __attribute__((always_inline)) void packed_tile(
 // TFLOP/s from 128 rows, 5-10x the tiles above and 1.1-2.9x torch's oneDNN GEMM from 16 rows up; at 1-4
 // rows, streaming the weights, ~10% slower than the tiles above. Each output sums its products in float32
 // in the same order whatever the number of rows, so a row's result does not depend on the rows beside it.
-#define PACKED_AMX 1
 // Bytes ahead of a weight tile to prefetch, for few rows, where the tiles stream from memory (4 KB: +10-20%
 // over none at 1-4 rows; 8 and 16 KB no better, measured).
 #define AMX_PREFETCH 4096
@@ -536,7 +535,7 @@ int packed_gemm_bf16(
     int64_t M, int64_t N, int64_t K, int num_threads
 ) {
 #if defined(BF16_TILES_512)
-#if defined(PACKED_AMX)
+#if defined(TOKENMILL_AMX)
     if (K % (2 * AMX_ROWS) == 0 && amx_ready())
         return packed_gemm_amx(x, ldx, packed, bias, y, ldy, M, N, K, num_threads);
 #endif

@@ -93,6 +93,15 @@ static inline void prefetch_rows(const Cursor *c, const void *base, int64_t n, i
     for (int64_t byte = 0; byte < n * row_bytes; byte += 64) __builtin_prefetch(from + byte);
 }
 
+/* 1 if step row i is the token after row i - 1 of the same sequence (one position on, the same blocks). */
+static int continues_run(const int64_t *block_tables, const int64_t *context_lens, int64_t i,
+                         int64_t max_blocks, int64_t block_size) {
+    const int64_t before = context_lens[i - 1];
+    return context_lens[i] == before + 1
+           && !memcmp(block_tables + i * max_blocks, block_tables + (i - 1) * max_blocks,
+                      sizeof(int64_t) * (size_t)((before + block_size - 1) / block_size));
+}
+
 /* ---- AVX-512: the two loops that read the cache, 16 floats at a time -------------------------------------
  * The portable loops below take a K row per position and reduce each head's 16-lane dot product to a
  * scalar on the spot; on a step of 64 sequences that ran at ~4 GB/s of cache read, far from memory speed.
@@ -328,9 +337,7 @@ static void score_pass_bf16_dot(const uint16_t *query, int64_t group, const uint
             const T *values = v_cache + kvh * num_slots * head_dim;                                      \
             /* A prompt token's row follows its predecessor's (one position on, the same table): their   \
              * context is in cache. */                                                                   \
-            const int cold = !(seq > 0 && context_lens[seq] == context_lens[seq - 1] + 1                 \
-                               && !memcmp(table, table - max_blocks,                                     \
-                                          sizeof(int64_t) * (size_t)((context_lens[seq - 1] + block_size - 1) / block_size))); \
+            const int cold = !(seq > 0 && continues_run(block_tables, context_lens, seq, max_blocks, block_size)); \
             /* The BF16 pass asks for a cold context's values with its keys (a warm one is in cache). */ \
             const int dotted = DOT_SCORES_##SUFFIX(q + (seq * num_heads + kvh * group) * head_dim, group, keys, \
                                                    values, cold, table, block_size, first, len, head_dim, \

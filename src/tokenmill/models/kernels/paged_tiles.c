@@ -24,15 +24,6 @@
 #define MAX_TILE_DIM 256  /* the head sizes the tiles take: multiples of 32 up to this */
 #define PREFETCH_STEPS 1 /* steps ahead to ask for the cache lines of: 2 and 4 were no better */
 
-/* 1 if step row i is the token after row i - 1 of the same sequence (one position on, the same blocks). */
-static int continues_run(const int64_t *block_tables, const int64_t *context_lens, int64_t i,
-                         int64_t max_blocks, int64_t block_size) {
-    const int64_t before = context_lens[i - 1];
-    return context_lens[i] == before + 1
-           && !memcmp(block_tables + i * max_blocks, block_tables + (i - 1) * max_blocks,
-                      sizeof(int64_t) * (size_t)((before + block_size - 1) / block_size));
-}
-
 /* Per-thread buffers of a job (64-byte aligned rows, as tile loads and stores read them). */
 typedef struct {
     uint32_t qt[RUN_ROWS / AMX_ROWS][MAX_TILE_DIM / 2][AMX_ROWS]; /* q^T: [pair of dims][row] */
