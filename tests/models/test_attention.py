@@ -102,9 +102,10 @@ def test_bfloat16_rows_attend_the_same_alone_as_in_any_step(
 ):
     """A token's attention must not depend on what else its step holds: a prompt chunk's 70 tokens (each a
     query over its sequence's cache up to itself) beside two decodes, attended in one call, split over two
-    threads, and one row at a time, give the same bits. (With AMX, bfloat16 rows go through tiles of 16
-    rows: a prompt's tokens share tiles, a decode's query heads fill one alone.) And within bfloat16
-    rounding of the float32 reference."""
+    threads, and one row at a time, give the same bits. (With AMX or AVX-512 BF16, bfloat16 rows go
+    through tiles of 16 rows: a prompt's tokens share tiles, a decode's query heads fill one alone, and
+    without AMX a few rows take their scores on vectors over positions, the others on vectors over rows.)
+    And within bfloat16 rounding of the float32 reference."""
     q, k_cache, v_cache, tables, lens = paged_case(
         [300, 41, 70], num_kv_heads, group, head_dim, block_size, torch.bfloat16
     )

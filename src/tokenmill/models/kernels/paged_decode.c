@@ -11,8 +11,9 @@
  *   block_tables  [num_seqs, max_blocks] int64
  *   context_lens  [num_seqs] int64
  * Query head h uses KV head h / (num_heads / num_kv_heads) (grouped-query attention).
- * Scores and the softmax are float32, as in the torch backend. bfloat16 caches on CPUs with AMX go through
- * tiles instead (paged_tiles.c), with rows of a prompt chunk sharing each read of their context.
+ * Scores and the softmax are float32, as in the torch backend. bfloat16 caches on CPUs with BF16 dot
+ * products (AVX-512 BF16, AMX) go through tiles instead (paged_tiles.c), with rows of a prompt chunk
+ * sharing each read of their context.
  */
 #include <math.h>
 #include <stdint.h>
@@ -393,12 +394,13 @@ DEFINE_KERNEL(paged_vectors_bf16, bf16, uint16_t, bf16_to_float, float_to_bf16)
 
 #include "paged_tiles.c"
 
-/* bfloat16: by AMX tiles where they take the shape (paged_tiles.c), else by the vector kernel above. */
+/* bfloat16: by tiles where the CPU has BF16 dot products and they take the shape (paged_tiles.c), else by
+ * the vector kernel above. */
 int paged_decode_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                       const int64_t *block_tables, const int64_t *context_lens, uint16_t *out, int64_t num_seqs,
                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
                       int64_t max_blocks, int64_t block_size, int64_t window, float scale) {
-#if defined(TOKENMILL_AMX)
+#if defined(PAGED_TILES)
     if (tiles_take(head_dim, num_heads / num_kv_heads, block_size))
         return paged_tiles_bf16(q, k_cache, v_cache, block_tables, context_lens, out, num_seqs, num_heads,
                                 num_kv_heads, head_dim, num_slots, max_blocks, block_size, window, scale);
