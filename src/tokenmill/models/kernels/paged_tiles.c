@@ -29,6 +29,7 @@
 #define STEP_POSITIONS 32 /* two tiles of 16 positions; also the pairs of positions a tile of P holds */
 #define RUN_ROWS 64       /* (token, head) rows a job takes at most: four tiles */
 #define MAX_TILE_DIM 256  /* the head sizes the tiles take: multiples of 32 up to this */
+#define FAR_STEPS 3       /* a few rows also ask for their context this many steps ahead, into L2 */
 #define FEW_ROWS 6        /* a tile of this many rows or fewer (a decode's query heads): see softmax_few_rows */
 
 /* Per-thread buffers of a job (64-byte aligned rows, as tile loads and stores read them). */
@@ -193,18 +194,21 @@ static inline __attribute__((always_inline)) void few_rows_scores(TileScratch *s
 }
 
 /* s->keys_t: the step's keys transposed, pairs of dimensions by positions (zero for a NULL half). Each
- * row is read whole (the hardware prefetcher follows rows better than columns), and meanwhile the cache
- * lines of the same row of `ahead`, the next step's halves (NULL: none), are asked for. */
+ * row is read whole (the hardware prefetcher follows rows better than columns), and meanwhile the same row
+ * of the halves in `ahead` is asked for (NULL: none): of the next step into L1, of the one FAR_STEPS on
+ * into L2. */
 static inline void transpose_keys(TileScratch *s, const uint16_t *const half_keys[2],
-                                  const uint16_t *const ahead[2], int64_t head_dim) {
+                                  const uint16_t *const ahead[2][2], int64_t head_dim) {
     for (int h = 0; h < 2; h++) {
         if (!half_keys[h]) {
             memset(s->keys_t[h], 0, sizeof(uint32_t) * TILE_ROWS * (size_t)(head_dim / 2));
             continue;
         }
         for (int p = 0; p < TILE_ROWS; p++) {
-            for (int64_t d = 0; ahead[h] && d < head_dim; d += 32)
-                _mm_prefetch((const char *)(ahead[h] + p * head_dim + d), _MM_HINT_T0);
+            for (int64_t d = 0; ahead[0][h] && d < head_dim; d += 32) {
+                _mm_prefetch((const char *)(ahead[0][h] + p * head_dim + d), _MM_HINT_T0);
+                if (ahead[1][h]) _mm_prefetch((const char *)(ahead[1][h] + p * head_dim + d), _MM_HINT_T2);
+            }
             for (int64_t d = 0; d < head_dim / 2; d += TILE_ROWS)
                 _mm512_store_si512(s->keys_t[h][d + p], _mm512_loadu_si512(half_keys[h] + p * head_dim + 2 * d));
         }
@@ -221,7 +225,7 @@ static inline void transpose_keys(TileScratch *s, const uint16_t *const half_key
  * (NULL: a half outside every row's context; its scores are 0 and the softmax masks them): in
  * s->scores[p][r], or for FEW_ROWS rows or fewer in raw[r][p]. `ahead`: as transpose_keys takes it. */
 static inline void step_scores(TileScratch *s, int64_t t, int64_t real, const uint16_t *const half_keys[2],
-                               const uint16_t *const ahead[2], int64_t head_dim, int amx,
+                               const uint16_t *const ahead[2][2], int64_t head_dim, int amx,
                                float (*raw)[STEP_POSITIONS]) {
     const int64_t pairs = head_dim / 2;
 #if defined(TOKENMILL_AMX)
@@ -394,29 +398,34 @@ static void attend_run(TileScratch *s, const uint16_t *q, const uint16_t *keys, 
     const __m512i pair_low = _mm512_load_si512(PAIR_LOW), pair_high = _mm512_load_si512(PAIR_HIGH);
     /* A run of a few rows (a decode's query heads) on vectors takes every step's scores first, reading the
      * keys, then the rest step by step, reading the values: two streams from memory, each asked for a step
-     * ahead. Both in each step took ~15% longer to read a decode's context (two steps ahead or more did
-     * worse). The same sums either way. */
+     * ahead into L1 and FAR_STEPS ahead into L2, a row at a time. Reading both in each step took ~15% longer
+     * for a decode's context, asking for it all a step ahead ~5% (more steps ahead into L1 did worse). The
+     * same sums either way. */
     const int scores_first = !amx && rows <= FEW_ROWS;
-    const uint16_t *no_step[2] = {NULL, NULL};
+    const uint16_t *none[2][2] = {{NULL, NULL}, {NULL, NULL}};
     for (int64_t step = first_step; scores_first && step < hi; step += STEP_POSITIONS) {
-        const uint16_t *half_keys[2], *next_keys[2];
+        const uint16_t *half_keys[2], *ahead[2][2];
         step_halves(keys, table, block_size, head_dim, step, lo, hi, half_keys);
-        step_halves(keys, table, block_size, head_dim, step + STEP_POSITIONS, lo, hi, next_keys);
+        step_halves(keys, table, block_size, head_dim, step + STEP_POSITIONS, lo, hi, ahead[0]);
+        step_halves(keys, table, block_size, head_dim, step + FAR_STEPS * STEP_POSITIONS, lo, hi, ahead[1]);
         if (step == first_step) prefetch_halves(half_keys, head_dim);
-        step_scores(s, 0, rows, half_keys, next_keys, head_dim, amx, s->few[(step - first_step) / STEP_POSITIONS]);
+        step_scores(s, 0, rows, half_keys, ahead, head_dim, amx, s->few[(step - first_step) / STEP_POSITIONS]);
     }
     for (int64_t step = first_step; step < hi; step += STEP_POSITIONS) {
-        const uint16_t *half_keys[2], *next_keys[2] = {NULL, NULL}, *next_values[2];
+        const uint16_t *half_keys[2], *next_keys[2] = {NULL, NULL}, *next_values[2], *far_values[2] = {NULL, NULL};
         step_halves(keys, table, block_size, head_dim, step, lo, hi, half_keys);
         /* The next step's values (and keys, unless read already), asked for a slice at a time while this
          * step's are read: a sequence's blocks lie anywhere in the cache, where the hardware prefetcher does
          * not follow, and a burst of requests at once would stall this step's own reads behind them. */
         step_halves(values, table, block_size, head_dim, step + STEP_POSITIONS, lo, hi, next_values);
         if (!scores_first) step_halves(keys, table, block_size, head_dim, step + STEP_POSITIONS, lo, hi, next_keys);
-        else if (step == first_step) {
-            const uint16_t *half_values[2];
-            step_halves(values, table, block_size, head_dim, step, lo, hi, half_values);
-            prefetch_halves(half_values, head_dim);
+        else {
+            step_halves(values, table, block_size, head_dim, step + FAR_STEPS * STEP_POSITIONS, lo, hi, far_values);
+            if (step == first_step) {
+                const uint16_t *half_values[2];
+                step_halves(values, table, block_size, head_dim, step, lo, hi, half_values);
+                prefetch_halves(half_values, head_dim);
+            }
         }
         /* V's rows of the step two by two, interleaved as a right tile wants them; zero outside [lo, hi),
          * where a weight of zero must not meet a NaN of an unwritten slot. */
@@ -425,6 +434,7 @@ static void attend_run(TileScratch *s, const uint16_t *q, const uint16_t *keys, 
             const int64_t lines = head_dim / 16, half = 2 * k / TILE_ROWS; /* a half's lines, over 8 pairs */
             for (int64_t line = k % 8 * lines; next_values[half] && line < (k % 8 + 1) * lines; line++) {
                 _mm_prefetch((const char *)next_values[half] + 64 * line, _MM_HINT_T0);
+                if (far_values[half]) _mm_prefetch((const char *)far_values[half] + 64 * line, _MM_HINT_T2);
                 if (next_keys[half]) _mm_prefetch((const char *)next_keys[half] + 64 * line, _MM_HINT_T0);
             }
             const uint16_t *even = 0, *odd = 0;
@@ -444,7 +454,7 @@ static void attend_run(TileScratch *s, const uint16_t *q, const uint16_t *keys, 
             const int64_t base = t * TILE_ROWS;
             const int64_t real = rows - base < TILE_ROWS ? rows - base : TILE_ROWS;
             float(*raw)[STEP_POSITIONS] = s->few[scores_first ? (step - first_step) / STEP_POSITIONS : 0];
-            if (!scores_first) step_scores(s, t, real, half_keys, no_step, head_dim, amx, raw);
+            if (!scores_first) step_scores(s, t, real, half_keys, none, head_dim, amx, raw);
             float rescale[TILE_ROWS] __attribute__((aligned(64)));
             if (real <= FEW_ROWS) softmax_few_rows(s, base, real, step, scale, rescale, (const float(*)[STEP_POSITIONS])raw);
             else softmax_rows(s, base, step, scale, rescale);
