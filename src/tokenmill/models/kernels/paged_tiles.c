@@ -480,6 +480,23 @@ static int tiles_take(int64_t head_dim, int64_t group, int64_t block_size) {
     return head_dim % 32 == 0 && head_dim <= MAX_TILE_DIM && group <= TILE_ROWS && block_size % TILE_ROWS == 0;
 }
 
+/* The calling thread's scratch with room for `few_steps` steps of a few rows' scores, kept from call to call
+ * (a step calls once per layer); zeroed once, so every lane a tile reads holds a finite value. NULL if out
+ * of memory. */
+static TileScratch *thread_scratch(int64_t few_steps) {
+    static __thread TileScratch *scratch;
+    static __thread int64_t capacity;
+    const size_t bytes = (sizeof(TileScratch) + 63) / 64 * 64;
+    if (scratch == NULL && (scratch = aligned_alloc(64, bytes)) != NULL) memset(scratch, 0, bytes);
+    if (scratch == NULL) return NULL;
+    if (few_steps > capacity) {
+        free(scratch->few);
+        scratch->few = aligned_alloc(64, sizeof *scratch->few * (size_t)few_steps);
+        capacity = scratch->few != NULL ? few_steps : 0;
+    }
+    return scratch->few != NULL ? scratch : NULL;
+}
+
 /* paged_decode_bf16's arguments and result. */
 static int paged_tiles_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                             const int64_t *block_tables, const int64_t *context_lens, uint16_t *out,
@@ -501,23 +518,14 @@ static int paged_tiles_bf16(const uint16_t *q, const uint16_t *k_cache, const ui
 #endif
     int64_t longest = 0;
     for (int64_t i = 0; i < num_seqs; i++) longest = context_lens[i] > longest ? context_lens[i] : longest;
-    /* Room for the scores of every step of the longest context (attend_run's scores_first), 64-byte aligned. */
-    const size_t few_bytes = sizeof(float[FEW_ROWS][STEP_POSITIONS]) * (size_t)(amx ? 1 : longest / STEP_POSITIONS + 2);
+    const int64_t few_steps = amx ? 1 : longest / STEP_POSITIONS + 2; /* attend_run's scores_first */
     int failed = 0;
     _Pragma("omp parallel") {
-        TileScratch *scratch = aligned_alloc(64, sizeof(TileScratch));
-        void *few = aligned_alloc(64, few_bytes);
-        if (scratch == NULL || few == NULL) {
-            free(scratch);
-            scratch = NULL;
-            failed = 1;
-        } else {
-            memset(scratch, 0, sizeof(TileScratch)); /* finite values in every lane a tile reads */
-            scratch->few = few;
+        TileScratch *scratch = thread_scratch(few_steps);
+        if (scratch == NULL) failed = 1;
 #if defined(TOKENMILL_AMX)
-            if (amx) amx_configure();
+        else if (amx) amx_configure();
 #endif
-        }
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t job = 0; job < runs * num_kv_heads; job++) {
             if (scratch == NULL) continue;
@@ -529,8 +537,6 @@ static int paged_tiles_bf16(const uint16_t *q, const uint16_t *k_cache, const ui
 #if defined(TOKENMILL_AMX)
         if (scratch != NULL && amx) _tile_release();
 #endif
-        free(scratch);
-        free(few);
     }
     free(starts);
     return failed ? 2 : 0;
