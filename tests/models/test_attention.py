@@ -112,9 +112,13 @@ def test_bfloat16_rows_attend_the_same_alone_as_in_any_step(
     # Rows: the 300- and 41-token sequences' decodes, then the 70-token one's prompt tokens 1 to 70.
     tables = np.vstack([tables[:2], np.repeat(tables[2:3], 70, axis=0)])
     lens = np.concatenate([[300, 41], np.arange(1, 71)])
-    q = torch.randn(
-        len(lens), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)
-    ).bfloat16()
+    # Queries 4x randn: scores of ~4-8 make a last-bit difference in one visible in some bfloat16 outputs
+    # (at 1x, summing a few rows' dimensions in reverse order went unnoticed).
+    q = (
+        torch.randn(len(lens), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1))
+        .mul(4)
+        .bfloat16()
+    )
     scale = head_dim**-0.5
     step = KernelPagedAttention(kernel, 1)
     together = step.decode(
