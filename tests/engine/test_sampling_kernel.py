@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from tests.engine.test_sampler import EOS, rows_of
 from tokenmill.engine.sampler import Sampler, load_sampling_kernel
@@ -41,6 +41,31 @@ def test_kernel_draws_exactly_from_transformers_nucleus(spread: float) -> None:
         probs = torch.softmax(logits[0], dim=-1)
         share = probs / probs[kept].sum()
         assert set(tokens.tolist()) >= set((kept & (share > 2 / 4000)).nonzero()[:, 0].tolist())
+
+
+def _far_kth_logits() -> torch.Tensor:
+    """A row whose 50th largest logit is 12 below its largest: 10 logits near the top, 100 around -12."""
+    logits = torch.full((1, 49152), -30.0)
+    ids = torch.randperm(49152)
+    logits[0, ids[:10]] = -2 * torch.rand(10)
+    logits[0, ids[10:110]] = -12 + torch.rand(100) - 0.5
+    return logits
+
+
+@pytest.mark.parametrize("row", ["near", "far"])
+@pytest.mark.parametrize("top_k", [1, 50])
+def test_kernel_top_k_keeps_exactly_transformers_set(top_k: int, row: str) -> None:
+    """The kernel selects the k-th largest among the logits near a row's largest when k of them are
+    (near), else over the whole row (far): either way transformers' set, its first and last tokens drawn
+    at u = 0 and u just below 1."""
+    torch.manual_seed(5)
+    logits = torch.randn(1, 49152) * 6 if row == "near" else _far_kth_logits()
+    kept = TopKLogitsWarper(top_k)(None, logits.clone())[0] > float("-inf")
+    uniforms = torch.cat([torch.tensor([0.0, 1 - 2**-24]), (torch.arange(2000) + 0.5) / 2000])
+    tokens = _kernel_tokens(logits, SamplingParams(top_k=top_k), uniforms)
+    ids = kept.nonzero()[:, 0]
+    assert tokens[0] == ids[0] and tokens[1] == ids[-1]
+    assert kept[tokens].all()
 
 
 def test_kernel_top_k_keeps_ties_with_the_kth_logit() -> None:

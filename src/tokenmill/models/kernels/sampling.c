@@ -2,10 +2,14 @@
 // and min-p in transformers' order, then a draw by inverse CDF in token order with the row's own uniform.
 // The sampler's torch path builds each truncated distribution as a [rows, vocabulary] tensor, masks it and
 // sums it again to draw, ten or so passes over every row; here a row takes four or five, and the top-k and
-// top-p cut-offs come from histograms of the values' bits rather than from sorting the row.
+// top-p cut-offs come from histograms of the values' bits rather than from sorting the row, taken over its
+// largest values alone where those decide the cut-off (the same cut-off, found on a fraction of the row).
 
 #include <math.h>
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,11 +36,9 @@ static inline float value_of(uint32_t key) {
     return value;
 }
 
-// The k-th largest of values[0, n) (1 <= k <= n): radix selection, RADIX_BITS of the keys at a time, each
-// pass keeping only the candidates in the bucket that holds it. keys: n scratch slots.
-static float kth_largest(const float *values, int64_t n, int64_t k, uint32_t *keys) {
-    for (int64_t i = 0; i < n; i++) keys[i] = key_of(values[i]);
-    int64_t count = n;
+// Radix selection of the k-th largest key of keys[0, count) (1 <= k <= count), RADIX_BITS at a time, each
+// pass keeping only the candidates in the bucket that holds it; keys are overwritten.
+static uint32_t kth_largest_key(uint32_t *keys, int64_t count, int64_t k) {
     for (int shift = 32; shift > 0;) {
         const int bits = shift < RADIX_BITS ? shift : RADIX_BITS;
         shift -= bits;
@@ -50,7 +52,35 @@ static float kth_largest(const float *values, int64_t n, int64_t k, uint32_t *ke
             if (((keys[i] >> shift) & mask) == bucket) keys[kept++] = keys[i];
         count = kept;
     }
-    return value_of(keys[0]);
+    return keys[0];
+}
+
+// The k-th largest of values[0, n) (1 <= k <= n), whose largest is `top`. keys: n scratch slots. A row's
+// k largest (top-k asks for tens of a vocabulary) usually lie within PROBE_SPAN of its largest: only the
+// keys from there up are selected from when there are k of them (the same k-th largest); else all are.
+#define PROBE_SPAN 10.0f
+static float kth_largest(const float *values, int64_t n, int64_t k, float top, uint32_t *keys) {
+    const uint32_t probe = key_of(top - PROBE_SPAN);
+    int64_t count = 0, i = 0;
+#if defined(__AVX512F__)  // key_of on 16 lanes: the sign bit set flips every bit, else only the sign bit
+    for (; i + 16 <= n; i += 16) {
+        const __m512i bits = _mm512_loadu_si512(values + i);
+        const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32((int32_t)0x80000000u));
+        const __m512i key = _mm512_xor_si512(bits, flip);
+        const __mmask16 kept = _mm512_cmpge_epu32_mask(key, _mm512_set1_epi32((int32_t)probe));
+        _mm512_storeu_si512(keys + count, _mm512_maskz_compress_epi32(kept, key));
+        count += __builtin_popcount(kept);
+    }
+#endif
+    for (; i < n; i++) {  // branchless: keys[count] is overwritten until a key is kept
+        keys[count] = key_of(values[i]);
+        count += keys[count] >= probe;
+    }
+    if (count < k) {
+        for (i = 0; i < n; i++) keys[i] = key_of(values[i]);
+        count = n;
+    }
+    return value_of(kth_largest_key(keys, count, k));
 }
 
 static int descending(const void *a, const void *b) {
@@ -58,19 +88,21 @@ static int descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-// The least weight top-p keeps: weights sorted largest first, a weight is kept while the mass before it is
+// The least weight top-p keeps among weights[0, n), of which `pool` are the candidates (all of them, or
+// all those in the top buckets): weights sorted largest first, a weight is kept while the mass before it is
 // below `target` (at least the largest is). Buckets of the weights' keys, each with its count and mass, are
-// walked from the top; only the bucket where the mass crosses the target is sorted. scratch: n floats.
-static float nucleus_floor(const float *weights, int64_t n, double target, float *scratch) {
+// walked from the top; only the bucket where the mass crosses the target is sorted, in scratch. Returns
+// -1 when the candidates' mass does not reach the target.
+static float nucleus_among(const float *pool, int64_t n, double target, float *scratch) {
     static __thread int64_t counts[BUCKETS];
     static __thread double masses[BUCKETS];
     memset(counts, 0, sizeof counts);
     memset(masses, 0, sizeof masses);
     const int shift = 32 - RADIX_BITS;
     for (int64_t i = 0; i < n; i++) {
-        const uint32_t bucket = key_of(weights[i]) >> shift;
+        const uint32_t bucket = key_of(pool[i]) >> shift;
         counts[bucket]++;
-        masses[bucket] += weights[i];
+        masses[bucket] += pool[i];
     }
     double before = 0.0;
     for (int bucket = BUCKETS - 1; bucket >= 0; bucket--) {
@@ -81,7 +113,7 @@ static float nucleus_floor(const float *weights, int64_t n, double target, float
         }
         int64_t m = 0;
         for (int64_t i = 0; i < n; i++)
-            if (key_of(weights[i]) >> shift == (uint32_t)bucket) scratch[m++] = weights[i];
+            if (key_of(pool[i]) >> shift == (uint32_t)bucket) scratch[m++] = pool[i];
         qsort(scratch, (size_t)m, sizeof *scratch, descending);
         float least = scratch[0];
         for (int64_t j = 0; j < m && before < target; j++) {
@@ -90,20 +122,57 @@ static float nucleus_floor(const float *weights, int64_t n, double target, float
         }
         return least;
     }
-    return 0.0f;  // the whole mass is below the target (rounding): every positive weight stays
+    return -1.0f;
+}
+
+// The least weight top-p keeps (the largest weight is 1). Most of a row's mass is usually in its weights of
+// NUCLEUS_PROBE and up, a power of two, so a bucket boundary: the buckets above it are counted alone first,
+// in the same order, so they hold the same counts and masses as over the whole row, and the walk crosses
+// the target in the same bucket, giving the same floor. scratch: n floats.
+#define NUCLEUS_PROBE 0x1p-10f
+static float nucleus_floor(const float *weights, int64_t n, double target, float *scratch) {
+    int64_t count = 0, i = 0;
+#if defined(__AVX512F__)  // 16 at a time, packed into the front of a vector
+    for (; i + 16 <= n && count <= n / 2; i += 16) {
+        const __m512 w = _mm512_loadu_ps(weights + i);
+        const __mmask16 kept = _mm512_cmp_ps_mask(w, _mm512_set1_ps(NUCLEUS_PROBE), _CMP_GE_OQ);
+        _mm512_storeu_ps(scratch + count, _mm512_maskz_compress_ps(kept, w));
+        count += __builtin_popcount(kept);
+    }
+#endif
+    for (; i < n && count <= n / 2; i++) {
+        scratch[count] = weights[i];
+        count += weights[i] >= NUCLEUS_PROBE;
+    }
+    if (count <= n / 2) {  // room after the candidates for nucleus_among's scratch
+        const float least = nucleus_among(scratch, count, target, scratch + count);
+        if (least >= 0.0f) return least;
+    }
+    const float least = nucleus_among(weights, n, target, scratch);
+    return least >= 0.0f ? least : 0.0f;  // the whole mass below the target (rounding): every weight stays
 }
 
 // One row: x [n] logits, returns the token. work: n floats and n uint32 of scratch.
 static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t top_k, float top_p, float min_p,
                           float uniform, float *weights, uint32_t *keys) {
     const float inverse = 1.0f / temperature;
-    float top = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
+    float top = -INFINITY;  // the largest scaled logit, NaNs ignored
+    int64_t i = 0;
+#if defined(__AVX512F__)  // GCC leaves this loop scalar: a chain of dependent maxima, one per token
+    __m512 tops = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 w = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverse));
+        _mm512_storeu_ps(weights + i, w);
+        tops = _mm512_max_ps(w, tops);  // a NaN in w gives the second operand
+    }
+    top = _mm512_reduce_max_ps(tops);
+#endif
+    for (; i < n; i++) {
         weights[i] = x[i] * inverse;
         top = weights[i] > top ? weights[i] : top;
     }
     float cut = -INFINITY;  // logits below it are dropped (top-k); ties with the k-th largest stay
-    if (top_k > 0 && top_k < n) cut = kth_largest(weights, n, top_k, keys);
+    if (top_k > 0 && top_k < n) cut = kth_largest(weights, n, top_k, top, keys);
     double total = 0.0;
     for (int64_t i = 0; i < n; i++) {
         const float w = weights[i] >= cut ? expf(weights[i] - top) : 0.0f;
