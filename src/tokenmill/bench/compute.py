@@ -1,7 +1,11 @@
-"""Offline throughput against the machine's compute: the useful FLOPs of a workload (what the model must
-compute for its requests, nothing padded or computed twice) per second, over the measured peak of a large
-matrix product in the serving dtype. Offline work is compute-bound, so this is its roofline, as the memory
-bandwidth is single-stream decode's (bench/decode.py)."""
+"""The machine's rooflines, measured, and what a workload asks of them.
+
+Offline throughput is judged against compute: the useful FLOPs of a workload (what the model must compute
+for its requests, nothing padded or computed twice) per second, over the measured peak of a large matrix
+product in the serving dtype. Single-stream decode is judged against memory (bench/decode.py): the bytes a
+step reads over the measured read bandwidth. A mixed workload is bound by both: its decode passes read every
+weight whatever the batch, so where a CPU computes far faster than it reads memory (AMX), the bytes alone
+can keep any engine below a share of the compute peak; `least_bytes_read` says how far."""
 
 from __future__ import annotations
 
@@ -11,9 +15,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tokenmill.engine.model_runner import kv_bytes_per_block
 from tokenmill.models.layers import Linear
 from tokenmill.models.packed_linear import PackedLinear
-from tokenmill.models.quantization import Int8Linear
+from tokenmill.models.quantization import Int8Linear, weight_bytes_per_step
+
+BANDWIDTH_BUFFER_BYTES = 1 << 30
+"""Far larger than any CPU cache, so the probe reads from memory as a decode step's weights are."""
 
 PEAK_SIZE = 2048
 """Side of the square product the peak is measured on: large enough for torch's GEMM to reach its best."""
@@ -38,6 +46,42 @@ def gemm_peak(dtype: torch.dtype, size: int = PEAK_SIZE) -> dict[str, float]:
     dtypes = [dtype, torch.float32] if dtype == torch.bfloat16 else [dtype]
     rates = {str(d).removeprefix("torch."): gemm_flops_per_s(d, size) for d in dtypes}
     return {**rates, "peak": max(rates.values())}
+
+
+def measure_read_bandwidth(passes: int = 5) -> float | None:
+    """Bytes/s all threads read from memory at best; None where the kernel library cannot be built."""
+    from tokenmill.models.cpu_ops import load_ops_kernel
+
+    kernel = load_ops_kernel()
+    if kernel is None:
+        return None
+    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES, dtype=torch.uint8)  # written once: pages are resident
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        kernel.read_memory(buffer.data_ptr(), buffer.numel(), torch.get_num_threads())
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BUFFER_BYTES / best
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of one token's cached K/V over all layers, in the model's dtype (the cache's)."""
+    return kv_bytes_per_block(model, 1, model.embed_tokens.weight.dtype)
+
+
+def least_bytes_read(
+    model: nn.Module, prompt_lens: Sequence[int], output_lens: Sequence[int]
+) -> dict[str, int]:
+    """Bytes any engine reads for these requests where neither the weights nor the KV cache stay in the
+    CPU's caches: "weights", every weight once per forward pass, of which there are at least as many as
+    the longest request's output tokens (each is the input of the pass that computes the next); and
+    "cache", for every generated token after the first, the cached K/V of the tokens before its input."""
+    passes = max(output_lens, default=0)
+    # The n - 1 decodes of a request read contexts of p, p + 1, ..., p + n - 2 cached tokens.
+    positions = sum(
+        (n - 1) * p + (n - 1) * (n - 2) // 2 for p, n in zip(prompt_lens, output_lens, strict=True)
+    )
+    return {"weights": passes * weight_bytes_per_step(model), "cache": positions * kv_bytes_per_token(model)}
 
 
 def useful_flops(model: nn.Module, prompt_lens: Sequence[int], output_lens: Sequence[int]) -> float | None:

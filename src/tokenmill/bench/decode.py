@@ -23,9 +23,6 @@ from pathlib import Path
 
 from tokenmill.engine.sampling_params import SamplingParams
 
-BANDWIDTH_BUFFER_BYTES = 1 << 30
-"""Far larger than any CPU cache, so the probe reads from memory as a decode step's weights are."""
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2")
@@ -42,33 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("bench-results/decode.json"))
 
 
-def measure_read_bandwidth(passes: int = 5) -> float | None:
-    """Bytes/s all threads read from memory at best; None where the kernel library cannot be built."""
-    import torch
-
-    from tokenmill.models.cpu_ops import load_ops_kernel
-
-    kernel = load_ops_kernel()
-    if kernel is None:
-        return None
-    buffer = torch.ones(BANDWIDTH_BUFFER_BYTES, dtype=torch.uint8)  # written once: pages are resident
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        kernel.read_memory(buffer.data_ptr(), buffer.numel(), torch.get_num_threads())
-        best = min(best, time.perf_counter() - start)
-    return BANDWIDTH_BUFFER_BYTES / best
-
-
 def bytes_per_step(llm: object, context: int) -> int:
     """What one decode step of one sequence reads: the weights it multiplies with and its KV cache."""
-    from tokenmill.engine.model_runner import kv_bytes_per_block
+    from tokenmill.bench.compute import kv_bytes_per_token
     from tokenmill.models.quantization import weight_bytes_per_step
 
     model = llm.engine.runner.model
-    return weight_bytes_per_step(model) + context * kv_bytes_per_block(
-        model, 1, model.embed_tokens.weight.dtype
-    )
+    return weight_bytes_per_step(model) + context * kv_bytes_per_token(model)
 
 
 def decode_seconds(llm: object, prompt: list[int], output_len: int) -> float:
@@ -94,6 +71,7 @@ ENGINES = {  # name -> engine settings besides the model and dtype
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from tokenmill.bench.compute import measure_read_bandwidth
     from tokenmill.engine.llm_engine import LLM
 
     engines = {

@@ -8,7 +8,10 @@ tokenmill gets the same requests, each with its own SamplingParams, and batches 
 JSON schema (structured output) and reports the throughput ratio: the cost of the grammar masks.
 
 Both engines' throughput is also given as a share of the compute roofline: the workload's useful FLOPs per
-second over the measured peak of a large matrix product in the serving dtype (bench/compute.py).
+second over the measured peak of a large matrix product in the serving dtype (bench/compute.py). Beside it,
+the memory floor: the bytes any engine must read for the workload (the weights once per forward pass, the
+cached K/V of every decode) over the measured read bandwidth, and the share of the compute roofline that
+bounds (where a CPU computes far faster than it reads memory, as with AMX, it is well below 100%).
 
 `--loras N` also runs tokenmill on the same requests spread round-robin over N random LoRA adapters (written
 for the model into a temporary directory, rank `--lora-rank`, all seven projections adapted), all served in
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     ever slows a run down, and alternating exposes both engines to the same conditions."""
     import torch
 
-    from tokenmill.bench.compute import gemm_peak, useful_flops
+    from tokenmill.bench.compute import gemm_peak, least_bytes_read, measure_read_bandwidth, useful_flops
     from tokenmill.engine.llm_engine import LLM
 
     llm = LLM(
@@ -287,6 +290,7 @@ def run(args: argparse.Namespace) -> dict:
     # The peak is measured before and after the runs and the better kept: a busy moment on a shared machine
     # only lowers it, and a low peak would overstate the engines' share of it.
     peak_before = gemm_peak(getattr(torch, args.dtype)) if flops is not None else {}
+    bandwidth_before = measure_read_bandwidth() if flops is not None else None
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
     with adapter_dir:
         for engine in engines.values():
@@ -314,6 +318,18 @@ def run(args: argparse.Namespace) -> dict:
         rates = {name: max(rate, peak_before[name]) for name, rate in peak_after.items()}
         result["useful_flops"] = flops
         result["gemm_flops_per_s"] = rates
+        bandwidths = [b for b in (bandwidth_before, measure_read_bandwidth()) if b is not None]
+        if bandwidths:
+            least = least_bytes_read(
+                llm.engine.runner.model, [len(p) for p in workload.prompts], workload.output_lengths
+            )
+            result["read_bandwidth_gb_s"] = max(bandwidths) / 1e9
+            result["least_bytes_read"] = least
+            result["memory_floor_seconds"] = sum(least.values()) / max(bandwidths)
+            # No run is faster than its compute at the peak or its bytes at the bandwidth, whichever is longer.
+            result["best_possible_share"] = (flops / rates["peak"]) / max(
+                flops / rates["peak"], result["memory_floor_seconds"]
+            )
     for name, measured in runs.items():
         seconds, tokens = min(measured)
         result[name] = {
@@ -334,6 +350,15 @@ def run(args: argparse.Namespace) -> dict:
         print(
             f"compute roofline: {flops / 1e12:.2f} TFLOP useful, GEMM peak {rates['peak'] / 1e9:.1f} GFLOP/s "
             f"(measured: {measured_rates}); best runs reach {shares} of it"
+        )
+    if "least_bytes_read" in result:
+        least = result["least_bytes_read"]
+        print(
+            f"memory floor: any engine reads {sum(least.values()) / 1e9:.1f} GB here (the weights once per "
+            f"forward pass, {least['weights'] / 1e9:.1f} GB; the decodes' cached K/V, {least['cache'] / 1e9:.1f}"
+            f" GB), {result['memory_floor_seconds']:.2f} s at {result['read_bandwidth_gb_s']:.1f} GB/s, against "
+            f"{flops / rates['peak']:.2f} s of compute at the peak: no run exceeds "
+            f"{result['best_possible_share']:.0%} of the compute roofline on this machine"
         )
     if "tokenmill-guided" in result:
         result["guided_fraction"] = args.guided_fraction
