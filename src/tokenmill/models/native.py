@@ -23,6 +23,9 @@ KERNELS = Path(__file__).with_name("kernels")
 
 FLAGS = (
     "-O3", "-march=native", "-shared", "-fPIC",
+    # GCC tunes -march=native to 256-bit vectors on Intel CPUs with AVX-512; the loops it vectorises here
+    # (norms, rotary, SiLU, softmax sums) run faster at 512 (the offline bench ~4% on a 2-core Xeon).
+    "-mprefer-vector-width=512",
     # The parts of -ffast-math vectorised reductions need. Not -ffast-math itself (nor -Ofast,
     # -funsafe-math-optimizations): linked into a shared object it adds crtfastmath.o, whose constructor
     # flushes denormals to zero in the whole process that loads the library (Python floats, torch).
