@@ -436,9 +436,12 @@ static inline __attribute__((always_inline)) void packed_tile(
 
 // One or two tiles of x (16 rows each, rows ldx0 and ldx1 elements apart) times a panel, into
 // sums[32][PANEL]. Tiles: sums 0-3 (two row tiles of x by the panel's two halves), x 4-5, weight 6-7.
+// `first`: the panel's first pass, which streams it from memory and asks for it ahead; later passes find it
+// in L1 or L2, where those 32 prefetches per 16 tile multiplies only took load slots (at 576 rows, the
+// gate/up product's 1.97 -> 2.50 TFLOP/s without them, the others +4-9%; a 2-core Xeon, 2026-12-03).
 static inline __attribute__((always_inline)) void amx_panel(
     const uint16_t *x0, int64_t ldx0, const uint16_t *x1, int64_t ldx1, const uint16_t *panel, int64_t pairs,
-    float *sums, int two
+    float *sums, int two, int first
 ) {
     _tile_zero(0);
     _tile_zero(1);
@@ -448,7 +451,7 @@ static inline __attribute__((always_inline)) void amx_panel(
     }
     for (int64_t kk = 0; kk < pairs; kk += AMX_ROWS) {
         const uint16_t *w = panel + kk * 2 * PANEL;
-        for (int line = 0; line < 2 * AMX_ROWS; line++)
+        for (int line = 0; first && line < 2 * AMX_ROWS; line++)
             _mm_prefetch((const char *)w + AMX_PREFETCH + 64 * line, _MM_HINT_T0);
         _tile_loadd(6, w, 4 * PANEL);
         _tile_loadd(7, w + 32, 4 * PANEL);
@@ -502,8 +505,8 @@ static int packed_gemm_amx(
                 const uint16_t *x1 = m + AMX_ROWS < whole ? x0 + AMX_ROWS * ldx : padded;
                 const int64_t ldx0 = m < whole ? ldx : K, ldx1 = m + AMX_ROWS < whole ? ldx : K;
                 const int rows = M - m < 2 * AMX_ROWS ? (int)(M - m) : 2 * AMX_ROWS;
-                if (rows > AMX_ROWS) amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 1);
-                else amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 0);
+                if (rows > AMX_ROWS) amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 1, m == 0);
+                else amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 0, m == 0);
                 uint16_t *yt = y + m * ldy + p * PANEL;
                 for (int i = 0; i < rows; i++) {
                     __m512 low = _mm512_load_ps(sums + i * PANEL), high = _mm512_load_ps(sums + i * PANEL + 16);
