@@ -438,7 +438,7 @@ static inline __attribute__((always_inline)) void packed_tile(
 // sums[32][PANEL]. Tiles: sums 0-3 (two row tiles of x by the panel's two halves), x 4-5, weight 6-7.
 // `first`: the panel's first pass, which streams it from memory and asks for it ahead; later passes find it
 // in L1 or L2, where those 32 prefetches per 16 tile multiplies only took load slots (at 576 rows, the
-// gate/up product's 1.97 -> 2.50 TFLOP/s without them, the others +4-9%; a 2-core Xeon, 2026-12-03).
+// gate/up product 2.0 -> 2.3 TFLOP/s without them, qkv +9%, o +5%; a 2-core Xeon, 2026-12-03).
 static inline __attribute__((always_inline)) void amx_panel(
     const uint16_t *x0, int64_t ldx0, const uint16_t *x1, int64_t ldx1, const uint16_t *panel, int64_t pairs,
     float *sums, int two, int first
