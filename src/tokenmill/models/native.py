@@ -23,15 +23,17 @@ KERNELS = Path(__file__).with_name("kernels")
 
 FLAGS = (
     "-O3", "-march=native", "-shared", "-fPIC",
-    # GCC tunes -march=native to 256-bit vectors on Intel CPUs with AVX-512; the loops it vectorises here
-    # (norms, rotary, SiLU, softmax sums) run faster at 512 (the offline bench ~4% on a 2-core Xeon).
-    "-mprefer-vector-width=512",
     # The parts of -ffast-math vectorised reductions need. Not -ffast-math itself (nor -Ofast,
     # -funsafe-math-optimizations): linked into a shared object it adds crtfastmath.o, whose constructor
     # flushes denormals to zero in the whole process that loads the library (Python floats, torch).
     # Not -ffinite-math-only either: a softmax starts its running maximum at -INFINITY.
     "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math",
 )  # fmt: skip
+if platform.machine() in ("x86_64", "AMD64"):
+    # GCC tunes -march=native to 256-bit vectors on Intel CPUs with AVX-512; the loops it vectorises here
+    # (norms, rotary, SiLU, softmax sums) run faster at 512 (the offline bench ~4% on a 2-core Xeon). An
+    # x86 option, which GCC for other architectures rejects.
+    FLAGS += ("-mprefer-vector-width=512",)
 
 
 def compile_library(source_name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
