@@ -84,6 +84,25 @@ def least_bytes_read(
     return {"weights": passes * weight_bytes_per_step(model), "cache": positions * kv_bytes_per_token(model)}
 
 
+def memory_floor(
+    model: nn.Module,
+    prompt_lens: Sequence[int],
+    output_lens: Sequence[int],
+    bandwidth: float,
+    compute_seconds: float,
+) -> dict:
+    """The bench's report of `least_bytes_read` at `bandwidth` bytes/s, against `compute_seconds` of useful
+    work at the compute peak: no run is faster than the longer of the two."""
+    least = least_bytes_read(model, prompt_lens, output_lens)
+    seconds = sum(least.values()) / bandwidth
+    return {
+        "least_bytes_read": least,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "memory_floor_seconds": seconds,
+        "best_possible_share": compute_seconds / max(compute_seconds, seconds),
+    }
+
+
 def useful_flops(model: nn.Module, prompt_lens: Sequence[int], output_lens: Sequence[int]) -> float | None:
     """FLOPs a Llama-family decoder needs for these requests: every token it reads (the prompt, then each
     generated token but the last) through every layer's projections and causal attention over the tokens

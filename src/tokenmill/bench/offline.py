@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     ever slows a run down, and alternating exposes both engines to the same conditions."""
     import torch
 
-    from tokenmill.bench.compute import gemm_peak, least_bytes_read, measure_read_bandwidth, useful_flops
+    from tokenmill.bench.compute import gemm_peak, measure_read_bandwidth, memory_floor, useful_flops
     from tokenmill.engine.llm_engine import LLM
 
     llm = LLM(
@@ -286,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_transformers:
         reference = load_reference(args.model, getattr(torch, args.dtype))
         engines["transformers"] = lambda w: run_transformers(reference, w, args.hf_batch_size, pad_id=0)
-    flops = useful_flops(llm.engine.runner.model, [len(p) for p in workload.prompts], workload.output_lengths)
+    prompt_lens = [len(p) for p in workload.prompts]
+    flops = useful_flops(llm.engine.runner.model, prompt_lens, workload.output_lengths)
     # The peak is measured before and after the runs and the better kept: a busy moment on a shared machine
     # only lowers it, and a low peak would overstate the engines' share of it.
     peak_before = gemm_peak(getattr(torch, args.dtype)) if flops is not None else {}
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "requested_output_tokens": workload.num_output_tokens,
-        "prompt_tokens": sum(len(p) for p in workload.prompts),
+        "prompt_tokens": sum(prompt_lens),
         "threads": torch.get_num_threads(),
         "repeat": args.repeat,
         "cached_prompt_tokens": llm.engine.stats().num_cached_prompt_tokens,
@@ -320,15 +321,9 @@ def run(args: argparse.Namespace) -> dict:
         result["gemm_flops_per_s"] = rates
         bandwidths = [b for b in (bandwidth_before, measure_read_bandwidth()) if b is not None]
         if bandwidths:
-            least = least_bytes_read(
-                llm.engine.runner.model, [len(p) for p in workload.prompts], workload.output_lengths
-            )
-            result["read_bandwidth_gb_s"] = max(bandwidths) / 1e9
-            result["least_bytes_read"] = least
-            result["memory_floor_seconds"] = sum(least.values()) / max(bandwidths)
-            # No run is faster than its compute at the peak or its bytes at the bandwidth, whichever is longer.
-            result["best_possible_share"] = (flops / rates["peak"]) / max(
-                flops / rates["peak"], result["memory_floor_seconds"]
+            model, compute_seconds = llm.engine.runner.model, flops / rates["peak"]
+            result |= memory_floor(
+                model, prompt_lens, workload.output_lengths, max(bandwidths), compute_seconds
             )
     for name, measured in runs.items():
         seconds, tokens = min(measured)
