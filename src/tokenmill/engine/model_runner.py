@@ -71,7 +71,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits (float32) for the sequences that sample this step, in `batch.sampling_items` order."""
+        """Logits for the sequences that sample this step, in `batch.sampling_items` order, in the dtype the
+        model's head wrote them (the sampler reads bfloat16 as it is, with no float32 copy of the step's)."""
         # Decodes first, longest context first (backends that pad group similar lengths together).
         decodes = sorted((item for item in batch.items if item.num_new_tokens == 1), key=lambda i: -i.end)
         prefills = [item for item in batch.items if item.num_new_tokens > 1]
@@ -98,7 +99,7 @@ class ModelRunner:
             offset += item.num_new_tokens
             last_token[id(item)] = offset - 1
         rows = [last_token[id(item)] for item in batch.items if item.samples]
-        return self.model.compute_logits(hidden[self._tensor(rows)]).float()
+        return self.model.compute_logits(hidden[self._tensor(rows)])
 
     def _lora_step(self, items: list[ScheduledSeq]) -> LoRAStep | None:
         """The step's adapted token ranges grouped by adapter; None (no LoRA work) when no row has one."""

@@ -1,8 +1,9 @@
 """One batched sampling pass per engine step: logits plus per-row parameters -> next token ids (and raw
 logprobs), with grammar masks, logit bias, min_tokens, penalties, temperature/top-k/top-p/min-p and
-per-request seeds. On the CPU the sampled rows' truncation and draw run in a C kernel
-(models/kernels/sampling.c), a few passes over each row where torch makes about ten; torch does the same
-elsewhere."""
+per-request seeds. On the CPU a C kernel (models/kernels/sampling.c) takes every row, on the logits as the
+model's head wrote them: bias and penalties, truncation and the draw in a few passes over each row where
+torch makes about ten, and no float32 copy of the step's logits; torch does the same elsewhere, and on the
+CPU for what the kernel leaves to it (grammar masks, min_tokens, the repetition penalty)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ _TOP_P_PROBE_SIZES = (64, 1024)
 """top-p first looks for its cut-off among this many most likely tokens (selecting them is far cheaper than a
 sort on CPU); only rows whose nucleus is wider than the largest probe are sorted in full."""
 _MASK64 = (1 << 64) - 1
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+"""The logits the sampling kernel reads as they are (float16 takes _process's float32 copy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +92,7 @@ class Sampler:
         self.generator.manual_seed(seed & _MASK64)
         self._seq_generators: dict[str, torch.Generator] = {}
         self.kernel = load_sampling_kernel() if self.device.type == "cpu" else None
-        """The C kernel that draws the sampled rows on the CPU (kernels/sampling.c); None: torch does."""
+        """The C kernel that processes and draws rows on the CPU (kernels/sampling.c); None: torch does."""
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None = None
@@ -103,10 +106,84 @@ class Sampler:
             )
         if not rows:
             return []
-        raw = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size]
         if grammar is None and all(row.plain_greedy for row in rows):
-            return [(token_id, None) for token_id in raw.argmax(dim=-1).tolist()]
+            return [(token_id, None) for token_id in logits.argmax(dim=-1).tolist()]
+        if self._kernel_takes(logits, rows, grammar):
+            token_ids = self._kernel_sample(logits, rows)
+        else:
+            token_ids = self._torch_sample(logits.float(), rows, grammar)
+        token_list = token_ids.tolist()
+        return list(zip(token_list, self._logprobs(logits, token_ids, token_list, rows), strict=True))
 
+    def free(self, seq_id: str) -> None:
+        """Forget a finished sequence's generator."""
+        self._seq_generators.pop(seq_id, None)
+
+    # -- the C kernel, all rows in one call on the logits as they are -----------------------------------
+
+    def _kernel_takes(
+        self, logits: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None
+    ) -> bool:
+        """Whether every row's processing is what the kernel does in its pass: additive adjustments (logit
+        bias, presence and frequency penalties) on bfloat16 or float32 rows; grammar masks, min_tokens and
+        the repetition penalty go through _process's float32 copy."""
+        return (
+            self.kernel is not None
+            and grammar is None
+            and logits.dtype in _KERNEL_DTYPES
+            and logits.stride(1) == 1
+            and not any(row.masks_stop_tokens or row.params.repetition_penalty != 1.0 for row in rows)
+        )
+
+    def _kernel_sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Every row, greedy ones at temperature 0, in one kernel call that reads the logits a row at a time:
+        no float32 copy of the step's logits and none to adjust."""
+        sampled = [i for i, row in enumerate(rows) if not row.greedy]
+        uniforms = torch.zeros(len(rows))
+        if sampled:
+            uniforms[self._index(sampled)] = self._uniforms([rows[i] for i in sampled])
+        temperature = torch.tensor([0.0 if row.greedy else row.params.temperature for row in rows])
+        row_idx, tok_idx, deltas = self._adjustments(rows)
+        order = torch.sort(row_idx, stable=True).indices  # each row's adjustments together, in their order
+        starts = torch.zeros(len(rows) + 1, dtype=torch.long)
+        starts[1:] = torch.bincount(row_idx, minlength=len(rows)).cumsum(0)
+        return self._kernel_call(
+            logits, torch.arange(len(rows)), rows, temperature, uniforms,
+            (starts, tok_idx[order].contiguous(), deltas[order].contiguous()),
+        )  # fmt: skip
+
+    def _kernel_call(
+        self,
+        x: torch.Tensor,
+        row_idx: torch.Tensor,
+        rows: list[SamplingRow],
+        temperature: torch.Tensor,
+        uniforms: torch.Tensor,
+        adjustments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """sampling.c's sample_rows on the rows `row_idx` of x; adjustments: (row starts, tokens, deltas)."""
+        params = [row.params for row in rows]
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+        starts, tokens, deltas = adjustments or (None, None, None)
+        out = torch.empty(len(rows), dtype=torch.int64)
+        status = self.kernel.sample_rows(
+            x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), row_idx.data_ptr(), len(rows), self.vocab_size,
+            *(None if t is None else t.data_ptr() for t in (starts, tokens, deltas)),
+            temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), uniforms.data_ptr(),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("the sampling kernel ran out of memory")
+        return out
+
+    # -- torch: logits processing on a float32 copy, then the greedy and the sampled rows ----------------
+
+    def _torch_sample(
+        self, raw: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None
+    ) -> torch.Tensor:
         processed = self._process(raw, rows, grammar)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, row in enumerate(rows) if row.greedy]
@@ -119,42 +196,51 @@ class Sampler:
             sampled_rows = [rows[i] for i in sampled]
             uniforms = self._uniforms(sampled_rows)
             if self.kernel is not None and processed.stride(1) == 1:
-                token_ids[sampled_idx] = self._kernel_draw(processed, sampled_idx, sampled_rows, uniforms)
+                temperature = torch.tensor([row.params.temperature for row in sampled_rows])
+                token_ids[sampled_idx] = self._kernel_call(
+                    processed, sampled_idx, sampled_rows, temperature, uniforms
+                )
             else:
                 probs = self._probs(_take_rows(processed, sampled_idx, len(rows)), sampled_rows)
                 token_ids[sampled_idx] = self._draw(probs, uniforms)
-        token_list = token_ids.tolist()
-        return list(zip(token_list, self._logprobs(raw, token_ids, token_list, rows), strict=True))
-
-    def free(self, seq_id: str) -> None:
-        """Forget a finished sequence's generator."""
-        self._seq_generators.pop(seq_id, None)
-
-    # -- logits processing (grammar, bias, min_tokens, penalties), on a float32 copy -----------------
+        return token_ids
 
     def _process(
         self, raw: torch.Tensor, rows: list[SamplingRow], grammar: GrammarMasks | None
     ) -> torch.Tensor:
+        """grammar, logit bias, min_tokens, repetition penalty, presence and frequency penalties, in that
+        order, on a copy of the float32 logits (the logits themselves when nothing applies)."""
         biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
         blocked = [i for i, row in enumerate(rows) if row.masks_stop_tokens]
         repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
-        counted = [
-            i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty
-        ]
+        counted = _counted(rows)
         if grammar is None and not (biased or blocked or repeated or counted):
             return raw
         x = raw.clone()
         if grammar is not None:
             self._apply_grammar(x, grammar)
         if biased:
-            self._apply_logit_bias(x, [(i, rows[i].params.logit_bias or {}) for i in biased])
+            row_idx, tok_idx, bias = self._bias_entries(rows, biased)
+            x.index_put_((row_idx, tok_idx), bias, accumulate=True)
         if blocked:
             self._apply_min_tokens(x, [(i, rows[i].params.stop_token_ids) for i in blocked])
         if repeated:
             self._apply_repetition_penalty(x, [rows[i] for i in repeated], repeated)
         if counted:
-            self._apply_presence_frequency(x, [rows[i] for i in counted], counted)
+            row_idx, tok_idx, penalty = self._penalty_entries(rows, counted)
+            x[row_idx, tok_idx] -= penalty
         return x
+
+    def _adjustments(self, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_process's additive steps as (row, token, delta) entries, the logit bias before the penalties:
+        applied in that order, x + bias + (-penalty) is bit for bit _process's (x + bias) - penalty."""
+        entries = [self._bias_entries(rows, [i for i, row in enumerate(rows) if row.params.logit_bias])]
+        counted = _counted(rows)
+        if counted:
+            row_idx, tok_idx, penalty = self._penalty_entries(rows, counted)
+            entries.append((row_idx, tok_idx, -penalty))
+        row_idx, tok_idx, deltas = (torch.cat(parts) for parts in zip(*entries, strict=True))
+        return row_idx, tok_idx, deltas
 
     def _apply_grammar(self, x: torch.Tensor, grammar: GrammarMasks) -> None:
         """-inf for what the grammar forbids: no later step (bias, penalties, temperature) can undo it."""
@@ -165,16 +251,19 @@ class Sampler:
             idx = self._index(grammar.rows)
             x[idx] = x[idx].masked_fill_(forbidden, float("-inf"))
 
-    def _apply_logit_bias(self, x: torch.Tensor, biases: list[tuple[int, dict[int, float]]]) -> None:
+    def _bias_entries(
+        self, rows: list[SamplingRow], row_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, token, float32 bias) for the logit_bias entries of rows[row_ids]."""
         # Ids past the vocabulary cannot be sampled anyway; serving rejects them against the tokenizer.
-        entries = [(i, t, b) for i, bias in biases for t, b in bias.items() if t < self.vocab_size]
-        if entries:
-            row_idx, tok_idx, values = zip(*entries, strict=True)
-            x.index_put_(
-                (self._index(row_idx), self._index(tok_idx)),
-                torch.tensor(values, dtype=x.dtype, device=self.device),
-                accumulate=True,
-            )
+        entries = [
+            (i, t, b)
+            for i in row_ids
+            for t, b in (rows[i].params.logit_bias or {}).items()
+            if t < self.vocab_size
+        ]
+        row_idx, tok_idx, bias = zip(*entries, strict=True) if entries else ((), (), ())
+        return self._index(row_idx), self._index(tok_idx), torch.tensor(bias, device=self.device)
 
     def _apply_min_tokens(self, x: torch.Tensor, blocked: list[tuple[int, tuple[int, ...]]]) -> None:
         pairs = [
@@ -195,16 +284,20 @@ class Sampler:
         score = x[row_idx, tok_idx]
         x[row_idx, tok_idx] = torch.where(score < 0, score * penalty, score / penalty)
 
-    def _apply_presence_frequency(self, x: torch.Tensor, rows: list[SamplingRow], row_ids: list[int]) -> None:
-        # OpenAI: logit -= frequency * count + presence * (count > 0), counting output tokens only.
+    def _penalty_entries(
+        self, rows: list[SamplingRow], row_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, token, amount to subtract), once per distinct output token of rows[row_ids]. OpenAI:
+        logit -= frequency * count + presence * (count > 0), counting output tokens only."""
+        counted = [rows[i] for i in row_ids]
         row_idx, tok_idx = self._flat_tokens(
-            row_ids, [row.token_ids[row.num_prompt_tokens :] for row in rows]
+            row_ids, [row.token_ids[row.num_prompt_tokens :] for row in counted]
         )
         keys, counts = torch.unique(row_idx * self.vocab_size + tok_idx, return_counts=True)
         key_rows, key_tokens = keys // self.vocab_size, keys % self.vocab_size
-        frequency = self._per_row(x.shape[0], row_ids, [row.params.frequency_penalty for row in rows])
-        presence = self._per_row(x.shape[0], row_ids, [row.params.presence_penalty for row in rows])
-        x[key_rows, key_tokens] -= frequency[key_rows] * counts + presence[key_rows]
+        frequency = self._per_row(len(rows), row_ids, [row.params.frequency_penalty for row in counted])
+        presence = self._per_row(len(rows), row_ids, [row.params.presence_penalty for row in counted])
+        return key_rows, key_tokens, frequency[key_rows] * counts + presence[key_rows]
 
     def _flat_tokens(
         self, row_ids: list[int], token_lists: list[list[int]]
@@ -254,25 +347,6 @@ class Sampler:
             part = x[sub]
             x[sub] = part.masked_fill_(mask_fn(part, setting), fill)
 
-    def _kernel_draw(
-        self, x: torch.Tensor, row_idx: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor
-    ) -> torch.Tensor:
-        """`_probs` and `_draw` in one call to the C kernel, for the rows `row_idx` of x."""
-        params = [row.params for row in rows]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-        tokens = torch.empty(len(rows), dtype=torch.int64)
-        status = self.kernel.sample_rows(
-            x.data_ptr(), x.stride(0), row_idx.data_ptr(), len(rows), self.vocab_size, temperature.data_ptr(),
-            top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), uniforms.data_ptr(), tokens.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise MemoryError("the sampling kernel ran out of memory")
-        return tokens
-
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
         """One uniform per row: a row's draw depends only on its own generator (seeded rows) and its own
         probabilities, so a seeded request reproduces in any batch. One uniform per row costs ~1000x fewer
@@ -309,7 +383,7 @@ class Sampler:
     # -- logprobs ------------------------------------------------------------------------------------
 
     def _logprobs(
-        self, raw: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], rows: list[SamplingRow]
+        self, logits: torch.Tensor, token_ids: torch.Tensor, token_list: list[int], rows: list[SamplingRow]
     ) -> list[TokenLogprob | None]:
         """Logprobs of the model's raw distribution (before penalties, bias and temperature), as OpenAI
         and vLLM report them."""
@@ -318,7 +392,7 @@ class Sampler:
         if not wanted:
             return result
         sub = self._index(wanted)
-        logprobs = _take_rows(raw, sub, len(rows)).log_softmax(dim=-1)
+        logprobs = _take_rows(logits, sub, len(rows)).float().log_softmax(dim=-1)
         chosen = logprobs.gather(1, token_ids[sub][:, None])[:, 0].tolist()
         max_k = max(rows[i].params.logprobs or 0 for i in wanted)
         if max_k:
@@ -337,6 +411,11 @@ class Sampler:
         out = torch.zeros(num_rows, device=self.device)
         out[self._index(row_ids)] = torch.tensor(values, dtype=out.dtype, device=self.device)
         return out
+
+
+def _counted(rows: list[SamplingRow]) -> list[int]:
+    """The rows with a presence or frequency penalty."""
+    return [i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty]
 
 
 def _take_rows(x: torch.Tensor, idx: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -401,7 +480,9 @@ def load_sampling_kernel() -> ctypes.CDLL | None:
     if library is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         library.sample_rows.restype = ctypes.c_int
-        library.sample_rows.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+        library.sample_rows.argtypes = [
+            ptr, ctypes.c_int, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+        ]  # fmt: skip
     return library
 
 

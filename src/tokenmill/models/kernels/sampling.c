@@ -1,5 +1,8 @@
-// One token per row of float32 logits, for the CPU (engine/sampler.py): temperature, top-k, softmax, top-p
-// and min-p in transformers' order, then a draw by inverse CDF in token order with the row's own uniform.
+// One token per row of logits, for the CPU (engine/sampler.py): additive adjustments (logit bias, presence
+// and frequency penalties), then temperature, top-k, softmax, top-p and min-p in transformers' order, and a
+// draw by inverse CDF in token order with the row's own uniform; or the largest logit, for greedy rows. The
+// logits are read as the model's head wrote them (bfloat16 or float32), a row at a time, so no float32 copy
+// of the whole step's logits is made.
 // The sampler's torch path builds each truncated distribution as a [rows, vocabulary] tensor, masks it and
 // sums it again to draw, ten or so passes over every row; here a row takes four or five, and the top-k and
 // top-p cut-offs come from histograms of the values' bits rather than from sorting the row, taken over its
@@ -55,12 +58,8 @@ static uint32_t kth_largest_key(uint32_t *keys, int64_t count, int64_t k) {
     return keys[0];
 }
 
-// The k-th largest of values[0, n) (1 <= k <= n), whose largest is `top`. keys: n scratch slots. A row's
-// k largest (top-k asks for tens of a vocabulary) usually lie within PROBE_SPAN of its largest: only the
-// keys from there up are selected from when there are k of them (the same k-th largest); else all are.
-#define PROBE_SPAN 10.0f
-static float kth_largest(const float *values, int64_t n, int64_t k, float top, uint32_t *keys) {
-    const uint32_t probe = key_of(top - PROBE_SPAN);
+// The keys of values[0, n) at or above `probe`'s, in order, into keys; returns how many.
+static int64_t keys_from(const float *values, int64_t n, uint32_t probe, uint32_t *keys) {
     int64_t count = 0, i = 0;
 #if defined(__AVX512F__)  // key_of on 16 lanes: the sign bit set flips every bit, else only the sign bit
     for (; i + 16 <= n; i += 16) {
@@ -76,10 +75,18 @@ static float kth_largest(const float *values, int64_t n, int64_t k, float top, u
         keys[count] = key_of(values[i]);
         count += keys[count] >= probe;
     }
-    if (count < k) {
-        for (i = 0; i < n; i++) keys[i] = key_of(values[i]);
-        count = n;
-    }
+    return count;
+}
+
+// The k-th largest of values[0, n) (1 <= k <= n), whose largest is `top`. keys: n scratch slots. A row's
+// k largest (top-k asks for tens of a vocabulary) usually lie within a few of its largest: the keys from
+// top - span up are selected from, for the first span in PROBE_SPANS with k of them (the same k-th
+// largest, from hundreds of keys where the next span would often give thousands); else all are.
+static const float PROBE_SPANS[] = {5.0f, 10.0f, INFINITY};
+static float kth_largest(const float *values, int64_t n, int64_t k, float top, uint32_t *keys) {
+    int64_t count = 0;
+    for (size_t p = 0; p < sizeof PROBE_SPANS / sizeof *PROBE_SPANS && count < k; p++)
+        count = keys_from(values, n, isinf(PROBE_SPANS[p]) ? 0 : key_of(top - PROBE_SPANS[p]), keys);
     return value_of(kth_largest_key(keys, count, k));
 }
 
@@ -94,10 +101,8 @@ static int descending(const void *a, const void *b) {
 // walked from the top; only the bucket where the mass crosses the target is sorted, in scratch. Returns
 // -1 when the candidates' mass does not reach the target.
 static float nucleus_among(const float *pool, int64_t n, double target, float *scratch) {
-    static __thread int64_t counts[BUCKETS];
-    static __thread double masses[BUCKETS];
-    memset(counts, 0, sizeof counts);
-    memset(masses, 0, sizeof masses);
+    int64_t counts[BUCKETS] = {0};  // on the stack: thread-local arrays in a shared library cost a
+    double masses[BUCKETS] = {0};    // __tls_get_addr call per access (15% of a top-p row, measured)
     const int shift = 32 - RADIX_BITS;
     for (int64_t i = 0; i < n; i++) {
         const uint32_t bucket = key_of(pool[i]) >> shift;
@@ -125,26 +130,29 @@ static float nucleus_among(const float *pool, int64_t n, double target, float *s
     return -1.0f;
 }
 
-// The least weight top-p keeps (the largest weight is 1). Most of a row's mass is usually in its weights of
-// NUCLEUS_PROBE and up, a power of two, so a bucket boundary: the buckets above it are counted alone first,
-// in the same order, so they hold the same counts and masses as over the whole row, and the walk crosses
-// the target in the same bucket, giving the same floor. scratch: n floats.
-#define NUCLEUS_PROBE 0x1p-10f
+// The least weight top-p keeps (the largest weight is 1). Most of a row's mass is usually in its weights
+// of the first of NUCLEUS_PROBES and up, else of the second (powers of two, so bucket boundaries): the
+// buckets above a probe are counted alone first, in the same order, so they hold the same counts and
+// masses as over the whole row, and the walk crosses the target in the same bucket, giving the same floor.
+// scratch: n floats.
+static const float NUCLEUS_PROBES[] = {0x1p-10f, 0x1p-16f};
 static float nucleus_floor(const float *weights, int64_t n, double target, float *scratch) {
-    int64_t count = 0, i = 0;
+    for (size_t p = 0; p < sizeof NUCLEUS_PROBES / sizeof *NUCLEUS_PROBES; p++) {
+        const float probe = NUCLEUS_PROBES[p];
+        int64_t count = 0, i = 0;
 #if defined(__AVX512F__)  // 16 at a time, packed into the front of a vector
-    for (; i + 16 <= n && count <= n / 2; i += 16) {
-        const __m512 w = _mm512_loadu_ps(weights + i);
-        const __mmask16 kept = _mm512_cmp_ps_mask(w, _mm512_set1_ps(NUCLEUS_PROBE), _CMP_GE_OQ);
-        _mm512_storeu_ps(scratch + count, _mm512_maskz_compress_ps(kept, w));
-        count += __builtin_popcount(kept);
-    }
+        for (; i + 16 <= n && count <= n / 2; i += 16) {
+            const __m512 w = _mm512_loadu_ps(weights + i);
+            const __mmask16 kept = _mm512_cmp_ps_mask(w, _mm512_set1_ps(probe), _CMP_GE_OQ);
+            _mm512_storeu_ps(scratch + count, _mm512_maskz_compress_ps(kept, w));
+            count += __builtin_popcount(kept);
+        }
 #endif
-    for (; i < n && count <= n / 2; i++) {
-        scratch[count] = weights[i];
-        count += weights[i] >= NUCLEUS_PROBE;
-    }
-    if (count <= n / 2) {  // room after the candidates for nucleus_among's scratch
+        for (; i < n && count <= n / 2; i++) {
+            scratch[count] = weights[i];
+            count += weights[i] >= probe;
+        }
+        if (count > n / 2) break;  // no room after the candidates for nucleus_among's scratch
         const float least = nucleus_among(scratch, count, target, scratch + count);
         if (least >= 0.0f) return least;
     }
@@ -226,28 +234,84 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, int64_t 
     return last;  // u * total rounded up to the total: the last token with mass
 }
 
-// logits: rows ld floats apart (the first n columns are the vocabulary), of which rows row_ids[0, rows) are
-// sampled, each with its settings and uniform in [0, 1); tokens: out. Rows are independent (a seeded row
-// draws the same in any batch) and split over the threads. Returns 0, or 3 out of memory.
-int sample_rows(const float *logits, int64_t ld, const int64_t *row_ids, int64_t rows, int64_t n,
+// The first largest of x[0, n), or the first NaN, as torch's argmax: greedy rows.
+static int64_t argmax_of(const float *x, int64_t n) {
+    float top = -INFINITY;
+    int unordered = 0;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 tops = _mm512_set1_ps(-INFINITY);
+    __mmask16 nans = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        tops = _mm512_max_ps(v, tops);
+    }
+    top = _mm512_reduce_max_ps(tops);
+    unordered = nans != 0;
+#endif
+    for (; i < n; i++) {
+        unordered |= isnan(x[i]);
+        top = x[i] > top ? x[i] : top;
+    }
+    for (i = 0; i < n; i++)
+        if (unordered ? isnan(x[i]) : x[i] == top) return i;
+    return 0;
+}
+
+// A row's logits as float32 in `values`: widened from bfloat16 (exact) or copied, then its additive
+// adjustments (logit bias, presence and frequency penalties) applied in their order.
+static void adjusted_row(const void *logits, int bf16, int64_t n, const int64_t *tokens, const float *deltas,
+                         int64_t count, float *values) {
+    if (bf16) {
+        const uint16_t *x = logits;
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t bits = (uint32_t)x[i] << 16;
+            memcpy(values + i, &bits, sizeof bits);
+        }
+    } else {
+        memcpy(values, logits, sizeof(float) * (size_t)n);
+    }
+    for (int64_t j = 0; j < count; j++)
+        if (tokens[j] >= 0 && tokens[j] < n) values[tokens[j]] += deltas[j];  // never outside the row
+}
+
+// logits: bfloat16 (bf16 = 1) or float32, rows ld elements apart (the first n columns are the
+// vocabulary), of which rows row_ids[0, rows) are sampled, each with its settings and uniform in [0, 1);
+// a temperature of 0 takes the largest logit (greedy). Row r's adjustments are tokens and deltas
+// [adjust_start[r], adjust_start[r + 1]) (adjust_start NULL: none); the caller's logits are not written.
+// tokens: out. Rows are independent (a seeded row draws the same in any batch) and split over the
+// threads. Returns 0, or 3 out of memory.
+int sample_rows(const void *logits, int bf16, int64_t ld, const int64_t *row_ids, int64_t rows, int64_t n,
+                const int64_t *adjust_start, const int64_t *adjust_tokens, const float *adjust_deltas,
                 const float *temperature, const int64_t *top_k, const float *top_p, const float *min_p,
                 const float *uniforms, int64_t *tokens, int num_threads) {
+    const size_t element = bf16 ? sizeof(uint16_t) : sizeof(float);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *weights = malloc(sizeof(float) * (size_t)n);
+        float *weights = malloc(sizeof(float) * (size_t)n), *values = malloc(sizeof(float) * (size_t)n);
         uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)n);
-        if (!weights || !keys) {
+        if (!weights || !values || !keys) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; r++) {
-            if (weights && keys)
-                tokens[r] = sample_row(logits + row_ids[r] * ld, n, temperature[r], top_k[r], top_p[r], min_p[r],
-                                       uniforms[r], weights, keys);
+            if (!weights || !values || !keys) continue;
+            const char *source = (const char *)logits + (size_t)(row_ids[r] * ld) * element;
+            const int64_t begin = adjust_start ? adjust_start[r] : 0, end = adjust_start ? adjust_start[r + 1] : 0;
+            const float *x = (const float *)source;
+            if (bf16 || end > begin) {
+                adjusted_row(source, bf16, n, adjust_tokens + begin, adjust_deltas + begin, end - begin, values);
+                x = values;
+            }
+            tokens[r] = temperature[r] > 0.0f ? sample_row(x, n, temperature[r], top_k[r], top_p[r], min_p[r],
+                                                          uniforms[r], weights, keys)
+                                              : argmax_of(x, n);
         }
         free(weights);
+        free(values);
         free(keys);
     }
     return failed ? 3 : 0;
