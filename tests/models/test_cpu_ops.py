@@ -148,13 +148,14 @@ def test_packed_products_round_the_exact_result_once(packed_ops, rows, inner, ou
 )  # 100: AVX-512 tiles on every CPU; 1536: AMX tiles where present
 def test_a_packed_products_row_does_not_depend_on_the_rows_beside_it(packed_ops, inner):
     """A sequence's logits must not change with the batch it decodes in: each row of a product is the same
-    alone and among 1 to 40 others (AMX takes 16 rows a tile and reads a short last tile from a padded
-    copy that holds an earlier call's rows past the end)."""
+    alone and among 1 to 199 others (AMX takes 16 rows a tile and reads a short last tile from a padded
+    copy that holds an earlier call's rows past the end; past 32 rows its passes over a panel take it a
+    chunk at a time in turn, chunks of a different size past 128 rows)."""
     gen = torch.Generator().manual_seed(inner)
-    x = torch.randn(41, inner, generator=gen).bfloat16()
+    x = torch.randn(200, inner, generator=gen).bfloat16()
     packed = pack(torch.randn(1000, inner, generator=gen).bfloat16())
-    alone = torch.cat([packed_ops.linear_packed(x[i : i + 1], packed, None, 1000) for i in range(41)])
-    for rows in (41, 40, 17, 16, 5, 2):
+    alone = torch.cat([packed_ops.linear_packed(x[i : i + 1], packed, None, 1000) for i in range(200)])
+    for rows in (200, 97, 41, 40, 17, 16, 5, 2):
         assert torch.equal(packed_ops.linear_packed(x[-rows:], packed, None, 1000), alone[-rows:])
 
 

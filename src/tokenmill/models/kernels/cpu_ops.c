@@ -434,25 +434,41 @@ static inline __attribute__((always_inline)) void packed_tile(
 // over none at 1-4 rows; 8 and 16 KB no better, measured).
 #define AMX_PREFETCH 4096
 
-// One or two tiles of x (16 rows each, rows ldx0 and ldx1 elements apart) times a panel, into
-// sums[32][PANEL]. Tiles: sums 0-3 (two row tiles of x by the panel's two halves), x 4-5, weight 6-7.
-// `first`: the panel's first pass, which streams it from memory and asks for it ahead; later passes find it
-// in L1 or L2, where those 32 prefetches per 16 tile multiplies only took load slots (at 576 rows, the
-// gate/up product 2.0 -> 2.3 TFLOP/s without them, qkv +9%, o +5%; a 2-core Xeon, 2026-12-03).
+// One or two tiles of x (16 rows each, rows ldx0 and ldx1 elements apart) times the pairs [k0, k1) of a
+// panel, into sums[32][PANEL] (added to what sums holds unless k0 is 0: each output still sums its products
+// over k in order). Tiles: sums 0-3 (two row tiles of x by the panel's two halves), x 4-5, weight 6-7.
+// Each step of 16 pairs (32 lines of the panel) asks for the lines [lines_from, lines_to) of the step
+// `ahead` bytes further on, into L1 (into L2 with to_l2). One pass after another: the first, streaming the
+// panel from memory, asks for all; the others find it in L1 or L2 and ask for none, where the prefetches
+// only took load slots (at 576 rows, the gate/up product 2.0 -> 2.3 TFLOP/s without them, qkv +9%, o +5%;
+// a 2-core Xeon, 2026-12-03). Passes taking the panel in turn ask for a share each.
 static inline __attribute__((always_inline)) void amx_panel(
-    const uint16_t *x0, int64_t ldx0, const uint16_t *x1, int64_t ldx1, const uint16_t *panel, int64_t pairs,
-    float *sums, int two, int first
+    const uint16_t *x0, int64_t ldx0, const uint16_t *x1, int64_t ldx1, const uint16_t *panel, int64_t k0,
+    int64_t k1, float *sums, int two, int64_t ahead, int lines_from, int lines_to, int to_l2
 ) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two) {
-        _tile_zero(2);
-        _tile_zero(3);
+    if (k0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+    } else {
+        _tile_loadd(0, sums, 4 * PANEL);
+        _tile_loadd(1, sums + 16, 4 * PANEL);
+        if (two) {
+            _tile_loadd(2, sums + AMX_ROWS * PANEL, 4 * PANEL);
+            _tile_loadd(3, sums + AMX_ROWS * PANEL + 16, 4 * PANEL);
+        }
     }
-    for (int64_t kk = 0; kk < pairs; kk += AMX_ROWS) {
+    for (int64_t kk = k0; kk < k1; kk += AMX_ROWS) {
         const uint16_t *w = panel + kk * 2 * PANEL;
-        for (int line = 0; first && line < 2 * AMX_ROWS; line++)
-            _mm_prefetch((const char *)w + AMX_PREFETCH + 64 * line, _MM_HINT_T0);
+        if (to_l2)
+            for (int line = lines_from; line < lines_to; line++)
+                _mm_prefetch((const char *)w + ahead + 64 * line, _MM_HINT_T1);
+        else
+            for (int line = lines_from; line < lines_to; line++)
+                _mm_prefetch((const char *)w + ahead + 64 * line, _MM_HINT_T0);
         _tile_loadd(6, w, 4 * PANEL);
         _tile_loadd(7, w + 32, 4 * PANEL);
         _tile_loadd(4, x0 + 2 * kk, 2 * ldx0);
@@ -472,13 +488,65 @@ static inline __attribute__((always_inline)) void amx_panel(
     }
 }
 
+// A pass's tiles of x: rows [m, m + 32) of M, those past the whole tiles read from `padded` (16 rows).
+typedef struct {
+    const uint16_t *x0, *x1;
+    int64_t ldx0, ldx1;
+    int rows;
+} amx_rows;
+
+static inline __attribute__((always_inline)) amx_rows amx_rows_at(
+    const uint16_t *x, int64_t ldx, const uint16_t *padded, int64_t K, int64_t M, int64_t whole, int64_t m
+) {
+    amx_rows r;
+    r.x0 = m < whole ? x + m * ldx : padded;
+    r.x1 = m + AMX_ROWS < whole ? r.x0 + AMX_ROWS * ldx : padded;
+    r.ldx0 = m < whole ? ldx : K;
+    r.ldx1 = m + AMX_ROWS < whole ? ldx : K;
+    r.rows = M - m < 2 * AMX_ROWS ? (int)(M - m) : 2 * AMX_ROWS;
+    return r;
+}
+
+// amx_panel on a pass's one or two tiles of x.
+static inline __attribute__((always_inline)) void amx_pass(
+    amx_rows r, const uint16_t *panel, int64_t k0, int64_t k1, float *sums, int64_t ahead, int from, int to,
+    int to_l2
+) {
+    if (r.rows > AMX_ROWS) amx_panel(r.x0, r.ldx0, r.x1, r.ldx1, panel, k0, k1, sums, 1, ahead, from, to, to_l2);
+    else amx_panel(r.x0, r.ldx0, r.x1, r.ldx1, panel, k0, k1, sums, 0, ahead, from, to, to_l2);
+}
+
+static inline __attribute__((always_inline)) void store_panel_rows(
+    uint16_t *y, int64_t ldy, const float *sums, int rows, panel_edge edge
+) {
+    for (int i = 0; i < rows; i++)
+        store_panel_row(y + i * ldy, _mm512_load_ps(sums + i * PANEL), _mm512_load_ps(sums + i * PANEL + 16), edge);
+}
+
+// Rows up to which the passes over a panel take it a chunk at a time in turn (see packed_gemm_amx), and
+// the chunk's pairs: 64 (8 KB of the panel) for up to 128 rows, 128 above (fewer reloads of the sums).
+// Measured against one pass after the other, cold weights of SmolLM2's 30 layers, on a 2-core Xeon
+// (2026-12-03): 33-64 rows 5-16% faster, 80-512 rows 10-18%; chunks of 32 pairs, or 128 at 80-96 rows, or
+// 256, were slower.
+#define MAX_INTERLEAVED_ROWS 512
+#define INTERLEAVED_PAIRS 64
+
 // packed_gemm_bf16 by tiles (K a multiple of 32). A tile loads 16 rows, so a last tile of x with fewer is
-// read from a copy in a buffer of 16 rows, one per calling thread, kept for its next calls.
+// read from a copy in a buffer of 16 rows, one per calling thread, kept for its next calls. A pass over a
+// panel takes 32 rows. Done one after the other, the first streams the panel from memory and the others
+// find it in L1 or L2 and compute with memory idle: the time is the sum of the two. So past 32 rows the
+// passes take the panel a chunk at a time in turn, each asking for its share of the next chunk (into L2
+// past 64 rows, where x's tiles would evict it from L1): memory streams while they compute. Each output
+// still sums its products over k in the same order: the same bits whatever the number of rows.
 static int packed_gemm_amx(
     const uint16_t *x, int64_t ldx, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int64_t ldy,
     int64_t M, int64_t N, int64_t K, int num_threads
 ) {
     const int64_t panels = (N + PANEL - 1) / PANEL, pairs = K / 2, whole = M / AMX_ROWS * AMX_ROWS;
+    const int interleaved = M > 2 * AMX_ROWS && M <= MAX_INTERLEAVED_ROWS, to_l2 = M > 4 * AMX_ROWS;
+    const int64_t chunk = (M > 8 * AMX_ROWS ? 2 : 1) * INTERLEAVED_PAIRS, ahead = chunk * 2 * PANEL * sizeof *packed;
+    const int passes = (int)((M + 2 * AMX_ROWS - 1) / (2 * AMX_ROWS));
+    const int share = (2 * AMX_ROWS + passes - 1) / passes;  // of a step's 32 lines of the next chunk
     // Its rows past M are whatever an earlier call left (zeros at first): their sums are never stored.
     static __thread uint16_t *tail;
     static __thread int64_t tail_size;
@@ -494,23 +562,27 @@ static int packed_gemm_amx(
     const uint16_t *padded = tail;  // the calling thread's buffer, named so the team's threads read it
     _Pragma("omp parallel num_threads(num_threads)") {
         amx_configure();
-        float sums[2 * AMX_ROWS * PANEL] __attribute__((aligned(64)));
+        float sums[MAX_INTERLEAVED_ROWS * PANEL] __attribute__((aligned(64)));
         _Pragma("omp for schedule(static)")
         for (int64_t p = 0; p < panels; p++) {
             const uint16_t *panel = packed + p * pairs * 2 * PANEL;
             const int cols = N - p * PANEL < PANEL ? (int)(N - p * PANEL) : PANEL;
             panel_edge edge = panel_edge_of(bias ? bias + p * PANEL : 0, cols);
-            for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
-                const uint16_t *x0 = m < whole ? x + m * ldx : padded;
-                const uint16_t *x1 = m + AMX_ROWS < whole ? x0 + AMX_ROWS * ldx : padded;
-                const int64_t ldx0 = m < whole ? ldx : K, ldx1 = m + AMX_ROWS < whole ? ldx : K;
-                const int rows = M - m < 2 * AMX_ROWS ? (int)(M - m) : 2 * AMX_ROWS;
-                if (rows > AMX_ROWS) amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 1, m == 0);
-                else amx_panel(x0, ldx0, x1, ldx1, panel, pairs, sums, 0, m == 0);
-                uint16_t *yt = y + m * ldy + p * PANEL;
-                for (int i = 0; i < rows; i++) {
-                    __m512 low = _mm512_load_ps(sums + i * PANEL), high = _mm512_load_ps(sums + i * PANEL + 16);
-                    store_panel_row(yt + i * ldy, low, high, edge);
+            if (!interleaved) {
+                for (int64_t m = 0; m < M; m += 2 * AMX_ROWS) {
+                    amx_rows r = amx_rows_at(x, ldx, padded, K, M, whole, m);
+                    amx_pass(r, panel, 0, pairs, sums, AMX_PREFETCH, 0, m == 0 ? 2 * AMX_ROWS : 0, 0);
+                    store_panel_rows(y + m * ldy + p * PANEL, ldy, sums, r.rows, edge);
+                }
+                continue;
+            }
+            for (int64_t k0 = 0; k0 < pairs; k0 += chunk) {
+                const int64_t k1 = k0 + chunk < pairs ? k0 + chunk : pairs;
+                for (int64_t m = 0, pass = 0; m < M; m += 2 * AMX_ROWS, pass++) {
+                    amx_rows r = amx_rows_at(x, ldx, padded, K, M, whole, m);
+                    const int from = (int)pass * share, to = from + share < 2 * AMX_ROWS ? from + share : 2 * AMX_ROWS;
+                    amx_pass(r, panel, k0, k1, sums + m * PANEL, ahead, from < to ? from : to, to, to_l2);
+                    if (k1 == pairs) store_panel_rows(y + m * ldy + p * PANEL, ldy, sums + m * PANEL, r.rows, edge);
                 }
             }
         }
