@@ -159,6 +159,15 @@ def test_a_packed_products_row_does_not_depend_on_the_rows_beside_it(packed_ops,
         assert torch.equal(packed_ops.linear_packed(x[-rows:], packed, None, 1000), alone[-rows:])
 
 
+@pytest.mark.parametrize("inner", [100, 1536])
+def test_a_packed_product_of_no_rows_is_empty(packed_ops, inner):
+    """A step where no sequence samples asks the output head for zero rows: an empty result, not a crash
+    (a division by the number of passes once killed the server with SIGFPE)."""
+    packed = pack(torch.randn(64, inner).bfloat16())
+    out = packed_ops.linear_packed(torch.empty(0, inner).bfloat16(), packed, None, 64)
+    assert out.shape == (0, 64)
+
+
 def test_packed_products_read_rows_of_a_wider_tensor(packed_ops):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(20, 200, generator=gen).bfloat16()[:, 40:140]

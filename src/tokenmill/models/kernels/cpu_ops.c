@@ -546,7 +546,8 @@ static int packed_gemm_amx(
     const int interleaved = M > 2 * AMX_ROWS && M <= MAX_INTERLEAVED_ROWS, to_l2 = M > 4 * AMX_ROWS;
     const int64_t chunk = (M > 8 * AMX_ROWS ? 2 : 1) * INTERLEAVED_PAIRS, ahead = chunk * 2 * PANEL * sizeof *packed;
     const int passes = (int)((M + 2 * AMX_ROWS - 1) / (2 * AMX_ROWS));
-    const int share = (2 * AMX_ROWS + passes - 1) / passes;  // of a step's 32 lines of the next chunk
+    // Each interleaved pass's share of a step's 32 lines of the next chunk (no passes at all for M = 0).
+    const int share = interleaved ? (2 * AMX_ROWS + passes - 1) / passes : 0;
     // Its rows past M are whatever an earlier call left (zeros at first): their sums are never stored.
     static __thread uint16_t *tail;
     static __thread int64_t tail_size;
