@@ -112,7 +112,8 @@ class Sampler:
         if self._kernel_takes(logits, rows, grammar):
             token_ids = self._kernel_sample(logits, rows)
         else:
-            token_ids = self._torch_sample(logits.float(), rows, grammar)
+            logits = logits.float()  # what _process copies and the logprobs read, converted once
+            token_ids = self._torch_sample(logits, rows, grammar)
         token_list = token_ids.tolist()
         return list(zip(token_list, self._logprobs(logits, token_ids, token_list, rows), strict=True))
 
